@@ -1,0 +1,3 @@
+"""Helpers referenced by the MedNIST classification bundle's configs (``$import scripts``)."""
+
+from scripts import checks, data, handlers  # noqa: F401

@@ -1,0 +1,162 @@
+"""Ignite handlers the bundle needs beyond MONAI's own: per-epoch history, device report, loss progress bar."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+import time
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
+
+logger = logging.getLogger(__name__)
+COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "elapsed_s")
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed run (only rank 0 writes files)."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def atomic_write(path: str, write, mode: str = "w") -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def plot_history(rows: list[dict], path: str) -> None:
+    """Loss and accuracy curves, training against validation, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, what in zip(axes, ("loss", "acc")):
+        for split, style in (("train", "o-"), ("val", "s-")):
+            pts = [(r["epoch"], r[f"{split}_{what}"]) for r in rows if r.get(f"{split}_{what}") not in (None, "")]
+            if pts:
+                ax.plot(*zip(*pts), style, label={"train": "training", "val": "validation"}[split])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel({"loss": "cross-entropy loss", "acc": "accuracy"}[what])
+        ax.set_title({"loss": "Loss", "acc": "Accuracy"}[what])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    plt.close(fig)
+
+
+class HistoryWriter:
+    """Write ``history.csv`` and ``training_history.png`` after every epoch, atomically.
+
+    Each row holds the epoch's mean training loss and accuracy, the validation loss and accuracy (blank on
+    epochs without validation), the learning rate used and the timings. The files are therefore complete
+    whether the run ends normally, by early stopping or by a crash; a resumed run keeps the earlier rows.
+    It also sets ``engine.state.lr`` so that ``TensorBoardStatsHandler(state_attributes=["lr"])`` can log it.
+    """
+
+    def __init__(self, output_dir: str, evaluator: Engine, optimizer: torch.optim.Optimizer):
+        self.csv_path = os.path.join(output_dir, "history.csv")
+        self.png_path = os.path.join(output_dir, "training_history.png")
+        self.evaluator, self.optimizer = evaluator, optimizer
+        self.rows: list[dict] = []
+        self._val: dict = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        self.evaluator.add_event_handler(Events.COMPLETED, self.validated)
+
+    def started(self, engine: Engine) -> None:
+        self.rows, self._t0 = [], time.perf_counter()
+        if engine.state.epoch > 0 and os.path.isfile(self.csv_path):  # resumed: keep the epochs already done
+            with open(self.csv_path) as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= engine.state.epoch]
+            for r in self.rows:
+                r.update({k: float(v) if v not in ("", None) else "" for k, v in r.items() if k != "epoch"})
+                r["epoch"] = int(r["epoch"])
+        self._offset = float(self.rows[-1]["elapsed_s"]) if self.rows else 0.0
+
+    def epoch_started(self, engine: Engine) -> None:
+        engine.state.lr = self.optimizer.param_groups[0]["lr"]
+        self._epoch_t0 = time.perf_counter()
+
+    def validated(self, evaluator: Engine) -> None:
+        self._val = {"val_loss": evaluator.state.metrics.get("val_loss"), "val_acc": evaluator.state.metrics.get("val_acc")}
+
+    def epoch_completed(self, engine: Engine) -> None:
+        now = time.perf_counter()
+        metrics = engine.state.metrics
+        row = {
+            "epoch": engine.state.epoch,
+            "train_loss": metrics.get("train_loss", ""),
+            "train_acc": metrics.get("train_acc", ""),
+            "val_loss": self._val.get("val_loss", ""),
+            "val_acc": self._val.get("val_acc", ""),
+            "lr": engine.state.lr,
+            "epoch_time_s": round(now - self._epoch_t0, 3),
+            "elapsed_s": round(self._offset + now - self._t0, 3),
+        }
+        self._val = {}
+        self.rows.append(row)
+        if is_main_process():
+            self.write()
+
+    def write(self) -> None:
+        def _csv(f):
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(self.rows)
+
+        atomic_write(self.csv_path, _csv)
+        plot_history(self.rows, self.png_path)
+
+
+class DeviceLogger:
+    """Log the device at the start of a run (GPU name, CUDA version, memory) and peak GPU memory at the end."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def started(self, engine: Engine) -> None:
+        self._t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            p = torch.cuda.get_device_properties(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            logger.info(
+                f"device: {self.device} {p.name}, CUDA {torch.version.cuda}, {p.total_memory / 2**30:.1f} GiB, "
+                f"torch {torch.__version__}"
+            )
+        else:
+            logger.info(f"device: {self.device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+
+    def completed(self, engine: Engine) -> None:
+        msg = f"run finished in {time.perf_counter() - self._t0:.1f} s"
+        if self.device.type == "cuda":
+            msg += f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+        logger.info(msg)
+
+
+class LossProgressBar(ProgressBar):
+    """ignite's ``ProgressBar`` showing the live training loss."""
+
+    def attach(self, engine: Engine, *args, **kwargs) -> None:
+        kwargs.setdefault("output_transform", lambda output: {"loss": float(output["loss"])})
+        super().attach(engine, *args, **kwargs)
