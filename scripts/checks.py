@@ -46,8 +46,14 @@ def check_train_args(
     lr_factor,
     num_workers,
     seed,
+    **flags,
 ) -> bool:
-    """Stop with a message naming the key and the fix if any training hyper-parameter is out of range."""
+    """Stop with a message naming the key and the fix if any training hyper-parameter is out of range.
+
+    ``flags`` are the boolean keys (``amp=@amp``, ...), each checked with :func:`as_bool`.
+    """
+    for key, value in flags.items():
+        as_bool(value, key)
     for key, value, minimum in (
         ("epochs", epochs, 1),
         ("batch_size", batch_size, 1),

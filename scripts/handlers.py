@@ -158,5 +158,5 @@ class LossProgressBar(ProgressBar):
     """ignite's ``ProgressBar`` showing the live training loss."""
 
     def attach(self, engine: Engine, *args, **kwargs) -> None:
-        kwargs.setdefault("output_transform", lambda output: {"loss": float(output["loss"])})
+        kwargs.setdefault("output_transform", lambda output: {"loss": output["loss"].detach().item()})
         super().attach(engine, *args, **kwargs)

@@ -1,0 +1,102 @@
+"""Dataset preparation: download with checksum, and the message for each bad dataset folder."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import shutil
+import tarfile
+import threading
+
+import pytest
+from conftest import TRAIN, run_bundle, write_mednist
+
+FAST = {"epochs": 1, "batch_size": 16, "accumulation_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def served_tarball(tmp_path_factory):
+    """A synthetic MedNIST.tar.gz served over HTTP on 127.0.0.1; yields (url, md5)."""
+    root = tmp_path_factory.mktemp("served")
+    src = write_mednist(str(root / "src"), per_class=10)
+    with tarfile.open(root / "MedNIST.tar.gz", "w:gz") as tar:
+        tar.add(os.path.join(src, "MedNIST"), arcname="MedNIST")
+    md5 = hashlib.md5((root / "MedNIST.tar.gz").read_bytes()).hexdigest()
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/MedNIST.tar.gz", md5
+    server.shutdown()
+
+
+def test_download_checks_md5_and_extracts(served_tarball, tmp_path):
+    url, md5 = served_tarball
+    run_bundle(
+        "run", "training", "--config_file", TRAIN, dataset_dir=tmp_path / "data", output_dir=tmp_path / "out",
+        ckpt_dir=tmp_path / "models", download_url=url, download_md5=md5, **FAST,
+    )
+    assert len(os.listdir(tmp_path / "data" / "MedNIST" / "Hand")) == 10
+    assert os.path.isfile(tmp_path / "models" / "model.pt")
+    # nothing of the extraction is left behind
+    assert sorted(os.listdir(tmp_path / "data")) == ["MedNIST", "MedNIST.tar.gz"]
+
+
+def test_download_with_wrong_md5_is_refused(served_tarball, tmp_path):
+    url, _ = served_tarball
+    proc = run_bundle(
+        "run", "training", "--config_file", TRAIN, dataset_dir=tmp_path / "data", output_dir=tmp_path / "out",
+        download_url=url, download_md5="0" * 32, check=False, **FAST,
+    )
+    assert proc.returncode != 0
+    assert f"could not download MedNIST from {url}" in proc.stderr and "by hand" in proc.stderr
+    assert not os.path.exists(tmp_path / "data" / "MedNIST")
+
+
+def test_offline_download_names_url_and_manual_fix(tmp_path):
+    url = "http://127.0.0.1:9/MedNIST.tar.gz"  # the discard port: connection refused
+    proc = run_bundle(
+        "run", "training", "--config_file", TRAIN, dataset_dir=tmp_path, output_dir=tmp_path / "out",
+        download_url=url, check=False, **FAST,
+    )
+    assert proc.returncode != 0
+    assert f"could not download MedNIST from {url}" in proc.stderr
+    assert f"put it at {tmp_path}/MedNIST.tar.gz" in proc.stderr
+    assert not os.path.exists(tmp_path / "MedNIST")
+
+
+def test_no_data_and_download_disabled(tmp_path):
+    proc = run_bundle(
+        "run", "training", "--config_file", TRAIN, dataset_dir=tmp_path, output_dir=tmp_path / "out",
+        download="false", check=False, **FAST,
+    )
+    assert proc.returncode != 0
+    assert "no MedNIST data" in proc.stderr and "download is false" in proc.stderr
+
+
+def test_corrupt_tarball_in_place_is_refused(tmp_path):
+    (tmp_path / "MedNIST.tar.gz").write_bytes(b"not a tarball")
+    proc = run_bundle(
+        "run", "training", "--config_file", TRAIN, dataset_dir=tmp_path, output_dir=tmp_path / "out",
+        download="false", check=False, **FAST,
+    )
+    assert proc.returncode != 0
+    assert "does not match MD5" in proc.stderr and "delete it" in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["missing_class", "no_images"])
+def test_incomplete_dataset_is_refused(damage, mednist, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(mednist, data)
+    if damage == "missing_class":
+        shutil.rmtree(data / "MedNIST" / "HeadCT")
+    else:
+        for cls in os.listdir(data / "MedNIST"):
+            for f in os.listdir(data / "MedNIST" / cls):
+                os.remove(data / "MedNIST" / cls / f)
+    proc = run_bundle(
+        "run", "training", "--config_file", TRAIN, dataset_dir=data, output_dir=tmp_path / "out", check=False, **FAST
+    )
+    assert proc.returncode != 0
+    expected = "class(es) HeadCT" if damage == "missing_class" else "class(es) AbdomenCT, BreastMRI, CXR"
+    assert expected in proc.stderr and "Fix:" in proc.stderr
