@@ -150,3 +150,44 @@ def load_split(
     for n, items in lists.items():
         logger.info(f"{n}: {len(items)} images")
     return lists
+
+
+def split_datalist(split_file: str, dataset_dir: str, name: str = "test") -> list[dict]:
+    """The ``name`` part of a split saved by training, with absolute paths, without touching the network."""
+    if not os.path.isfile(split_file):
+        raise BundleError(
+            f"no data split at {split_file}.",
+            "run training first (it writes the split to <output_dir>/split.json), pass the same --output_dir, "
+            "or evaluate a folder with --eval_dir DIR.",
+        )
+    with open(split_file) as f:
+        items = json.load(f)[name]
+    root = os.path.join(dataset_dir, "MedNIST")
+    data = [{"image": os.path.join(root, d["image"]), "label": d["label"]} for d in items]
+    missing = [d["image"] for d in data if not os.path.isfile(d["image"])]
+    if missing:
+        raise BundleError(
+            f"{len(missing)} {name} image(s) named in {split_file} are not under {root}, e.g. {missing[0]}.",
+            "pass the --dataset_dir used for training.",
+        )
+    return data
+
+
+def folder_datalist(folder: str) -> list[dict]:
+    """Every image under ``folder/<class>/`` (searched recursively) for each of the six class names found."""
+    if not os.path.isdir(folder):
+        raise BundleError(f"--eval_dir {folder} is not a folder.", "pass a folder with one subfolder per class.")
+    data = []
+    for label, cls in enumerate(CLASSES):
+        for dirpath, _, files in sorted(os.walk(os.path.join(folder, cls))):
+            data += [
+                {"image": os.path.join(dirpath, f), "label": label}
+                for f in sorted(files)
+                if f.lower().endswith(IMAGE_SUFFIXES)
+            ]
+    if not data:
+        raise BundleError(
+            f"--eval_dir {folder} holds no images in subfolders named {', '.join(CLASSES)}.",
+            "arrange the images as <eval_dir>/<class name>/*.jpeg (or .jpg/.png).",
+        )
+    return data

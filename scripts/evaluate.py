@@ -1,0 +1,174 @@
+"""Evaluation report: metrics.json, confusion matrix (CSV and PNG), predictions.csv and a printed table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.metrics import compute_roc_auc
+
+from scripts.data import CLASSES
+from scripts.errors import BundleError
+from scripts.handlers import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+def check_checkpoint(path: str, network: torch.nn.Module) -> bool:
+    """Stop with a clear message if ``path`` is missing, unreadable, or not weights for ``network``."""
+    fix = "train first (it writes models/model.pt) or pass --ckpt_path with a model.pt saved by this bundle."
+    if not os.path.isfile(path):
+        raise BundleError(f"checkpoint {path} does not exist.", fix)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BundleError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}).", fix) from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a full training checkpoint
+    expected = network.state_dict()
+    if not isinstance(state, dict) or set(state) != set(expected):
+        raise BundleError(f"checkpoint {path} does not hold DenseNet121 weights for this bundle.", fix)
+    bad = [k for k, v in state.items() if getattr(v, "shape", None) != expected[k].shape]
+    if bad:
+        raise BundleError(f"checkpoint {path} has weights of the wrong shape, e.g. {bad[0]}.", fix)
+    return True
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """Accuracy, per-class precision/recall/F1/ROC AUC with macro and weighted averages, from probabilities."""
+    n = len(CLASSES)
+    preds = probs.argmax(1)
+    cm = np.zeros((n, n), dtype=int)
+    np.add.at(cm, (labels, preds), 1)
+    per_class = {}
+    for i, cls in enumerate(CLASSES):
+        tp, support, predicted = cm[i, i], cm[i].sum(), cm[:, i].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        onehot = (labels == i).astype(np.float32)
+        auc = float("nan")
+        if 0 < onehot.sum() < len(onehot):
+            auc = float(compute_roc_auc(torch.as_tensor(probs[:, i]), torch.as_tensor(onehot)))
+        per_class[cls] = {"precision": precision, "recall": recall, "f1": f1, "roc_auc": auc, "support": int(support)}
+    supports = np.array([per_class[c]["support"] for c in CLASSES], dtype=float)
+    averages = {}
+    for name in ("precision", "recall", "f1", "roc_auc"):
+        values = np.array([per_class[c][name] for c in CLASSES], dtype=float)
+        ok = ~np.isnan(values) & (supports > 0)
+        averages[name] = {
+            "macro": float(values[ok].mean()) if ok.any() else float("nan"),
+            "weighted": float((values[ok] * supports[ok]).sum() / supports[ok].sum()) if ok.any() else float("nan"),
+        }
+    return {
+        "accuracy": float((preds == labels).mean()),
+        "num_images": int(len(labels)),
+        "per_class": {c: {k: float(v) if k != "support" else v for k, v in m.items()} for c, m in per_class.items()},
+        "macro_avg": {k: v["macro"] for k, v in averages.items()},
+        "weighted_avg": {k: v["weighted"] for k, v in averages.items()},
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def report_table(metrics: dict) -> str:
+    """The classification report as a text table (like scikit-learn's)."""
+    lines = [f"{'':>14}{'precision':>11}{'recall':>9}{'f1':>9}{'roc_auc':>9}{'support':>9}"]
+    for cls, m in metrics["per_class"].items():
+        lines.append(
+            f"{cls:>14}{m['precision']:>11.4f}{m['recall']:>9.4f}{m['f1']:>9.4f}{m['roc_auc']:>9.4f}{m['support']:>9d}"
+        )
+    for avg in ("macro_avg", "weighted_avg"):
+        m = metrics[avg]
+        lines.append(
+            f"{avg.replace('_', ' '):>14}{m['precision']:>11.4f}{m['recall']:>9.4f}{m['f1']:>9.4f}"
+            f"{m['roc_auc']:>9.4f}{metrics['num_images']:>9d}"
+        )
+    lines.append(f"{'accuracy':>14}{metrics['accuracy']:>47.4f}{metrics['num_images']:>9d}")
+    return "\n".join(lines)
+
+
+def plot_confusion(cm: np.ndarray, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(cm / np.maximum(cm.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if i == j else "black")
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    plt.close(fig)
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+class ClassificationReport:
+    """Collect each image's probabilities during evaluation; at the end write the report files to ``output_dir``."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def reset(self, engine: Engine) -> None:
+        self.paths, self.labels, self.probs = [], [], []
+
+    def collect(self, engine: Engine) -> None:
+        out = engine.state.output
+        self.probs.append(torch.softmax(out["pred"].float(), 1).detach().cpu())
+        self.labels.append(torch.as_tensor(out["label"]).detach().cpu().long().view(-1))
+        self.paths += list(engine.state.batch["image"].meta["filename_or_obj"])
+
+    def write(self, engine: Engine) -> None:
+        if not self.probs:
+            raise BundleError("no images were evaluated.", "check --eval_dir or the test split.")
+        probs, labels = torch.cat(self.probs).numpy(), torch.cat(self.labels).numpy()
+        metrics = classification_metrics(labels, probs)
+        os.makedirs(self.output_dir, exist_ok=True)
+        atomic_write(os.path.join(self.output_dir, "metrics.json"), lambda f: json.dump(_json_safe(metrics), f, indent=2))
+        cm = np.array(metrics["confusion_matrix"])
+
+        def _cm(f):
+            w = csv.writer(f)
+            w.writerow(["true/predicted", *CLASSES])
+            w.writerows([[c, *row] for c, row in zip(CLASSES, cm.tolist())])
+
+        atomic_write(os.path.join(self.output_dir, "confusion_matrix.csv"), _cm)
+        plot_confusion(cm, os.path.join(self.output_dir, "confusion_matrix.png"))
+
+        def _preds(f):
+            w = csv.writer(f)
+            w.writerow(["path", "true_label", "label", "confidence", *CLASSES])
+            for path, y, p in zip(self.paths, labels, probs):
+                w.writerow([path, CLASSES[y], CLASSES[p.argmax()], f"{p.max():.6f}", *(f"{v:.6f}" for v in p)])
+
+        atomic_write(os.path.join(self.output_dir, "predictions.csv"), _preds)
+        engine.state.report = metrics
+        table = report_table(metrics)
+        print(table, flush=True)
+        logger.info(f"evaluation of {metrics['num_images']} images written to {self.output_dir}")
