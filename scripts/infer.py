@@ -35,11 +35,14 @@ def find_inputs(input) -> list[dict]:
     for path in input if isinstance(input, (list, tuple)) else [input]:
         path = str(path)
         if os.path.isdir(path):
+            before = len(items)
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames.sort()
                 # a folder named like an image is reported, as a user may have meant it as one
                 items += [os.path.join(dirpath, d) for d in dirnames if d.lower().endswith(PIL_SUFFIXES + NIFTI_SUFFIXES)]
                 items += [os.path.join(dirpath, f) for f in sorted(filenames)]
+            if len(items) == before:
+                items.append(path)  # an empty folder still gets its row
         elif not os.path.exists(path) and glob.has_magic(path):
             matches = sorted(glob.glob(path, recursive=True))
             items += matches if matches else [path]

@@ -15,6 +15,8 @@ sys.path.insert(0, BUNDLE)
 from scripts.data import CLASSES  # noqa: E402
 
 TRAIN = os.path.join(BUNDLE, "configs", "train.json")
+EVALUATE = f"['{TRAIN}','{os.path.join(BUNDLE, 'configs', 'evaluate.json')}']"
+INFERENCE = os.path.join(BUNDLE, "configs", "inference.json")
 
 
 def class_image(label: int, rng: np.random.Generator, size: int = 64) -> np.ndarray:
@@ -49,6 +51,17 @@ def write_mednist(root: str, per_class: int = 20, seed: int = 0) -> str:
 def mednist(tmp_path_factory) -> str:
     """A dataset_dir holding a synthetic MedNIST (20 images a class)."""
     return write_mednist(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="session")
+def trained(mednist, tmp_path_factory):
+    """One 2-epoch training run on the synthetic data, shared by the tests that need a model: (folder, process)."""
+    out = tmp_path_factory.mktemp("trained")
+    proc = run_bundle(
+        "run", "training", "--config_file", TRAIN, dataset_dir=mednist, output_dir=out / "out",
+        ckpt_dir=out / "models", epochs=2, batch_size=16, accumulation_steps=1, learning_rate=0.001,
+    )
+    return out, proc
 
 
 def run_bundle(*args: str, timeout: int = 600, check: bool = True, **overrides) -> subprocess.CompletedProcess:

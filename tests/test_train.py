@@ -20,17 +20,6 @@ def read_history(output_dir: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def trained(mednist, tmp_path_factory):
-    """One 2-epoch training run shared by the checks below."""
-    out = tmp_path_factory.mktemp("train")
-    proc = run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=mednist, output_dir=out / "out",
-        ckpt_dir=out / "models", epochs=2, **FAST,
-    )
-    return out, proc
-
-
 def test_model_loads_with_weights_only(trained):
     out, _ = trained
     state = torch.load(out / "models" / "model.pt", weights_only=True)

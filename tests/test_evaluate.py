@@ -1,0 +1,96 @@
+"""Evaluation workflow: metrics agree with the per-image predictions; external folders; bad checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import EVALUATE, run_bundle, write_mednist
+from PIL import Image
+
+CLASSES = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, mednist, tmp_path_factory):
+    folder, _ = trained
+    out = tmp_path_factory.mktemp("eval")
+    # the test split saved by training is found through the same output_dir; results go to a fresh one
+    proc = run_bundle(
+        "run", "evaluating", "--config_file", EVALUATE, dataset_dir=mednist, split_file=folder / "out" / "split.json",
+        output_dir=out, ckpt_dir=folder / "models",
+    )
+    return out, proc, folder
+
+
+def test_metrics_agree_with_predictions(evaluated):
+    out, proc, folder = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = read_csv(out / "predictions.csv")
+    split = json.loads((folder / "out" / "split.json").read_text())
+    assert len(rows) == metrics["num_images"] == len(split["test"]) == 12
+    assert {os.path.relpath(r["path"], os.path.dirname(os.path.dirname(r["path"]))) for r in rows} == {
+        d["image"] for d in split["test"]
+    }
+    y = np.array([CLASSES.index(r["true_label"]) for r in rows])
+    probs = np.array([[float(r[c]) for c in CLASSES] for r in rows])
+    pred = probs.argmax(1)
+    assert [CLASSES[p] for p in pred] == [r["label"] for r in rows]
+    assert metrics["accuracy"] == pytest.approx((pred == y).mean())
+    for i, c in enumerate(CLASSES):
+        tp, fp, fn = ((pred == i) & (y == i)).sum(), ((pred == i) & (y != i)).sum(), ((pred != i) & (y == i)).sum()
+        m = metrics["per_class"][c]
+        assert m["precision"] == pytest.approx(tp / (tp + fp) if tp + fp else 0.0)
+        assert m["recall"] == pytest.approx(tp / (tp + fn) if tp + fn else 0.0)
+        assert m["support"] == (y == i).sum()
+        pos, neg = probs[y == i, i], probs[y != i, i]  # ROC AUC as the probability a positive outranks a negative
+        auc = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+        assert m["roc_auc"] == pytest.approx(auc)
+    assert metrics["macro_avg"]["f1"] == pytest.approx(np.mean([metrics["per_class"][c]["f1"] for c in CLASSES]))
+    with open(out / "confusion_matrix.csv") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["true/predicted", *CLASSES] and [r[0] for r in table[1:]] == CLASSES
+    cm = [[int(v) for v in r[1:]] for r in table[1:]]
+    assert np.array_equal(np.array(cm), np.array(metrics["confusion_matrix"]))
+    assert np.trace(np.array(cm)) == (pred == y).sum()
+    assert "macro avg" in proc.stdout and "weighted avg" in proc.stdout
+    with Image.open(out / "confusion_matrix.png") as im:
+        assert len(set(im.convert("L").getdata())) > 10
+
+
+def test_external_folder(trained, tmp_path):
+    folder, _ = trained
+    external = write_mednist(str(tmp_path / "ext"), per_class=3, seed=7)
+    run_bundle(
+        "run", "--config_file", EVALUATE, eval_dir=os.path.join(external, "MedNIST"), output_dir=tmp_path / "out",
+        ckpt_dir=folder / "models", dataset_dir=tmp_path / "no-such-dataset",
+    )
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["num_images"] == 18
+    assert all(metrics["per_class"][c]["support"] == 3 for c in CLASSES)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "other_network"])
+def test_bad_checkpoint_is_named(damage, trained, mednist, tmp_path):
+    folder, _ = trained
+    ckpt = tmp_path / "model.pt"
+    if damage == "corrupt":
+        ckpt.write_bytes((folder / "models" / "model.pt").read_bytes()[:1000])
+    elif damage == "other_network":
+        torch.save(torch.nn.Linear(4, 2).state_dict(), ckpt)
+    proc = run_bundle(
+        "run", "evaluating", "--config_file", EVALUATE, dataset_dir=mednist, output_dir=folder / "out",
+        ckpt_path=ckpt, check=False,
+    )
+    assert proc.returncode != 0
+    expected = {"missing": "does not exist", "corrupt": "cannot be read", "other_network": "does not hold DenseNet121"}
+    assert f"checkpoint {ckpt} {expected[damage]}" in proc.stderr and "Fix:" in proc.stderr

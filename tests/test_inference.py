@@ -1,0 +1,149 @@
+"""Inference workflow: every kind of input file, per-file errors, pictures, and agreement with evaluation."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import INFERENCE, run_bundle
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+
+COLUMNS = ["path", "label", "confidence", "AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT", "error"]
+
+
+def read_rows(path) -> list[dict]:
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        return list(reader)
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(mednist, tmp_path_factory) -> dict:
+    """Good images in every supported format, and one file of each bad kind; maps file name -> expected error."""
+    d = tmp_path_factory.mktemp("mixed")
+    src = os.path.join(mednist, "MedNIST")
+    shutil.copy(os.path.join(src, "Hand", "000000.jpeg"), d / "hand.jpeg")
+    shutil.copy(os.path.join(src, "CXR", "000000.jpeg"), d / "cxr.jpg")
+    gray = np.asarray(Image.open(os.path.join(src, "BreastMRI", "000000.jpeg")))
+    Image.fromarray(gray).convert("RGB").save(d / "rgb.png")
+    Image.fromarray(gray).convert("RGBA").save(d / "rgba.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(d / "gray16.png")
+    Image.fromarray(gray).resize((300, 200)).save(d / "large.png")
+    os.makedirs(d / "sub")
+    nib.save(nib.Nifti1Image(gray.T.astype(np.float32), np.eye(4)), d / "sub" / "slice.nii.gz")
+    nib.save(nib.Nifti1Image(gray.T[..., None].astype(np.float32), np.eye(4)), d / "sub" / "slice1.nii")
+    bad = {
+        "empty.png": "file is empty",
+        "truncated.jpeg": "cannot read image",
+        "text.png": "cannot read image",
+        "notes.txt": "unsupported file type '.txt'",
+        "volume.nii.gz": "is not a 2D image (3D volume?)",
+        "folder.png": "is a directory",
+        "bomb.png": "over the 25,000,000 limit",
+    }
+    (d / "empty.png").write_bytes(b"")
+    (d / "truncated.jpeg").write_bytes((d / "hand.jpeg").read_bytes()[:200])
+    (d / "text.png").write_text("this is not a PNG")
+    (d / "notes.txt").write_text("hello")
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.float32), np.eye(4)), d / "volume.nii.gz")
+    os.makedirs(d / "folder.png")
+    Image.new("L", (6000, 6000)).save(d / "bomb.png")  # 36 MP, a few kB compressed
+    good = ["hand.jpeg", "cxr.jpg", "rgb.png", "rgba.png", "gray16.png", "large.png", "slice.nii.gz", "slice1.nii"]
+    return {"dir": d, "bad": bad, "good": good}
+
+
+def test_mixed_folder_one_row_per_file(trained, mixed_folder, tmp_path):
+    folder, _ = trained
+    proc = run_bundle(
+        "run", "inference", "--config_file", INFERENCE, input=mixed_folder["dir"], output_dir=tmp_path,
+        ckpt_dir=folder / "models",
+    )
+    rows = {os.path.basename(r["path"]): r for r in read_rows(tmp_path / "predictions.csv")}
+    assert set(rows) == set(mixed_folder["good"]) | set(mixed_folder["bad"])
+    for name, error in mixed_folder["bad"].items():
+        assert error in rows[name]["error"], (name, rows[name]["error"])
+        assert rows[name]["label"] == "" and name in proc.stdout + proc.stderr  # logged too
+    for name in mixed_folder["good"]:
+        r = rows[name]
+        probs = [float(r[c]) for c in COLUMNS[3:9]]
+        assert r["error"] == "" and sum(probs) == pytest.approx(1, abs=1e-4)
+        assert r["label"] == COLUMNS[3 + int(np.argmax(probs))] and float(r["confidence"]) == max(probs)
+    # the same pixels give the same prediction whatever the container
+    for name in ("rgb.png", "rgba.png", "gray16.png", "slice.nii.gz", "slice1.nii"):
+        assert rows[name]["label"] == rows["rgb.png"]["label"]
+        assert float(rows[name]["confidence"]) == pytest.approx(float(rows["rgb.png"]["confidence"]), abs=1e-4)
+    assert not os.path.exists(tmp_path / "visualizations")  # pictures only on request for many inputs
+
+
+def test_nothing_predictable_exits_nonzero(trained, mixed_folder, tmp_path):
+    folder, _ = trained
+    bad = [str(mixed_folder["dir"] / n) for n in mixed_folder["bad"]] + [str(tmp_path / "missing.png")]
+    proc = run_bundle(
+        "run", "inference", "--config_file", INFERENCE, input=str(bad), output_dir=tmp_path / "out",
+        ckpt_dir=folder / "models", check=False,
+    )
+    assert proc.returncode != 0 and "no image could be predicted" in proc.stderr
+    rows = read_rows(tmp_path / "out" / "predictions.csv")
+    assert len(rows) == len(bad) and all(r["error"] for r in rows)
+    assert rows[-1]["error"] == "file does not exist"
+
+
+def test_single_image_gets_picture_with_gradcam(trained, mixed_folder, tmp_path):
+    folder, _ = trained
+    run_bundle(
+        "run", "--config_file", INFERENCE, input=mixed_folder["dir"] / "hand.jpeg", output_dir=tmp_path,
+        ckpt_dir=folder / "models",
+    )
+    pictures = os.listdir(tmp_path / "visualizations")
+    assert len(pictures) == 1
+    with Image.open(tmp_path / "visualizations" / pictures[0]) as im:
+        assert im.size[0] > 2.5 * im.size[1]  # image, bar chart and heat map side by side
+        rgb = np.asarray(im.convert("RGB"))
+        assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 200  # a colour heat map, not a blank canvas
+
+
+def test_glob_and_visualize_flag(trained, mixed_folder, tmp_path):
+    folder, _ = trained
+    run_bundle(
+        "run", "inference", "--config_file", INFERENCE, input=f"{mixed_folder['dir']}/*.jp*g", output_dir=tmp_path,
+        ckpt_dir=folder / "models", visualize="true",
+    )
+    rows = read_rows(tmp_path / "predictions.csv")
+    assert sorted(os.path.basename(r["path"]) for r in rows) == ["cxr.jpg", "hand.jpeg", "truncated.jpeg"]
+    assert len(os.listdir(tmp_path / "visualizations")) == 2
+
+
+def test_inference_matches_evaluation(trained, mednist, tmp_path):
+    """Inference preprocessing equals training's: the same file gets the same probabilities as in evaluation."""
+    folder, _ = trained
+    from conftest import EVALUATE
+
+    run_bundle(
+        "run", "evaluating", "--config_file", EVALUATE, dataset_dir=mednist, split_file=folder / "out" / "split.json",
+        output_dir=tmp_path / "eval", ckpt_dir=folder / "models",
+    )
+    with open(tmp_path / "eval" / "predictions.csv") as f:
+        evaluated = {r["path"]: r for r in csv.DictReader(f)}
+    run_bundle(
+        "run", "inference", "--config_file", INFERENCE, input=str(sorted(evaluated)), output_dir=tmp_path / "inf",
+        ckpt_dir=folder / "models",
+    )
+    for r in read_rows(tmp_path / "inf" / "predictions.csv"):
+        for c in COLUMNS[3:9]:
+            assert float(r[c]) == pytest.approx(float(evaluated[r["path"]][c]), abs=1e-5)
+
+
+def test_inference_workflow_properties(monkeypatch, trained, mixed_folder):
+    folder, _ = trained
+    monkeypatch.chdir(os.path.dirname(INFERENCE) + "/..")
+    workflow = ConfigWorkflow(
+        config_file=INFERENCE, workflow_type="infer", input=str(mixed_folder["dir"]), ckpt_dir=str(folder / "models")
+    )
+    workflow.initialize()
+    assert workflow.check_properties() in (None, [])
