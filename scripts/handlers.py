@@ -41,6 +41,7 @@ def plot_history(rows: list[dict], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, what in zip(axes, ("loss", "acc")):
@@ -49,6 +50,7 @@ def plot_history(rows: list[dict], path: str) -> None:
             if pts:
                 ax.plot(*zip(*pts), style, label={"train": "training", "val": "validation"}[split])
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel({"loss": "cross-entropy loss", "acc": "accuracy"}[what])
         ax.set_title({"loss": "Loss", "acc": "Accuracy"}[what])
         ax.grid(alpha=0.3)
