@@ -127,7 +127,9 @@ def benchmark(dataset_dir: str, num_images: int = 2048, out: str = "outputs/benc
     print(f"training speed-up (bundle / per_sample): {ratio:.1f}x; evaluation: {eval_ratio:.1f}x")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"machine": machine, "results": results, "train_speedup": ratio, "eval_speedup": eval_ratio}, f, indent=2)
+        json.dump(
+            {"machine": machine, "results": results, "train_speedup": ratio, "eval_speedup": eval_ratio}, f, indent=2
+        )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def check_gpu(require_gpu: bool = False, size: int = 2048) -> None:
         print(f"  matmul {size}x{size} fp32: {_timed_matmul(dev, size):.0f} GFLOP/s")
         print(f"  matmul {size}x{size} fp16: {_timed_matmul(dev, size, torch.float16):.0f} GFLOP/s")
     print(f"fp16 autocast: {_autocast_works('cuda', torch.float16)}")
-    print(f"bf16 autocast: {_autocast_works('cuda', torch.bfloat16)} (bf16 supported: {torch.cuda.is_bf16_supported()})")
+    print(
+        f"bf16 autocast: {_autocast_works('cuda', torch.bfloat16)} (bf16 supported: {torch.cuda.is_bf16_supported()})"
+    )
 
 
 if __name__ == "__main__":

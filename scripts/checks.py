@@ -71,7 +71,8 @@ def check_train_args(
     _number("test_frac", test_frac, 0.0, 1.0)
     if val_frac + test_frac >= 1:
         raise BundleError(
-            f"--val_frac {val_frac} and --test_frac {test_frac} sum to {val_frac + test_frac:g}, leaving no training data.",
+            f"--val_frac {val_frac} and --test_frac {test_frac} sum to {val_frac + test_frac:g}, "
+            "leaving no training data.",
             "make their sum less than 1 (the defaults are 0.1 and 0.1).",
         )
     return True

@@ -55,9 +55,7 @@ def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> str
 
     os.makedirs(dataset_dir, exist_ok=True)
     if os.path.isfile(tarball) and not check_hash(tarball, md5, "md5"):
-        raise BundleError(
-            f"{tarball} does not match MD5 {md5} (corrupt or incomplete).", f"delete it, then {manual}."
-        )
+        raise BundleError(f"{tarball} does not match MD5 {md5} (corrupt or incomplete).", f"delete it, then {manual}.")
     if not os.path.isfile(tarball):
         logger.info(f"downloading MedNIST from {url} to {tarball}")
         partial = tarball + ".partial"
@@ -90,7 +88,11 @@ def make_split(found: dict[str, list[str]], val_frac: float, test_frac: float, s
         files = [f"{cls}/{f}" for f in found[cls]]
         order = rng.permutation(len(files))
         n_test, n_val = int(round(len(files) * test_frac)), int(round(len(files) * val_frac))
-        parts = {"test": order[:n_test], "validation": order[n_test : n_test + n_val], "training": order[n_test + n_val :]}
+        parts = {
+            "test": order[:n_test],
+            "validation": order[n_test : n_test + n_val],
+            "training": order[n_test + n_val :],
+        }
         for name, idx in parts.items():
             split[name] += [{"image": files[i], "label": label} for i in sorted(idx)]
     return split

@@ -151,7 +151,9 @@ class ClassificationReport:
         probs, labels = torch.cat(self.probs).numpy(), torch.cat(self.labels).numpy()
         metrics = classification_metrics(labels, probs)
         os.makedirs(self.output_dir, exist_ok=True)
-        atomic_write(os.path.join(self.output_dir, "metrics.json"), lambda f: json.dump(_json_safe(metrics), f, indent=2))
+        atomic_write(
+            os.path.join(self.output_dir, "metrics.json"), lambda f: json.dump(_json_safe(metrics), f, indent=2)
+        )
         cm = np.array(metrics["confusion_matrix"])
 
         def _cm(f):

@@ -1,6 +1,6 @@
 """Explore a MedNIST-layout folder: class counts, image sizes and intensity statistics, sample grid PNG.
 
-    python -m scripts.explore_data --data_dir data/MedNIST [--out samples.png] [--per_class 5]
+python -m scripts.explore_data --data_dir data/MedNIST [--out samples.png] [--per_class 5]
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from scripts.data import CLASSES, check_class_folders
 from scripts.errors import BundleError
 
 
-def explore(data_dir: str = "data/MedNIST", out: str = "outputs/mednist_samples.png", per_class: int = 5, seed: int = 0):
+def explore(
+    data_dir: str = "data/MedNIST", out: str = "outputs/mednist_samples.png", per_class: int = 5, seed: int = 0
+):
     """Print the per-class table and save a grid of ``per_class`` random samples per class to ``out``."""
     if os.path.isdir(os.path.join(data_dir, "MedNIST")):
         data_dir = os.path.join(data_dir, "MedNIST")  # accept the dataset_dir that holds MedNIST/ too

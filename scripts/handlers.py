@@ -97,7 +97,10 @@ class HistoryWriter:
         self._epoch_t0 = time.perf_counter()
 
     def validated(self, evaluator: Engine) -> None:
-        self._val = {"val_loss": evaluator.state.metrics.get("val_loss"), "val_acc": evaluator.state.metrics.get("val_acc")}
+        self._val = {
+            "val_loss": evaluator.state.metrics.get("val_loss"),
+            "val_acc": evaluator.state.metrics.get("val_acc"),
+        }
 
     def epoch_completed(self, engine: Engine) -> None:
         now = time.perf_counter()

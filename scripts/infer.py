@@ -39,7 +39,9 @@ def find_inputs(input) -> list[dict]:
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames.sort()
                 # a folder named like an image is reported, as a user may have meant it as one
-                items += [os.path.join(dirpath, d) for d in dirnames if d.lower().endswith(PIL_SUFFIXES + NIFTI_SUFFIXES)]
+                items += [
+                    os.path.join(dirpath, d) for d in dirnames if d.lower().endswith(PIL_SUFFIXES + NIFTI_SUFFIXES)
+                ]
                 items += [os.path.join(dirpath, f) for f in sorted(filenames)]
             if len(items) == before:
                 items.append(path)  # an empty folder still gets its row
@@ -58,7 +60,9 @@ def _read_pil(path: str, max_pixels: int) -> np.ndarray:
     with Image.open(path) as img:
         w, h = img.size
         if w * h > max_pixels:
-            raise ValueError(f"image is {w}x{h} = {w * h:,} pixels, over the {max_pixels:,} limit (decompression bomb?)")
+            raise ValueError(
+                f"image is {w}x{h} = {w * h:,} pixels, over the {max_pixels:,} limit (decompression bomb?)"
+            )
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             arr = np.asarray(img).astype(np.float32)

@@ -22,10 +22,10 @@ class PrepareBatch:
     Images leave as plain ``torch.Tensor``: a ``MetaTensor`` through DenseNet121 costs about 40% of the
     training throughput on a CPU (its ``__torch_function__`` wraps each of the network's operations).
 
-    With ``augment``, each image independently gets, with probability ``prob`` each: a rotation by an angle drawn uniformly in
-    [-``rotate_range``, ``rotate_range``] radians, a flip along ``flip_axis`` (0: the first spatial axis, as
-    ``RandFlipd(spatial_axis=0)``) and a zoom drawn uniformly in [``min_zoom``, ``max_zoom``] (>1 zooms in, as
-    ``RandZoomd``). All three are folded into one affine matrix per image and resampled bilinearly with
+    With ``augment``, each image independently gets, with probability ``prob`` each: a rotation by an angle
+    drawn uniformly in [-``rotate_range``, ``rotate_range``] radians, a flip along ``flip_axis`` (0: the first
+    spatial axis, as ``RandFlipd(spatial_axis=0)``) and a zoom drawn uniformly in [``min_zoom``, ``max_zoom``]
+    (>1 zooms in, as ``RandZoomd``). All three are folded into one affine matrix per image and resampled bilinearly with
     border padding, as ``RandRotated`` does.
     """
 

@@ -58,8 +58,17 @@ def trained(mednist, tmp_path_factory):
     """One 2-epoch training run on the synthetic data, shared by the tests that need a model: (folder, process)."""
     out = tmp_path_factory.mktemp("trained")
     proc = run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=mednist, output_dir=out / "out",
-        ckpt_dir=out / "models", epochs=2, batch_size=16, accumulation_steps=1, learning_rate=0.001,
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        dataset_dir=mednist,
+        output_dir=out / "out",
+        ckpt_dir=out / "models",
+        epochs=2,
+        batch_size=16,
+        accumulation_steps=1,
+        learning_rate=0.001,
     )
     return out, proc
 
@@ -72,5 +81,7 @@ def run_bundle(*args: str, timeout: int = 600, check: bool = True, **overrides) 
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc

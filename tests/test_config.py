@@ -6,8 +6,9 @@ import json
 import os
 
 import pytest
-from conftest import BUNDLE, TRAIN, run_bundle
 from monai.bundle import ConfigWorkflow
+
+from conftest import BUNDLE, TRAIN, run_bundle
 
 META = os.path.join(BUNDLE, "configs", "metadata.json")
 
@@ -24,9 +25,23 @@ def test_train_workflow_properties(monkeypatch, mednist, tmp_path):
 def test_metadata_has_mandatory_keys():
     meta = json.load(open(META))
     for key in (
-        "schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
-        "required_packages_version", "name", "task", "description", "authors", "copyright", "data_source",
-        "data_type", "intended_use", "references", "network_data_format",
+        "schema",
+        "version",
+        "changelog",
+        "monai_version",
+        "pytorch_version",
+        "numpy_version",
+        "required_packages_version",
+        "name",
+        "task",
+        "description",
+        "authors",
+        "copyright",
+        "data_source",
+        "data_type",
+        "intended_use",
+        "references",
+        "network_data_format",
     ):
         assert meta.get(key), key
     assert meta["version"] in meta["changelog"]
@@ -37,14 +52,18 @@ def test_metadata_has_mandatory_keys():
     assert pred["num_channels"] == 6 and pred["type"] == "probabilities"
     assert list(pred["channel_def"].values()) == ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
     assert set(meta["required_packages_version"]) >= {
-        "pytorch-ignite", "nibabel", "pillow", "tensorboard", "fire", "matplotlib", "tqdm",
+        "pytorch-ignite",
+        "nibabel",
+        "pillow",
+        "tensorboard",
+        "fire",
+        "matplotlib",
+        "tqdm",
     }
 
 
 def test_verify_net_in_out():
-    proc = run_bundle(
-        "verify_net_in_out", "--net_id", "network_def", "--meta_file", META, "--config_file", TRAIN
-    )
+    proc = run_bundle("verify_net_in_out", "--net_id", "network_def", "--meta_file", META, "--config_file", TRAIN)
     assert "verified with no error" in proc.stdout + proc.stderr
 
 

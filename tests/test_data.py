@@ -10,6 +10,7 @@ import tarfile
 import threading
 
 import pytest
+
 from conftest import TRAIN, run_bundle, write_mednist
 
 FAST = {"epochs": 1, "batch_size": 16, "accumulation_steps": 1}
@@ -33,8 +34,16 @@ def served_tarball(tmp_path_factory):
 def test_download_checks_md5_and_extracts(served_tarball, tmp_path):
     url, md5 = served_tarball
     run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=tmp_path / "data", output_dir=tmp_path / "out",
-        ckpt_dir=tmp_path / "models", download_url=url, download_md5=md5, **FAST,
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        dataset_dir=tmp_path / "data",
+        output_dir=tmp_path / "out",
+        ckpt_dir=tmp_path / "models",
+        download_url=url,
+        download_md5=md5,
+        **FAST,
     )
     assert len(os.listdir(tmp_path / "data" / "MedNIST" / "Hand")) == 10
     assert os.path.isfile(tmp_path / "models" / "model.pt")
@@ -45,8 +54,16 @@ def test_download_checks_md5_and_extracts(served_tarball, tmp_path):
 def test_download_with_wrong_md5_is_refused(served_tarball, tmp_path):
     url, _ = served_tarball
     proc = run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=tmp_path / "data", output_dir=tmp_path / "out",
-        download_url=url, download_md5="0" * 32, check=False, **FAST,
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        dataset_dir=tmp_path / "data",
+        output_dir=tmp_path / "out",
+        download_url=url,
+        download_md5="0" * 32,
+        check=False,
+        **FAST,
     )
     assert proc.returncode != 0
     assert f"could not download MedNIST from {url}" in proc.stderr and "by hand" in proc.stderr
@@ -56,8 +73,15 @@ def test_download_with_wrong_md5_is_refused(served_tarball, tmp_path):
 def test_offline_download_names_url_and_manual_fix(tmp_path):
     url = "http://127.0.0.1:9/MedNIST.tar.gz"  # the discard port: connection refused
     proc = run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=tmp_path, output_dir=tmp_path / "out",
-        download_url=url, check=False, **FAST,
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        dataset_dir=tmp_path,
+        output_dir=tmp_path / "out",
+        download_url=url,
+        check=False,
+        **FAST,
     )
     assert proc.returncode != 0
     assert f"could not download MedNIST from {url}" in proc.stderr
@@ -67,8 +91,15 @@ def test_offline_download_names_url_and_manual_fix(tmp_path):
 
 def test_no_data_and_download_disabled(tmp_path):
     proc = run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=tmp_path, output_dir=tmp_path / "out",
-        download="false", check=False, **FAST,
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        dataset_dir=tmp_path,
+        output_dir=tmp_path / "out",
+        download="false",
+        check=False,
+        **FAST,
     )
     assert proc.returncode != 0
     assert "no MedNIST data" in proc.stderr and "download is false" in proc.stderr
@@ -77,8 +108,15 @@ def test_no_data_and_download_disabled(tmp_path):
 def test_corrupt_tarball_in_place_is_refused(tmp_path):
     (tmp_path / "MedNIST.tar.gz").write_bytes(b"not a tarball")
     proc = run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=tmp_path, output_dir=tmp_path / "out",
-        download="false", check=False, **FAST,
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        dataset_dir=tmp_path,
+        output_dir=tmp_path / "out",
+        download="false",
+        check=False,
+        **FAST,
     )
     assert proc.returncode != 0
     assert "does not match MD5" in proc.stderr and "delete it" in proc.stderr

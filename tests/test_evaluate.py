@@ -9,8 +9,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import EVALUATE, run_bundle, write_mednist
 from PIL import Image
+
+from conftest import EVALUATE, run_bundle, write_mednist
 
 CLASSES = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
 
@@ -26,8 +27,14 @@ def evaluated(trained, mednist, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     # the test split saved by training is found through the same output_dir; results go to a fresh one
     proc = run_bundle(
-        "run", "evaluating", "--config_file", EVALUATE, dataset_dir=mednist, split_file=folder / "out" / "split.json",
-        output_dir=out, ckpt_dir=folder / "models",
+        "run",
+        "evaluating",
+        "--config_file",
+        EVALUATE,
+        dataset_dir=mednist,
+        split_file=folder / "out" / "split.json",
+        output_dir=out,
+        ckpt_dir=folder / "models",
     )
     return out, proc, folder
 
@@ -71,8 +78,13 @@ def test_external_folder(trained, tmp_path):
     folder, _ = trained
     external = write_mednist(str(tmp_path / "ext"), per_class=3, seed=7)
     run_bundle(
-        "run", "--config_file", EVALUATE, eval_dir=os.path.join(external, "MedNIST"), output_dir=tmp_path / "out",
-        ckpt_dir=folder / "models", dataset_dir=tmp_path / "no-such-dataset",
+        "run",
+        "--config_file",
+        EVALUATE,
+        eval_dir=os.path.join(external, "MedNIST"),
+        output_dir=tmp_path / "out",
+        ckpt_dir=folder / "models",
+        dataset_dir=tmp_path / "no-such-dataset",
     )
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["num_images"] == 18
@@ -88,8 +100,14 @@ def test_bad_checkpoint_is_named(damage, trained, mednist, tmp_path):
     elif damage == "other_network":
         torch.save(torch.nn.Linear(4, 2).state_dict(), ckpt)
     proc = run_bundle(
-        "run", "evaluating", "--config_file", EVALUATE, dataset_dir=mednist, output_dir=folder / "out",
-        ckpt_path=ckpt, check=False,
+        "run",
+        "evaluating",
+        "--config_file",
+        EVALUATE,
+        dataset_dir=mednist,
+        output_dir=folder / "out",
+        ckpt_path=ckpt,
+        check=False,
     )
     assert proc.returncode != 0
     expected = {"missing": "does not exist", "corrupt": "cannot be read", "other_network": "does not hold DenseNet121"}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import BUNDLE, INFERENCE, run_bundle
 
 CLASSES = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
@@ -24,17 +25,42 @@ def exported(trained, mednist, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     ckpt = folder / "models" / "model.pt"
     run_bundle(
-        "ckpt_export", "network_def", "--filepath", str(out / "model.ts"), "--ckpt_file", str(ckpt),
-        "--meta_file", os.path.join(BUNDLE, "configs", "metadata.json"), "--config_file", INFERENCE,
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(out / "model.ts"),
+        "--ckpt_file",
+        str(ckpt),
+        "--meta_file",
+        os.path.join(BUNDLE, "configs", "metadata.json"),
+        "--config_file",
+        INFERENCE,
     )
     for kind in ("pt2", "onnx"):
         subprocess.run(
-            [sys.executable, "-m", "scripts.export", kind, "--ckpt_path", str(ckpt), "--out", str(out / f"model.{kind}")],
-            cwd=BUNDLE, check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "scripts.export",
+                kind,
+                "--ckpt_path",
+                str(ckpt),
+                "--out",
+                str(out / f"model.{kind}"),
+            ],
+            cwd=BUNDLE,
+            check=True,
+            capture_output=True,
+            text=True,
         )
     images = os.path.join(mednist, "MedNIST")
     run_bundle(
-        "run", "inference", "--config_file", INFERENCE, input=images, output_dir=out / "ckpt",
+        "run",
+        "inference",
+        "--config_file",
+        INFERENCE,
+        input=images,
+        output_dir=out / "ckpt",
         ckpt_dir=folder / "models",
     )
     return out, images
@@ -45,7 +71,12 @@ def test_exported_model_matches_checkpoint(exported, suffix):
     out, images = exported
     assert os.path.getsize(out / f"model.{suffix}") > 10_000_000
     run_bundle(
-        "run", "inference", "--config_file", INFERENCE, input=images, output_dir=out / suffix,
+        "run",
+        "inference",
+        "--config_file",
+        INFERENCE,
+        input=images,
+        output_dir=out / suffix,
         model_file=out / f"model.{suffix}",
     )
     reference, got = probabilities(out / "ckpt" / "predictions.csv"), probabilities(out / suffix / "predictions.csv")
@@ -67,7 +98,6 @@ def test_bad_model_file_is_named(tmp_path, mednist):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"garbage")
     proc = run_bundle(
-        "run", "inference", "--config_file", INFERENCE, input=mednist, output_dir=tmp_path, model_file=bad,
-        check=False,
+        "run", "inference", "--config_file", INFERENCE, input=mednist, output_dir=tmp_path, model_file=bad, check=False
     )
     assert proc.returncode != 0 and f"cannot load exported model {bad}" in proc.stderr

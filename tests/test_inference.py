@@ -9,9 +9,10 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import INFERENCE, run_bundle
 from monai.bundle import ConfigWorkflow
 from PIL import Image
+
+from conftest import INFERENCE, run_bundle
 
 COLUMNS = ["path", "label", "confidence", "AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT", "error"]
 
@@ -61,7 +62,12 @@ def mixed_folder(mednist, tmp_path_factory) -> dict:
 def test_mixed_folder_one_row_per_file(trained, mixed_folder, tmp_path):
     folder, _ = trained
     proc = run_bundle(
-        "run", "inference", "--config_file", INFERENCE, input=mixed_folder["dir"], output_dir=tmp_path,
+        "run",
+        "inference",
+        "--config_file",
+        INFERENCE,
+        input=mixed_folder["dir"],
+        output_dir=tmp_path,
         ckpt_dir=folder / "models",
     )
     rows = {os.path.basename(r["path"]): r for r in read_rows(tmp_path / "predictions.csv")}
@@ -85,8 +91,14 @@ def test_nothing_predictable_exits_nonzero(trained, mixed_folder, tmp_path):
     folder, _ = trained
     bad = [str(mixed_folder["dir"] / n) for n in mixed_folder["bad"]] + [str(tmp_path / "missing.png")]
     proc = run_bundle(
-        "run", "inference", "--config_file", INFERENCE, input=str(bad), output_dir=tmp_path / "out",
-        ckpt_dir=folder / "models", check=False,
+        "run",
+        "inference",
+        "--config_file",
+        INFERENCE,
+        input=str(bad),
+        output_dir=tmp_path / "out",
+        ckpt_dir=folder / "models",
+        check=False,
     )
     assert proc.returncode != 0 and "no image could be predicted" in proc.stderr
     rows = read_rows(tmp_path / "out" / "predictions.csv")
@@ -97,7 +109,11 @@ def test_nothing_predictable_exits_nonzero(trained, mixed_folder, tmp_path):
 def test_single_image_gets_picture_with_gradcam(trained, mixed_folder, tmp_path):
     folder, _ = trained
     run_bundle(
-        "run", "--config_file", INFERENCE, input=mixed_folder["dir"] / "hand.jpeg", output_dir=tmp_path,
+        "run",
+        "--config_file",
+        INFERENCE,
+        input=mixed_folder["dir"] / "hand.jpeg",
+        output_dir=tmp_path,
         ckpt_dir=folder / "models",
     )
     pictures = os.listdir(tmp_path / "visualizations")
@@ -111,8 +127,14 @@ def test_single_image_gets_picture_with_gradcam(trained, mixed_folder, tmp_path)
 def test_glob_and_visualize_flag(trained, mixed_folder, tmp_path):
     folder, _ = trained
     run_bundle(
-        "run", "inference", "--config_file", INFERENCE, input=f"{mixed_folder['dir']}/*.jp*g", output_dir=tmp_path,
-        ckpt_dir=folder / "models", visualize="true",
+        "run",
+        "inference",
+        "--config_file",
+        INFERENCE,
+        input=f"{mixed_folder['dir']}/*.jp*g",
+        output_dir=tmp_path,
+        ckpt_dir=folder / "models",
+        visualize="true",
     )
     rows = read_rows(tmp_path / "predictions.csv")
     assert sorted(os.path.basename(r["path"]) for r in rows) == ["cxr.jpg", "hand.jpeg", "truncated.jpeg"]
@@ -125,13 +147,24 @@ def test_inference_matches_evaluation(trained, mednist, tmp_path):
     from conftest import EVALUATE
 
     run_bundle(
-        "run", "evaluating", "--config_file", EVALUATE, dataset_dir=mednist, split_file=folder / "out" / "split.json",
-        output_dir=tmp_path / "eval", ckpt_dir=folder / "models",
+        "run",
+        "evaluating",
+        "--config_file",
+        EVALUATE,
+        dataset_dir=mednist,
+        split_file=folder / "out" / "split.json",
+        output_dir=tmp_path / "eval",
+        ckpt_dir=folder / "models",
     )
     with open(tmp_path / "eval" / "predictions.csv") as f:
         evaluated = {r["path"]: r for r in csv.DictReader(f)}
     run_bundle(
-        "run", "inference", "--config_file", INFERENCE, input=str(sorted(evaluated)), output_dir=tmp_path / "inf",
+        "run",
+        "inference",
+        "--config_file",
+        INFERENCE,
+        input=str(sorted(evaluated)),
+        output_dir=tmp_path / "inf",
         ckpt_dir=folder / "models",
     )
     for r in read_rows(tmp_path / "inf" / "predictions.csv"):

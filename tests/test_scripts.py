@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import torch
-from conftest import BUNDLE
 from PIL import Image
+
+from conftest import BUNDLE
 
 
 def run_script(*args) -> subprocess.CompletedProcess:

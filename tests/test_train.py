@@ -8,9 +8,10 @@ import os
 
 import pytest
 import torch
-from conftest import TRAIN, run_bundle
 from monai.networks.nets import DenseNet121
 from PIL import Image
+
+from conftest import TRAIN, run_bundle
 
 FAST = {"batch_size": 16, "accumulation_steps": 1, "learning_rate": 0.001}
 
@@ -57,15 +58,28 @@ def test_split_is_disjoint_stratified_and_reused(trained, mednist):
     before = split_file.read_bytes()
     # a second run, with the plain run id, reuses exactly that split
     proc = run_bundle(
-        "run", "--config_file", TRAIN, dataset_dir=mednist, output_dir=out / "out", ckpt_dir=out / "models2",
-        epochs=1, **FAST,
+        "run",
+        "--config_file",
+        TRAIN,
+        dataset_dir=mednist,
+        output_dir=out / "out",
+        ckpt_dir=out / "models2",
+        epochs=1,
+        **FAST,
     )
     assert split_file.read_bytes() == before
     assert "reusing the data split" in proc.stdout
     # a different fraction with the same output_dir is refused rather than silently re-split
     proc = run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=mednist, output_dir=out / "out", epochs=1,
-        val_frac=0.2, check=False,
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        dataset_dir=mednist,
+        output_dir=out / "out",
+        epochs=1,
+        val_frac=0.2,
+        check=False,
     )
     assert proc.returncode != 0 and "split.json was made with" in proc.stderr
 
@@ -77,8 +91,16 @@ PLATEAU = {"learning_rate": 1e-30, "network_def#norm": "instance", "batch_size":
 
 def test_early_stopping_ends_run_early(mednist, tmp_path):
     proc = run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=mednist, output_dir=tmp_path / "out",
-        ckpt_dir=tmp_path / "models", epochs=10, early_stop_patience=2, **PLATEAU,
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        dataset_dir=mednist,
+        output_dir=tmp_path / "out",
+        ckpt_dir=tmp_path / "models",
+        epochs=10,
+        early_stop_patience=2,
+        **PLATEAU,
     )
     rows = read_history(tmp_path / "out")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # best at epoch 1, then 2 epochs without improvement
@@ -91,8 +113,17 @@ def test_early_stopping_ends_run_early(mednist, tmp_path):
 def test_reduce_lr_on_plateau_lowers_lr(mednist, tmp_path):
     # eps=0: torch otherwise skips a reduction smaller than 1e-8, which any change of 1e-30 is
     run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=mednist, output_dir=tmp_path / "out",
-        ckpt_dir=tmp_path / "models", epochs=4, lr_patience=1, lr_factor=0.5, **PLATEAU,
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        dataset_dir=mednist,
+        output_dir=tmp_path / "out",
+        ckpt_dir=tmp_path / "models",
+        epochs=4,
+        lr_patience=1,
+        lr_factor=0.5,
+        **PLATEAU,
         **{"lr_scheduler#eps": 0},
     )
     lrs = [float(r["lr"]) for r in read_history(tmp_path / "out")]
@@ -102,9 +133,19 @@ def test_reduce_lr_on_plateau_lowers_lr(mednist, tmp_path):
 
 def _one_step_weights(mednist, out, batch_size: int, accumulation_steps: int, iterations: int) -> dict:
     run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=mednist, output_dir=out / "out",
-        ckpt_dir=out / "models", epochs=1, batch_size=batch_size, accumulation_steps=accumulation_steps,
-        augment="false", cpu_bf16="false", learning_rate=0.001,
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        dataset_dir=mednist,
+        output_dir=out / "out",
+        ckpt_dir=out / "models",
+        epochs=1,
+        batch_size=batch_size,
+        accumulation_steps=accumulation_steps,
+        augment="false",
+        cpu_bf16="false",
+        learning_rate=0.001,
         **{"train#trainer#epoch_length": iterations, "network_def#norm": "instance"},
     )
     return torch.load(out / "models" / "checkpoint_epoch=1.pt", weights_only=True)["model"]
