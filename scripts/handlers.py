@@ -8,9 +8,15 @@ import os
 import tempfile
 import time
 
+import glob
+import re
+
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
+from monai.handlers import CheckpointSaver
+
+from scripts.errors import BundleError
 
 logger = logging.getLogger(__name__)
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "elapsed_s")
@@ -83,16 +89,22 @@ class HistoryWriter:
         self.evaluator.add_event_handler(Events.COMPLETED, self.validated)
 
     def started(self, engine: Engine) -> None:
-        self.rows, self._t0 = [], time.perf_counter()
-        if engine.state.epoch > 0 and os.path.isfile(self.csv_path):  # resumed: keep the epochs already done
+        self.rows, self._t0, self._resumed = None, time.perf_counter(), False
+
+    def _load_earlier_rows(self, epoch: int) -> None:
+        """Keep the rows of epochs before ``epoch`` from a resumed run's history (none on a fresh run)."""
+        self.rows = []
+        if epoch > 1 and os.path.isfile(self.csv_path):
             with open(self.csv_path) as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= engine.state.epoch]
+                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
             for r in self.rows:
                 r.update({k: float(v) if v not in ("", None) else "" for k, v in r.items() if k != "epoch"})
                 r["epoch"] = int(r["epoch"])
         self._offset = float(self.rows[-1]["elapsed_s"]) if self.rows else 0.0
 
     def epoch_started(self, engine: Engine) -> None:
+        if self.rows is None:  # first epoch of this process: the checkpoint (if resuming) is loaded by now
+            self._load_earlier_rows(engine.state.epoch)
         engine.state.lr = self.optimizer.param_groups[0]["lr"]
         self._epoch_t0 = time.perf_counter()
 
@@ -165,3 +177,71 @@ class LossProgressBar(ProgressBar):
     def attach(self, engine: Engine, *args, **kwargs) -> None:
         kwargs.setdefault("output_transform", lambda output: {"loss": output["loss"].detach().item()})
         super().attach(engine, *args, **kwargs)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` writing each file under a temporary name, then renaming it into place.
+
+    MONAI saves with ``atomic=False``, so a run killed during a save would leave a truncated file in place of
+    the previous good one; here the previous file stays intact until the new one is complete. ``resume_from``
+    (a ``checkpoint_epoch=N.pt`` this run continues from) is counted among the saved interval checkpoints, so
+    that ``n_saved`` removes it once newer ones are written.
+    """
+
+    def __init__(self, *args, resume_from: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler._atomic = True
+        if resume_from and self._interval_checkpoint is not None:
+            epoch = int(re.search(r"epoch=(\d+)", os.path.basename(resume_from)).group(1))
+            self._interval_checkpoint.load_state_dict({"_saved": [(epoch, os.path.basename(resume_from))]})
+
+
+class StateOf:
+    """``state_dict``/``load_state_dict`` for a handler whose state is held by an inner object.
+
+    ``StateOf(early_stop, "_handler")``: MONAI's ``EarlyStopHandler`` keeps ignite's ``EarlyStopping`` (counter
+    and best score) there once ``set_trainer`` ran; ``StateOf(saver, "_key_metric_checkpoint")``: the best
+    validation accuracy seen by the ``CheckpointSaver`` that writes ``model.pt``. Both are read when saving or
+    loading, so they can be declared before the inner object exists.
+    """
+
+    def __init__(self, owner, attribute: str):
+        self.owner, self.attribute = owner, attribute
+
+    def state_dict(self):
+        return getattr(self.owner, self.attribute).state_dict()
+
+    def load_state_dict(self, state) -> None:
+        getattr(self.owner, self.attribute).load_state_dict(state)
+
+
+def training_state(network, optimizer, lr_scheduler, trainer, early_stop, best_model_saver) -> dict:
+    """Everything a resumed run needs, for the last-epoch checkpoint and for ``CheckpointLoader``."""
+    state = {
+        "model": network,
+        "optimizer": optimizer,
+        "lr_scheduler": lr_scheduler,
+        "trainer": trainer,
+        "early_stop": StateOf(early_stop, "_handler"),
+        "best_model": StateOf(best_model_saver, "_key_metric_checkpoint"),
+    }
+    if getattr(trainer, "scaler", None) is not None:
+        state["scaler"] = trainer.scaler  # CUDA AMP gradient scaler
+    return state
+
+
+def latest_checkpoint(ckpt_dir: str) -> str:
+    """The ``checkpoint_epoch=N.pt`` with the largest N in ``ckpt_dir``, for ``--resume true``."""
+    found = sorted(
+        glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch=*.pt")),
+        key=lambda p: int(re.search(r"epoch=(\d+)", p).group(1)),
+    )
+    if not found:
+        raise BundleError(
+            f"--resume true, but {ckpt_dir} holds no checkpoint_epoch=N.pt to resume from.",
+            "train without --resume, or pass the --ckpt_dir of the run to continue.",
+        )
+    logger.info(f"resuming from {found[-1]}")
+    return found[-1]
