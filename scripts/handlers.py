@@ -154,6 +154,9 @@ class DeviceLogger:
 
     def started(self, engine: Engine) -> None:
         self._t0 = time.perf_counter()
+        if torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            logger.info(f"rank {rank} of {world} ({torch.distributed.get_backend()})")
         if self.device.type == "cuda":
             p = torch.cuda.get_device_properties(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -52,7 +52,15 @@ def test_sigkill_then_resume(mednist, tmp_path):
 
 def test_resume_without_checkpoint_is_named(mednist, tmp_path):
     proc = run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=mednist, output_dir=tmp_path / "out",
-        ckpt_dir=tmp_path / "empty", resume="true", check=False, **RUN,
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        dataset_dir=mednist,
+        output_dir=tmp_path / "out",
+        ckpt_dir=tmp_path / "empty",
+        resume="true",
+        check=False,
+        **RUN,
     )
     assert proc.returncode != 0 and "holds no checkpoint_epoch=N.pt to resume from" in proc.stderr
