@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
+import glob
 import logging
 import os
+import re
 import tempfile
 import time
-
-import glob
-import re
 
 import torch
 from ignite.engine import Engine, Events

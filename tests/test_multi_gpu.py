@@ -10,8 +10,9 @@ import subprocess
 import sys
 
 import torch
-from conftest import BUNDLE, TRAIN
 from monai.networks.nets import DenseNet121
+
+from conftest import BUNDLE, TRAIN
 
 MULTI = f"['{TRAIN}','{os.path.join(BUNDLE, 'configs', 'multi_gpu_train.json')}']"
 

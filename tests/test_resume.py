@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import torch
-from conftest import BUNDLE, TRAIN, run_bundle
 from monai.networks.nets import DenseNet121
+
+from conftest import BUNDLE, TRAIN, run_bundle
 
 RUN = {"batch_size": 8, "accumulation_steps": 1, "learning_rate": 0.001, "early_stop_patience": 10}
 
@@ -34,7 +34,7 @@ def test_sigkill_then_resume(mednist, tmp_path):
     before = {k: v.clone() for k, v in torch.load(models / "model.pt", weights_only=True).items()}
 
     result = run_bundle(*args[:2], *args[2:], "--resume", "true")
-    assert "resuming from" in result.stdout and f"Engine run resuming from iteration" in result.stdout
+    assert "resuming from" in result.stdout and "Engine run resuming from iteration" in result.stdout
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # continuous, nothing repeated or lost
