@@ -54,6 +54,27 @@ def mednist(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def http_server(tmp_path_factory):
+    """A static file server on 127.0.0.1 for a temporary folder; yields (folder, base URL)."""
+    import http.server
+    import threading
+
+    root = tmp_path_factory.mktemp("served")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(root), **k)
+
+        def log_message(self, *args):  # keep test output quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
 def trained(mednist, tmp_path_factory):
     """One 2-epoch training run on the synthetic data, shared by the tests that need a model: (folder, process)."""
     out = tmp_path_factory.mktemp("trained")
@@ -73,13 +94,15 @@ def trained(mednist, tmp_path_factory):
     return out, proc
 
 
-def run_bundle(*args: str, timeout: int = 600, check: bool = True, **overrides) -> subprocess.CompletedProcess:
+def run_bundle(
+    *args: str, timeout: int = 600, check: bool = True, cwd: str = BUNDLE, **overrides
+) -> subprocess.CompletedProcess:
     """Run ``python -m monai.bundle <args> --key value ...`` from the bundle folder, as a user types it."""
     cmd = [sys.executable, "-m", "monai.bundle", *args]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import os
 import shutil
 import tarfile
-import threading
 
 import pytest
 
@@ -17,18 +15,13 @@ FAST = {"epochs": 1, "batch_size": 16, "accumulation_steps": 1}
 
 
 @pytest.fixture(scope="module")
-def served_tarball(tmp_path_factory):
+def served_tarball(http_server):
     """A synthetic MedNIST.tar.gz served over HTTP on 127.0.0.1; yields (url, md5)."""
-    root = tmp_path_factory.mktemp("served")
+    root, base = http_server
     src = write_mednist(str(root / "src"), per_class=10)
     with tarfile.open(root / "MedNIST.tar.gz", "w:gz") as tar:
         tar.add(os.path.join(src, "MedNIST"), arcname="MedNIST")
-    md5 = hashlib.md5((root / "MedNIST.tar.gz").read_bytes()).hexdigest()
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/MedNIST.tar.gz", md5
-    server.shutdown()
+    return f"{base}/MedNIST.tar.gz", hashlib.md5((root / "MedNIST.tar.gz").read_bytes()).hexdigest()
 
 
 def test_download_checks_md5_and_extracts(served_tarball, tmp_path):

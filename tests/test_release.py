@@ -1,0 +1,104 @@
+"""Release: a reproducible Model Zoo zip, downloaded with monai.bundle; large files checked by hash."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import yaml
+
+from conftest import BUNDLE, run_bundle
+
+
+def build_release(ckpt_dir, out_dir) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.release", "--ckpt_dir", str(ckpt_dir), "--out_dir", str(out_dir)],
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    path = proc.stdout.split()[0]
+    assert f"sha256 {hashlib.sha256(open(path, 'rb').read()).hexdigest()}" in proc.stdout
+    return path
+
+
+def test_release_zip_is_reproducible_and_downloadable(trained, mednist, http_server, tmp_path):
+    folder, _ = trained
+    served, base = http_server
+    first = build_release(folder / "models", served)
+    os.utime(os.path.join(BUNDLE, "configs", "train.json"))  # new timestamps must not change the bytes
+    second = build_release(folder / "models", tmp_path / "again")
+    assert os.path.basename(first) == "mednist_classification_v0.1.0.zip"
+    assert open(first, "rb").read() == open(second, "rb").read()
+    names = zipfile.ZipFile(first).namelist()
+    assert all(n.startswith("mednist_classification/") for n in names)
+    for required in ("configs/metadata.json", "configs/inference.json", "docs/README.md", "LICENSE", "models/model.pt"):
+        assert f"mednist_classification/{required}" in names
+    assert not any(n.endswith("large_files.yml") or "/tests/" in n or "__pycache__" in n for n in names)
+
+    bundles = tmp_path / "bundles"
+    run_bundle(
+        "download",
+        "--name",
+        "mednist_classification",
+        "--url",
+        f"{base}/{os.path.basename(first)}",
+        "--bundle_dir",
+        str(bundles),
+    )
+    downloaded = bundles / "mednist_classification"
+    assert (downloaded / "models" / "model.pt").read_bytes() == (folder / "models" / "model.pt").read_bytes()
+    run_bundle(
+        "run",
+        "inference",
+        "--config_file",
+        "configs/inference.json",
+        cwd=str(downloaded),
+        input=os.path.join(mednist, "MedNIST", "Hand"),
+        output_dir=tmp_path / "pred",
+    )
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 20 and all(r["label"] and not r["error"] for r in rows)
+
+
+def _bundle_with_large_files(tmp_path, url: str, sha256: str):
+    bundle = tmp_path / "bundle"
+    os.makedirs(bundle / "models")
+    with open(bundle / "large_files.yml", "w") as f:
+        yaml.safe_dump(
+            {"large_files": [{"path": "models/model.pt", "url": url, "hash_val": sha256, "hash_type": "sha256"}]}, f
+        )
+    return bundle
+
+
+def test_download_large_files_checks_sha256(trained, http_server, tmp_path):
+    folder, _ = trained
+    served, base = http_server
+    shutil.copy(folder / "models" / "model.pt", served / "model.pt")
+    good = hashlib.sha256((served / "model.pt").read_bytes()).hexdigest()
+    bundle = _bundle_with_large_files(tmp_path / "ok", f"{base}/model.pt", good)
+    run_bundle("download_large_files", "--bundle_path", str(bundle))
+    assert hashlib.sha256((bundle / "models" / "model.pt").read_bytes()).hexdigest() == good
+
+    tampered = bytearray((served / "model.pt").read_bytes())
+    tampered[-100] ^= 0xFF
+    (served / "tampered.pt").write_bytes(bytes(tampered))
+    bundle = _bundle_with_large_files(tmp_path / "bad", f"{base}/tampered.pt", good)
+    proc = run_bundle("download_large_files", "--bundle_path", str(bundle), check=False)
+    assert proc.returncode != 0 and "check of downloaded file failed" in proc.stderr
+    assert not (bundle / "models" / "model.pt").exists()
+
+
+def test_large_files_yml_pins_the_model():
+    with open(os.path.join(BUNDLE, "large_files.yml")) as f:
+        (entry,) = yaml.safe_load(f)["large_files"]
+    assert entry["path"] == "models/model.pt" and entry["hash_type"] == "sha256"
+    assert len(entry["hash_val"]) == 64 and int(entry["hash_val"], 16) >= 0
+    assert entry["url"].startswith("https://")
