@@ -34,6 +34,9 @@ def atomic_write(path: str, write, mode: str = "w") -> None:
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the permissions of a normal file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
