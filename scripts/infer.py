@@ -161,8 +161,15 @@ def plot_prediction(image: np.ndarray, probs: np.ndarray, cam: np.ndarray | None
     plt.close(fig)
 
 
+def _unit_range(cams: torch.Tensor) -> torch.Tensor:
+    """Scale each map of a batch to [0, 1], keeping the largest activation at 1."""
+    flat = cams.flatten(1)
+    low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
+    return (cams - low) / (high - low).clamp_min(1e-12)
+
+
 class PredictionWriter:
-    """Collect the evaluator's predictions; at the end write ``predictions.csv`` (atomically) and the pictures.
+    """Collect the evaluator's predictions; at the end write ``predictions.csv`` (atomically), then the pictures.
 
     ``visualize`` None means: pictures when there is exactly one input. Grad-CAM (``monai.visualize.GradCAM``
     on ``target_layer``) needs the PyTorch network; with an exported model the pictures have no heat map.
@@ -207,9 +214,6 @@ class PredictionWriter:
         path = os.path.join(self.output_dir, "predictions.csv")
         atomic_write(path, _csv)
         logger.info(f"{self.num_predicted} of {len(self.rows)} input(s) predicted; wrote {path}")
-        visualize = len(self.rows) == 1 if self.visualize in (None, "", "auto") else self.visualize
-        if str(visualize).lower() in ("true", "1", "yes"):
-            self.plot()
 
     def plot(self) -> None:
         good = [r for r in self.rows if not r["error"]]
@@ -220,10 +224,12 @@ class PredictionWriter:
             from monai.visualize import GradCAM
 
             self.network.eval()
-            x = torch.stack([r["_image"] for r in good]).to(next(self.network.parameters()).device)
-            cam = GradCAM(nn_module=self.network, target_layers=self.target_layer)
-            with torch.enable_grad():
-                cams = list(cam(x=x).detach().cpu().numpy()[:, 0])
+            # cloned here, after the evaluator's no-grad/inference mode, so that Grad-CAM can backpropagate
+            x = torch.stack([r["_image"].clone() for r in good]).to(next(self.network.parameters()).device)
+            # MONAI's default normaliser maps (min, max) to (1, 0), which flips the heat map; keep max = hot
+            cam = GradCAM(nn_module=self.network, target_layers=self.target_layer, postprocessing=_unit_range)
+            with torch.enable_grad():  # one image at a time: MONAI's GradCAM mixes classes across a batch
+                cams = [cam(x=x[i : i + 1]).detach().cpu().numpy()[0, 0] for i in range(len(x))]
         folder = os.path.join(self.output_dir, "visualizations")
         os.makedirs(folder, exist_ok=True)
         for i, (r, c) in enumerate(zip(good, cams)):
@@ -233,7 +239,10 @@ class PredictionWriter:
         logger.info(f"wrote {len(good)} picture(s) to {folder}")
 
     def finish(self) -> int:
-        """The number predicted; stop with a non-zero exit if none could be."""
+        """After the evaluator's run: the pictures if asked for; stop with a non-zero exit if nothing was predicted."""
+        visualize = len(self.rows) == 1 if self.visualize in (None, "", "auto") else self.visualize
+        if str(visualize).lower() in ("true", "1", "yes"):
+            self.plot()
         if not self.rows or self.num_predicted == 0:
             raise BundleError(
                 f"no image could be predicted ({len(self.rows)} input(s), all failed).",
