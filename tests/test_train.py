@@ -145,8 +145,12 @@ def _one_step_weights(mednist, out, batch_size: int, accumulation_steps: int, it
         accumulation_steps=accumulation_steps,
         augment="false",
         cpu_bf16="false",
-        learning_rate=0.001,
-        **{"train#trainer#epoch_length": iterations, "network_def#norm": "instance"},
+        learning_rate=0.1,
+        **{
+            "train#trainer#epoch_length": iterations,
+            "network_def#norm": "instance",
+            "optimizer#_target_": "torch.optim.SGD",
+        },
     )
     return torch.load(out / "models" / "checkpoint_epoch=1.pt", weights_only=True)["model"]
 
@@ -155,14 +159,13 @@ def test_accumulation_matches_large_batch(mednist, tmp_path):
     """batch 4 x accumulation 2 takes the same optimizer step as batch 8.
 
     DenseNet's BatchNorm normalises with per-batch statistics, which differ between a batch of 4 and one of 8
-    whatever the accumulation does, so this run swaps in instance norm (batch-independent) to isolate the
-    accumulation itself.
+    whatever the accumulation does, so these runs swap in instance norm (batch-independent) to isolate the
+    accumulation itself. They also use SGD, whose step is proportional to the gradient: Adam's first step is
+    about lr * sign(gradient), which turns float rounding of a near-zero gradient into a full step.
     """
     accumulated = _one_step_weights(mednist, tmp_path / "a", 4, 2, iterations=2)
     large = _one_step_weights(mednist, tmp_path / "b", 8, 1, iterations=1)
     two_steps = _one_step_weights(mednist, tmp_path / "c", 4, 1, iterations=2)
-    # Adam's first step moves each weight by about +-lr (1e-3); 1% of that absorbs float rounding where a
-    # gradient is as small as Adam's eps, and is far below the difference a wrong accumulation makes.
     for k in large:
-        torch.testing.assert_close(accumulated[k], large[k], rtol=0, atol=1e-5)
-    assert any(not torch.allclose(two_steps[k], large[k], atol=1e-6) for k in large)  # the check can fail
+        torch.testing.assert_close(accumulated[k], large[k], rtol=1e-4, atol=1e-5)  # seen: 1.3e-6
+    assert any(not torch.allclose(two_steps[k], large[k], rtol=1e-4, atol=1e-5) for k in large)  # seen: 0.37
