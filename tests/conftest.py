@@ -53,6 +53,21 @@ def mednist(tmp_path_factory) -> str:
     return write_mednist(str(tmp_path_factory.mktemp("data")))
 
 
+def train_bundle(dataset_dir, folder, check: bool = True, **overrides) -> subprocess.CompletedProcess:
+    """``run training`` on ``dataset_dir`` with outputs in ``folder/out`` and checkpoints in ``folder/models``."""
+    return run_bundle(
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        dataset_dir=dataset_dir,
+        output_dir=folder / "out",
+        ckpt_dir=folder / "models",
+        check=check,
+        **overrides,
+    )
+
+
 @pytest.fixture(scope="session")
 def http_server(tmp_path_factory):
     """A static file server on 127.0.0.1 for a temporary folder; yields (folder, base URL)."""
@@ -78,19 +93,7 @@ def http_server(tmp_path_factory):
 def trained(mednist, tmp_path_factory):
     """One 2-epoch training run on the synthetic data, shared by the tests that need a model: (folder, process)."""
     out = tmp_path_factory.mktemp("trained")
-    proc = run_bundle(
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        dataset_dir=mednist,
-        output_dir=out / "out",
-        ckpt_dir=out / "models",
-        epochs=2,
-        batch_size=16,
-        accumulation_steps=1,
-        learning_rate=0.001,
-    )
+    proc = train_bundle(mednist, out, epochs=2, batch_size=16, accumulation_steps=1, learning_rate=0.001)
     return out, proc
 
 

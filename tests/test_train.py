@@ -11,7 +11,7 @@ import torch
 from monai.networks.nets import DenseNet121
 from PIL import Image
 
-from conftest import TRAIN, run_bundle
+from conftest import TRAIN, run_bundle, train_bundle
 
 FAST = {"batch_size": 16, "accumulation_steps": 1, "learning_rate": 0.001}
 
@@ -70,17 +70,7 @@ def test_split_is_disjoint_stratified_and_reused(trained, mednist):
     assert split_file.read_bytes() == before
     assert "reusing the data split" in proc.stdout
     # a different fraction with the same output_dir is refused rather than silently re-split
-    proc = run_bundle(
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        dataset_dir=mednist,
-        output_dir=out / "out",
-        epochs=1,
-        val_frac=0.2,
-        check=False,
-    )
+    proc = train_bundle(mednist, out, epochs=1, val_frac=0.2, check=False)
     assert proc.returncode != 0 and "split.json was made with" in proc.stderr
 
 
@@ -90,18 +80,7 @@ PLATEAU = {"learning_rate": 1e-30, "network_def#norm": "instance", "batch_size":
 
 
 def test_early_stopping_ends_run_early(mednist, tmp_path):
-    proc = run_bundle(
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        dataset_dir=mednist,
-        output_dir=tmp_path / "out",
-        ckpt_dir=tmp_path / "models",
-        epochs=10,
-        early_stop_patience=2,
-        **PLATEAU,
-    )
+    proc = train_bundle(mednist, tmp_path, epochs=10, early_stop_patience=2, **PLATEAU)
     rows = read_history(tmp_path / "out")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # best at epoch 1, then 2 epochs without improvement
     assert len({r["val_loss"] for r in rows}) == 1
@@ -112,34 +91,16 @@ def test_early_stopping_ends_run_early(mednist, tmp_path):
 
 def test_reduce_lr_on_plateau_lowers_lr(mednist, tmp_path):
     # eps=0: torch otherwise skips a reduction smaller than 1e-8, which any change of 1e-30 is
-    run_bundle(
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        dataset_dir=mednist,
-        output_dir=tmp_path / "out",
-        ckpt_dir=tmp_path / "models",
-        epochs=4,
-        lr_patience=1,
-        lr_factor=0.5,
-        **PLATEAU,
-        **{"lr_scheduler#eps": 0},
-    )
+    train_bundle(mednist, tmp_path, epochs=4, lr_patience=1, lr_factor=0.5, **PLATEAU, **{"lr_scheduler#eps": 0})
     lrs = [float(r["lr"]) for r in read_history(tmp_path / "out")]
     # epochs 2 and 3 do not improve on epoch 1; with patience 1 the rate halves after epoch 3
     assert lrs == pytest.approx([1e-30, 1e-30, 1e-30, 5e-31], rel=1e-6)
 
 
 def _one_step_weights(mednist, out, batch_size: int, accumulation_steps: int, iterations: int) -> dict:
-    run_bundle(
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        dataset_dir=mednist,
-        output_dir=out / "out",
-        ckpt_dir=out / "models",
+    train_bundle(
+        mednist,
+        out,
         epochs=1,
         batch_size=batch_size,
         accumulation_steps=accumulation_steps,
