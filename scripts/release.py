@@ -39,10 +39,12 @@ def release_files(ckpt_dir: str) -> dict[str, str]:
     """Archive name -> file on disk, for everything the release holds."""
     files = {"LICENSE": os.path.join(BUNDLE, "LICENSE")}
     for folder in ("configs", "docs", "scripts"):
-        for name in sorted(os.listdir(os.path.join(BUNDLE, folder))):
-            path = os.path.join(BUNDLE, folder, name)
-            if os.path.isfile(path) and not name.endswith((".pyc", ".pyo")) and not name.startswith("."):
-                files[f"{folder}/{name}"] = path
+        for dirpath, dirnames, filenames in os.walk(os.path.join(BUNDLE, folder)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.startswith(".")]
+            for name in filenames:
+                if not name.endswith((".pyc", ".pyo")) and not name.startswith("."):
+                    path = os.path.join(dirpath, name)
+                    files[os.path.relpath(path, BUNDLE).replace(os.sep, "/")] = path
     if not os.path.isfile(os.path.join(ckpt_dir, "model.pt")):
         raise BundleError(f"no trained model at {ckpt_dir}/model.pt.", "train first, or pass --ckpt_dir.")
     for name in MODELS:

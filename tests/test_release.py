@@ -38,7 +38,14 @@ def test_release_zip_is_reproducible_and_downloadable(trained, mednist, http_ser
     assert open(first, "rb").read() == open(second, "rb").read()
     names = zipfile.ZipFile(first).namelist()
     assert all(n.startswith("mednist_classification/") for n in names)
-    for required in ("configs/metadata.json", "configs/inference.json", "docs/README.md", "LICENSE", "models/model.pt"):
+    for required in (
+        "configs/metadata.json",
+        "configs/inference.json",
+        "docs/README.md",
+        "docs/images/training_history.png",  # the model card's pictures travel with it
+        "LICENSE",
+        "models/model.pt",
+    ):
         assert f"mednist_classification/{required}" in names
     assert not any(n.endswith("large_files.yml") or "/tests/" in n or "__pycache__" in n for n in names)
 
