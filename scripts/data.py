@@ -37,16 +37,16 @@ def check_class_folders(root: str, key: str = "dataset_dir") -> dict[str, list[s
     return found
 
 
-def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> str:
-    """Return ``dataset_dir/MedNIST``, downloading and extracting it first if it is absent and ``download``.
+def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> tuple[str, dict[str, list[str]]]:
+    """Return ``dataset_dir/MedNIST`` and its image names per class, downloading and extracting it first if it is
+    absent and ``download``.
 
     Extraction goes to a temporary folder beside the target and is renamed into place only when complete,
     so an interrupted or failed download never leaves a half-extracted ``MedNIST`` folder that looks usable.
     """
     root = os.path.join(dataset_dir, "MedNIST")
     if os.path.isdir(root):
-        check_class_folders(root)
-        return root
+        return root, check_class_folders(root)
     tarball = os.path.join(dataset_dir, "MedNIST.tar.gz")
     manual = f"download {url} by hand and either put it at {tarball} or extract it so that {root}/<class>/ exist"
     if not download and not os.path.isfile(tarball):
@@ -69,7 +69,7 @@ def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> str
     staging = tempfile.mkdtemp(prefix=".MedNIST-extract-", dir=dataset_dir)
     try:
         extractall(tarball, staging, file_type="tar.gz", has_base=False)
-        check_class_folders(os.path.join(staging, "MedNIST"), key="MedNIST.tar.gz")
+        found = check_class_folders(os.path.join(staging, "MedNIST"), key="MedNIST.tar.gz")
         os.replace(os.path.join(staging, "MedNIST"), root)
     except BundleError:
         raise
@@ -77,7 +77,7 @@ def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> str
         raise BundleError(f"could not extract {tarball}: {e}", f"delete it, then {manual}.") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return root
+    return root, found
 
 
 def make_split(found: dict[str, list[str]], val_frac: float, test_frac: float, seed: int) -> dict[str, list]:
@@ -113,7 +113,7 @@ def load_split(
     The split is made once and written to ``split_file``; later runs, evaluation included, reuse exactly that
     split, and stop if it was made with other fractions or seed, or names images that are gone.
     """
-    root = prepare_mednist(dataset_dir, download, url, md5)
+    root, found = prepare_mednist(dataset_dir, download, url, md5)
     params = {"seed": int(seed), "val_frac": float(val_frac), "test_frac": float(test_frac)}
     if os.path.isfile(split_file):
         with open(split_file) as f:
@@ -127,7 +127,7 @@ def load_split(
             )
         logger.info(f"reusing the data split in {split_file}")
     else:
-        saved = {**params, "classes": list(CLASSES), **make_split(check_class_folders(root), **params)}
+        saved = {**params, "classes": list(CLASSES), **make_split(found, **params)}
         for name in ("training", "validation", "test"):
             if not saved[name]:
                 raise BundleError(

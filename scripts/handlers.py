@@ -199,8 +199,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if checkpoint is not None:
                 checkpoint.save_handler._atomic = True
         if resume_from and self._interval_checkpoint is not None:
-            epoch = int(re.search(r"epoch=(\d+)", os.path.basename(resume_from)).group(1))
-            self._interval_checkpoint.load_state_dict({"_saved": [(epoch, os.path.basename(resume_from))]})
+            name = os.path.basename(resume_from)
+            self._interval_checkpoint.load_state_dict({"_saved": [(checkpoint_epoch(name), name)]})
 
 
 class StateOf:
@@ -237,12 +237,14 @@ def training_state(network, optimizer, lr_scheduler, trainer, early_stop, best_m
     return state
 
 
+def checkpoint_epoch(path: str) -> int:
+    """N of a ``checkpoint_epoch=N.pt`` path."""
+    return int(re.search(r"epoch=(\d+)\.pt$", path).group(1))
+
+
 def latest_checkpoint(ckpt_dir: str) -> str:
     """The ``checkpoint_epoch=N.pt`` with the largest N in ``ckpt_dir``, for ``--resume true``."""
-    found = sorted(
-        glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch=*.pt")),
-        key=lambda p: int(re.search(r"epoch=(\d+)", p).group(1)),
-    )
+    found = sorted(glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch=*.pt")), key=checkpoint_epoch)
     if not found:
         raise BundleError(
             f"--resume true, but {ckpt_dir} holds no checkpoint_epoch=N.pt to resume from.",
