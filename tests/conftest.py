@@ -68,6 +68,21 @@ def train_bundle(dataset_dir, folder, check: bool = True, **overrides) -> subpro
     )
 
 
+def evaluate_bundle(trained_folder, output_dir, check: bool = True, **overrides) -> subprocess.CompletedProcess:
+    """``run evaluating`` with the model and split of a training run in ``trained_folder``."""
+    return run_bundle(
+        "run",
+        "evaluating",
+        "--config_file",
+        EVALUATE,
+        split_file=trained_folder / "out" / "split.json",
+        ckpt_dir=trained_folder / "models",
+        output_dir=output_dir,
+        check=check,
+        **overrides,
+    )
+
+
 @pytest.fixture(scope="session")
 def http_server(tmp_path_factory):
     """A static file server on 127.0.0.1 for a temporary folder; yields (folder, base URL)."""

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from conftest import TRAIN, run_bundle, write_mednist
+from conftest import train_bundle, write_mednist
 
 FAST = {"epochs": 1, "batch_size": 16, "accumulation_steps": 1}
 
@@ -26,18 +26,7 @@ def served_tarball(http_server):
 
 def test_download_checks_md5_and_extracts(served_tarball, tmp_path):
     url, md5 = served_tarball
-    run_bundle(
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        dataset_dir=tmp_path / "data",
-        output_dir=tmp_path / "out",
-        ckpt_dir=tmp_path / "models",
-        download_url=url,
-        download_md5=md5,
-        **FAST,
-    )
+    train_bundle(tmp_path / "data", tmp_path, download_url=url, download_md5=md5, **FAST)
     assert len(os.listdir(tmp_path / "data" / "MedNIST" / "Hand")) == 10
     assert os.path.isfile(tmp_path / "models" / "model.pt")
     # nothing of the extraction is left behind
@@ -46,18 +35,7 @@ def test_download_checks_md5_and_extracts(served_tarball, tmp_path):
 
 def test_download_with_wrong_md5_is_refused(served_tarball, tmp_path):
     url, _ = served_tarball
-    proc = run_bundle(
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        dataset_dir=tmp_path / "data",
-        output_dir=tmp_path / "out",
-        download_url=url,
-        download_md5="0" * 32,
-        check=False,
-        **FAST,
-    )
+    proc = train_bundle(tmp_path / "data", tmp_path, download_url=url, download_md5="0" * 32, check=False, **FAST)
     assert proc.returncode != 0
     assert f"could not download MedNIST from {url}" in proc.stderr and "by hand" in proc.stderr
     assert not os.path.exists(tmp_path / "data" / "MedNIST")
@@ -65,17 +43,7 @@ def test_download_with_wrong_md5_is_refused(served_tarball, tmp_path):
 
 def test_offline_download_names_url_and_manual_fix(tmp_path):
     url = "http://127.0.0.1:9/MedNIST.tar.gz"  # the discard port: connection refused
-    proc = run_bundle(
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        dataset_dir=tmp_path,
-        output_dir=tmp_path / "out",
-        download_url=url,
-        check=False,
-        **FAST,
-    )
+    proc = train_bundle(tmp_path, tmp_path, download_url=url, check=False, **FAST)
     assert proc.returncode != 0
     assert f"could not download MedNIST from {url}" in proc.stderr
     assert f"put it at {tmp_path}/MedNIST.tar.gz" in proc.stderr
@@ -83,34 +51,14 @@ def test_offline_download_names_url_and_manual_fix(tmp_path):
 
 
 def test_no_data_and_download_disabled(tmp_path):
-    proc = run_bundle(
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        dataset_dir=tmp_path,
-        output_dir=tmp_path / "out",
-        download="false",
-        check=False,
-        **FAST,
-    )
+    proc = train_bundle(tmp_path, tmp_path, download="false", check=False, **FAST)
     assert proc.returncode != 0
     assert "no MedNIST data" in proc.stderr and "download is false" in proc.stderr
 
 
 def test_corrupt_tarball_in_place_is_refused(tmp_path):
     (tmp_path / "MedNIST.tar.gz").write_bytes(b"not a tarball")
-    proc = run_bundle(
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        dataset_dir=tmp_path,
-        output_dir=tmp_path / "out",
-        download="false",
-        check=False,
-        **FAST,
-    )
+    proc = train_bundle(tmp_path, tmp_path, download="false", check=False, **FAST)
     assert proc.returncode != 0
     assert "does not match MD5" in proc.stderr and "delete it" in proc.stderr
 
@@ -125,9 +73,7 @@ def test_incomplete_dataset_is_refused(damage, mednist, tmp_path):
         for cls in os.listdir(data / "MedNIST"):
             for f in os.listdir(data / "MedNIST" / cls):
                 os.remove(data / "MedNIST" / cls / f)
-    proc = run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=data, output_dir=tmp_path / "out", check=False, **FAST
-    )
+    proc = train_bundle(data, tmp_path, check=False, **FAST)
     assert proc.returncode != 0
     expected = "class(es) HeadCT" if damage == "missing_class" else "class(es) AbdomenCT, BreastMRI, CXR"
     assert expected in proc.stderr and "Fix:" in proc.stderr

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import EVALUATE, run_bundle, write_mednist
+from conftest import EVALUATE, evaluate_bundle, run_bundle, write_mednist
 
 CLASSES = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
 
@@ -26,16 +26,7 @@ def evaluated(trained, mednist, tmp_path_factory):
     folder, _ = trained
     out = tmp_path_factory.mktemp("eval")
     # the test split saved by training is found through the same output_dir; results go to a fresh one
-    proc = run_bundle(
-        "run",
-        "evaluating",
-        "--config_file",
-        EVALUATE,
-        dataset_dir=mednist,
-        split_file=folder / "out" / "split.json",
-        output_dir=out,
-        ckpt_dir=folder / "models",
-    )
+    proc = evaluate_bundle(folder, out, dataset_dir=mednist)
     return out, proc, folder
 
 
@@ -99,16 +90,7 @@ def test_bad_checkpoint_is_named(damage, trained, mednist, tmp_path):
         ckpt.write_bytes((folder / "models" / "model.pt").read_bytes()[:1000])
     elif damage == "other_network":
         torch.save(torch.nn.Linear(4, 2).state_dict(), ckpt)
-    proc = run_bundle(
-        "run",
-        "evaluating",
-        "--config_file",
-        EVALUATE,
-        dataset_dir=mednist,
-        output_dir=folder / "out",
-        ckpt_path=ckpt,
-        check=False,
-    )
+    proc = evaluate_bundle(folder, tmp_path / "out", dataset_dir=mednist, ckpt_path=ckpt, check=False)
     assert proc.returncode != 0
     expected = {"missing": "does not exist", "corrupt": "cannot be read", "other_network": "does not hold DenseNet121"}
     assert f"checkpoint {ckpt} {expected[damage]}" in proc.stderr and "Fix:" in proc.stderr

@@ -12,7 +12,7 @@ import pytest
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-from conftest import INFERENCE, run_bundle
+from conftest import INFERENCE, evaluate_bundle, run_bundle
 
 COLUMNS = ["path", "label", "confidence", "AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT", "error"]
 
@@ -144,18 +144,7 @@ def test_glob_and_visualize_flag(trained, mixed_folder, tmp_path):
 def test_inference_matches_evaluation(trained, mednist, tmp_path):
     """Inference preprocessing equals training's: the same file gets the same probabilities as in evaluation."""
     folder, _ = trained
-    from conftest import EVALUATE
-
-    run_bundle(
-        "run",
-        "evaluating",
-        "--config_file",
-        EVALUATE,
-        dataset_dir=mednist,
-        split_file=folder / "out" / "split.json",
-        output_dir=tmp_path / "eval",
-        ckpt_dir=folder / "models",
-    )
+    evaluate_bundle(folder, tmp_path / "eval", dataset_dir=mednist)
     with open(tmp_path / "eval" / "predictions.csv") as f:
         evaluated = {r["path"]: r for r in csv.DictReader(f)}
     run_bundle(
