@@ -11,6 +11,7 @@ import tempfile
 import numpy as np
 
 from scripts.errors import BundleError
+from scripts.handlers import atomic_write
 
 CLASSES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -134,10 +135,7 @@ def load_split(
                     f"the {name} set would be empty with val_frac={val_frac}, test_frac={test_frac}.",
                     "add images or change the fractions.",
                 )
-        os.makedirs(os.path.dirname(os.path.abspath(split_file)), exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(split_file)), delete=False) as f:
-            json.dump(saved, f, indent=1)
-        os.replace(f.name, split_file)
+        atomic_write(split_file, lambda f: json.dump(saved, f, indent=1))
         logger.info(f"wrote the data split to {split_file}")
     lists = {
         n: [{"image": os.path.join(root, d["image"]), "label": d["label"]} for d in saved[n]]

@@ -55,6 +55,9 @@ def test_split_is_disjoint_stratified_and_reused(trained, mednist):
     assert sum(len(s) for s in sets.values()) == 6 * 20
     for k in ("validation", "test"):  # stratified: 10% of each class's 20 images
         assert sorted(d["label"] for d in split[k]) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert split_file.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not the temp file's 0600
     before = split_file.read_bytes()
     # a second run, with the plain run id, reuses exactly that split
     proc = run_bundle(
