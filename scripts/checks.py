@@ -45,6 +45,7 @@ def check_train_args(
     lr_patience,
     lr_factor,
     num_workers,
+    cache_num_workers,
     seed,
     **flags,
 ) -> bool:
@@ -62,6 +63,7 @@ def check_train_args(
         ("early_stop_patience", early_stop_patience, 1),
         ("lr_patience", lr_patience, 0),
         ("num_workers", num_workers, 0),
+        ("cache_num_workers", cache_num_workers, 1),
         ("seed", seed, 0),
     ):
         _integer(key, value, minimum)

@@ -77,6 +77,7 @@ def test_verify_net_in_out():
         ({"test_frac": 0}, "--test_frac 0 is not a number in (0.0, 1.0)"),
         ({"val_frac": 0.5, "test_frac": 0.5}, "sum to 1, leaving no training data"),
         ({"amp": "maybe"}, "--amp 'maybe' is not a boolean"),
+        ({"cache_num_workers": 0}, "--cache_num_workers 0 is not an integer >= 1"),
     ],
 )
 def test_bad_hyperparameter_is_named(overrides, message, tmp_path, mednist):
