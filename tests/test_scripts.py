@@ -1,8 +1,10 @@
-"""The helper CLIs: GPU check and data exploration."""
+"""The helper CLIs: GPU check, data exploration and the pipeline benchmark."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -49,3 +51,40 @@ def test_explore_data_bad_folders(mednist, tmp_path):
     shutil.rmtree(tmp_path / "data" / "MedNIST" / "CXR")
     proc = run_script("scripts.explore_data", "--data_dir", str(tmp_path / "data"))
     assert proc.returncode != 0 and "no images for class(es) CXR" in proc.stderr
+
+
+def test_benchmark_runs_both_pipelines_and_reports_ratio(mednist, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_script(
+        "scripts.benchmark", "--dataset_dir", mednist, "--num_images", "32", "--repeats", "2", "--out", out
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    bundle, per_sample, model_only = report["results"]
+    assert [r["pipeline"] for r in report["results"]] == ["bundle", "per_sample", "model_only"]
+    assert (bundle["batch"], per_sample["batch"], model_only["batch"]) == ("64 x 1", "4 x 2", "64 x 1")
+    # both pipelines see the same images: 32 training ones, and every 3rd of the 12 validation ones up to 8;
+    # model_only times whole batches (at least one)
+    expected = {"bundle": (32, 4), "per_sample": (32, 4), "model_only": (64, 128)}
+    for row in report["results"]:
+        runs = report["runs"][row["pipeline"]]
+        assert len(runs) == 2 and all((r["train_images"], r["val_images"]) == expected[row["pipeline"]] for r in runs)
+        assert row["train_img_per_s"] == round(statistics.median(r["train_img_per_s"] for r in runs), 2)
+        assert row["epoch_s"] > 0 and row["peak_rss_gib"] > 0
+    ratio = bundle["train_img_per_s"] / per_sample["train_img_per_s"]
+    assert report["train_speedup"] == round(ratio, 2)
+    assert f"training speed-up (bundle / per_sample): {ratio:.1f}x" in proc.stdout
+    assert proc.stdout.count("round ") == 2 and "| train_img_per_s |" in proc.stdout
+    assert report["of_model_only"] == round(bundle["train_img_per_s"] / model_only["train_img_per_s"], 2)
+
+
+def test_benchmark_bad_arguments(mednist, tmp_path):
+    proc = run_script("scripts.benchmark", "--dataset_dir", mednist, "--repeats", "0", "--out", tmp_path / "b.json")
+    assert proc.returncode != 0 and "--repeats must be at least 1" in proc.stderr
+    shutil.copytree(mednist, tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "MedNIST" / "CXR")
+    proc = run_script(
+        "scripts.benchmark", "--dataset_dir", tmp_path / "data", "--repeats", "1", "--out", tmp_path / "b.json"
+    )
+    assert proc.returncode != 0 and "the bundle benchmark failed" in proc.stderr
+    assert "class(es) CXR" in proc.stderr and "Fix:" in proc.stderr and not (tmp_path / "b.json").exists()
