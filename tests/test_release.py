@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -34,7 +35,9 @@ def test_release_zip_is_reproducible_and_downloadable(trained, mednist, http_ser
     first = build_release(folder / "models", served)
     os.utime(os.path.join(BUNDLE, "configs", "train.json"))  # new timestamps must not change the bytes
     second = build_release(folder / "models", tmp_path / "again")
-    assert os.path.basename(first) == "mednist_classification_v0.1.0.zip"
+    with open(os.path.join(BUNDLE, "configs", "metadata.json")) as f:
+        version = json.load(f)["version"]
+    assert os.path.basename(first) == f"mednist_classification_v{version}.zip"
     assert open(first, "rb").read() == open(second, "rb").read()
     names = zipfile.ZipFile(first).namelist()
     assert all(n.startswith("mednist_classification/") for n in names)
