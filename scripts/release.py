@@ -20,6 +20,7 @@ import zipfile
 import fire
 
 from scripts.errors import BundleError
+from scripts.handlers import atomic_write
 
 BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "mednist_classification"
@@ -59,15 +60,18 @@ def release(ckpt_dir: str = "models", out_dir: str = "dist") -> None:
         version = json.load(f)["version"]
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, f"{NAME}_v{version}.zip")
-    tmp = out + ".partial"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        for arcname, path in sorted(release_files(ckpt_dir).items()):
-            info = zipfile.ZipInfo(f"{NAME}/{arcname}", date_time=FIXED_TIME)
-            info.external_attr = 0o644 << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with open(path, "rb") as f:
-                zf.writestr(info, f.read(), compresslevel=9)
-    os.replace(tmp, out)
+    files = sorted(release_files(ckpt_dir).items())
+
+    def write_zip(target) -> None:
+        with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+            for arcname, path in files:
+                info = zipfile.ZipInfo(f"{NAME}/{arcname}", date_time=FIXED_TIME)
+                info.external_attr = 0o644 << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with open(path, "rb") as f:
+                    zf.writestr(info, f.read(), compresslevel=9)
+
+    atomic_write(out, write_zip, mode="wb")
     print(f"{out}  {os.path.getsize(out)} bytes  sha256 {sha256(out)}")
 
 

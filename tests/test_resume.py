@@ -11,7 +11,7 @@ import time
 import torch
 from monai.networks.nets import DenseNet121
 
-from conftest import BUNDLE, TRAIN, run_bundle
+from conftest import BUNDLE, TRAIN, run_bundle, train_bundle
 
 RUN = {"batch_size": 8, "accumulation_steps": 1, "learning_rate": 0.001, "early_stop_patience": 10}
 
@@ -51,16 +51,5 @@ def test_sigkill_then_resume(mednist, tmp_path):
 
 
 def test_resume_without_checkpoint_is_named(mednist, tmp_path):
-    proc = run_bundle(
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        dataset_dir=mednist,
-        output_dir=tmp_path / "out",
-        ckpt_dir=tmp_path / "empty",
-        resume="true",
-        check=False,
-        **RUN,
-    )
+    proc = train_bundle(mednist, tmp_path, resume="true", check=False, **RUN)  # tmp_path/models does not exist
     assert proc.returncode != 0 and "holds no checkpoint_epoch=N.pt to resume from" in proc.stderr
