@@ -61,9 +61,9 @@ def _model_only(parser, device, num_images: int) -> dict:
 
     network, optimizer, loss = (parser.get_parsed_content(k) for k in ("network", "optimizer", "loss"))
     inferer = parser.get_parsed_content("train#inferer")
-    batch, val_batch = parser["batch_size"], parser["val_batch_size"]
-    images = torch.rand(batch, 1, *parser["image_size"], device=device)
-    labels = torch.randint(0, parser["num_classes"], (batch,), device=device)
+    batch, val_batch = parser.get_parsed_content("batch_size"), parser.get_parsed_content("val_batch_size")
+    images = torch.rand(batch, 1, *parser.get_parsed_content("image_size"), device=device)
+    labels = torch.randint(0, parser.get_parsed_content("num_classes"), (batch,), device=device)
 
     def sync():
         if device.type == "cuda":
@@ -78,17 +78,24 @@ def _model_only(parser, device, num_images: int) -> dict:
         sync()
         return time.perf_counter() - start
 
+    amp = bool(parser.get_parsed_content("use_amp"))  # CUDA fp16 with a GradScaler, as the trainer's amp flag
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        loss(inferer(images, network), labels).backward()
-        optimizer.step()
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            value = loss(inferer(images, network), labels)
+        scaler.scale(value).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     train_steps, val_steps = max(1, num_images // batch), max(1, num_images // 4 // val_batch)
     train_s = timed(train_step, train_steps)
     network.eval()
     with torch.no_grad():
-        val_images = torch.rand(val_batch, 1, *parser["image_size"], device=device)
-        eval_s = timed(lambda: inferer(val_images, network), val_steps)
+        val_images = torch.rand(val_batch, 1, *parser.get_parsed_content("image_size"), device=device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            eval_s = timed(lambda: inferer(val_images, network), val_steps)
     return {
         "train_images": train_steps * batch,
         "val_images": val_steps * val_batch,
@@ -127,7 +134,7 @@ def _measure(pipeline: str, dataset_dir: str, num_images: int) -> dict:
     result = {
         "pipeline": pipeline,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "batch": f"{parser['batch_size']} x {parser['accumulation_steps']}",
+        "batch": f"{parser.get_parsed_content('batch_size')} x {parser.get_parsed_content('accumulation_steps')}",
     }
     if pipeline == "model_only":
         return {**result, **_model_only(parser, device, num_images), **_peak_memory(device)}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
 import tarfile
 
 import pytest
+import torch
 
 from conftest import train_bundle, write_mednist
 
@@ -77,3 +79,38 @@ def test_incomplete_dataset_is_refused(damage, mednist, tmp_path):
     assert proc.returncode != 0
     expected = "class(es) HeadCT" if damage == "missing_class" else "class(es) AbdomenCT, BreastMRI, CXR"
     assert expected in proc.stderr and "Fix:" in proc.stderr
+
+
+def _cache(mednist, workers: int):
+    from monai.bundle import ConfigParser
+
+    from scripts.pipeline import ProcessCacheDataset
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "train.json"))
+    transform = parser.get_parsed_content("validate#preprocessing")
+    files = sorted(glob.glob(os.path.join(mednist, "MedNIST", "*", "*.jpeg")))
+    data = [{"image": f, "label": i % 6} for i, f in enumerate(files)]
+    return data, ProcessCacheDataset(data, transform, num_workers=workers, progress=False)
+
+
+def test_process_filled_cache_equals_in_process_cache(mednist):
+    data, one = _cache(mednist, 1)
+    _, three = _cache(mednist, 3)
+    assert len(three._cache) == len(one._cache) == len(data) == 120
+    for a, b, item in zip(one._cache, three._cache, data):
+        assert a["label"] == b["label"] == item["label"]
+        assert b["image"].shape == (1, 64, 64) and torch.equal(a["image"], b["image"])
+        assert b["image"].meta["filename_or_obj"] == item["image"]  # evaluation's report needs the path
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unreadable_training_image_is_named(workers, mednist, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(mednist, data)
+    bad = data / "MedNIST" / "CXR" / "000003.jpeg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    proc = train_bundle(data, tmp_path, check=False, cache_num_workers=workers, **FAST)
+    assert proc.returncode == 1
+    assert f"cannot read {bad}" in proc.stderr and "Fix: replace it with a readable image" in proc.stderr
+    assert "Traceback" not in proc.stderr

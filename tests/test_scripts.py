@@ -88,3 +88,24 @@ def test_benchmark_bad_arguments(mednist, tmp_path):
     )
     assert proc.returncode != 0 and "the bundle benchmark failed" in proc.stderr
     assert "class(es) CXR" in proc.stderr and "Fix:" in proc.stderr and not (tmp_path / "b.json").exists()
+
+
+def test_time_to_accuracy_trains_evaluates_and_reports(mednist, tmp_path):
+    work = tmp_path / "tta"
+    proc = run_script(
+        "scripts.time_to_accuracy", "--dataset_dir", mednist, "--work_dir", work, "--target", "0.5",
+        "--epochs", "2", "--batch_size", "16", "--val_interval", "1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((work / "time_to_accuracy.json").read_text())
+    history, metrics = report["history"], json.loads((work / "test" / "metrics.json").read_text())
+    assert report["overrides"] == {"epochs": 2, "batch_size": 16, "val_interval": 1}
+    assert report["epochs_run"] == len(history) == 2 and report["test_accuracy"] == metrics["accuracy"]
+    assert report["best_val_acc"] == max(row["val_acc"] for row in history)
+    assert 0 < report["training_s"] < report["wall_s"] and report["training_s"] == round(history[-1]["elapsed_s"], 1)
+    first = next(row for row in history if row["val_acc"] >= 0.5)  # the synthetic classes separate in an epoch
+    assert report["target_epoch"] == first["epoch"] and report["training_s_to_target"] == round(first["elapsed_s"], 1)
+    assert f"test_accuracy: {metrics['accuracy']}" in proc.stdout and (work / "training.log").stat().st_size > 0
+    # a second run into the same folder would mix two models: refused
+    again = run_script("scripts.time_to_accuracy", "--dataset_dir", mednist, "--work_dir", work)
+    assert again.returncode != 0 and "pass a new --work_dir" in again.stderr
