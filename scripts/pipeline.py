@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import pickle
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import CacheDataset, MetaTensor
@@ -26,14 +27,48 @@ tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 _filling: CacheDataset | None = None  # the dataset a forked worker fills the cache from (inherited, not pickled)
 
 
+def _pack(items: list[dict]) -> list:
+    """Items of one chunk, columns per key: MetaTensors of one shape as one stacked array plus their metadata.
+
+    Pickled one by one, a MetaTensor costs about 0.27 ms to load here, which made the parent process the
+    bottleneck; as one array plus plain metadata, loading and rebuilding costs about 0.06 ms an item.
+    """
+    if any(item.keys() != items[0].keys() for item in items):
+        return [("items", items)]
+    columns = []
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if all(isinstance(v, MetaTensor) for v in values) and len({(v.shape, v.dtype) for v in values}) == 1:
+            metas = [{k: m.numpy() if torch.is_tensor(m) else m for k, m in v.meta.items()} for v in values]
+            ops = [v.applied_operations for v in values]
+            columns.append((key, (np.stack([v.numpy() for v in values]), metas, ops)))
+        else:
+            columns.append((key, values))
+    return columns
+
+
+def _unpack(columns: list) -> list[dict]:
+    """The items ``_pack`` packed; stacked MetaTensors become views of one tensor."""
+    if columns[0][0] == "items":
+        return columns[0][1]
+    keys, values = [key for key, _ in columns], []
+    for _, column in columns:
+        if isinstance(column, tuple):
+            stacked, metas, ops = column
+            tensor = torch.from_numpy(stacked)
+            column = [MetaTensor(tensor[i], meta=m, applied_operations=o) for i, (m, o) in enumerate(zip(metas, ops))]
+        values.append(column)
+    return [dict(zip(keys, item)) for item in zip(*values)]
+
+
 def _fill_chunk(indices: list[int]) -> tuple[bytes | None, tuple[str, str] | None]:
-    """In a forked worker: the cached items for ``indices``, pickled in one piece, or the problem and fix."""
+    """In a forked worker: the cached items for ``indices``, packed and pickled in one piece, or the problem and fix."""
     try:
         items = [_filling._load_cache_item(i) for i in indices]  # type: ignore[union-attr]
     except BundleError as e:  # its constructor takes (problem, fix): send those, not the exception
         return None, (e.problem, e.fix)
     # plain pickle: torch's multiprocessing pickler would move every small tensor through shared memory
-    return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL), None
+    return pickle.dumps(_pack(items), protocol=pickle.HIGHEST_PROTOCOL), None
 
 
 class ProcessCacheDataset(CacheDataset):
@@ -41,7 +76,7 @@ class ProcessCacheDataset(CacheDataset):
 
     MONAI builds the cache with a thread pool, but LoadImage and the other transforms spend most of their time
     in Python, so threads contend for the GIL: on 2 cores, 2 threads built it 1.3x slower than 1. Forked
-    processes each take chunks of the data and send back their items pickled in one piece. With
+    processes each take chunks of the data and send back their items packed in one piece (see ``_pack``). With
     ``num_workers`` 1 (or no ``fork``, as on Windows) the cache is built in this process. An image that cannot
     be read stops the run with its path, whichever way the cache is built.
     """
@@ -82,7 +117,7 @@ class ProcessCacheDataset(CacheDataset):
                 for payload, problem in pool.imap(_fill_chunk, chunks):
                     if problem:
                         raise BundleError(*problem)
-                    cache += pickle.loads(payload)
+                    cache += _unpack(pickle.loads(payload))
                     if bar is not None:
                         bar.update(len(cache) - bar.n)
         finally:

@@ -114,3 +114,20 @@ def test_unreadable_training_image_is_named(workers, mednist, tmp_path):
     assert proc.returncode == 1
     assert f"cannot read {bad}" in proc.stderr and "Fix: replace it with a readable image" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_pack_round_trip_keeps_values_and_metadata(mednist):
+    from scripts.pipeline import _pack, _unpack
+
+    _, one = _cache(mednist, 1)
+    items = one._cache[:5]
+    back = _unpack(_pack(items))
+    for a, b in zip(items, back):
+        assert a.keys() == b.keys() and a["label"] == b["label"] and torch.equal(a["image"], b["image"])
+        assert b["image"].meta["filename_or_obj"] == a["image"].meta["filename_or_obj"]
+        assert torch.equal(torch.as_tensor(b["image"].affine), torch.as_tensor(a["image"].affine))
+    # items of other shapes or keys go through as they are
+    odd = [{"image": items[0]["image"], "label": 0}, {"image": items[1]["image"][:, :32], "label": 1}, {"other": 2}]
+    assert [sorted(d) for d in _unpack(_pack(odd))] == [["image", "label"], ["image", "label"], ["other"]]
+    mixed = _unpack(_pack(odd[:2]))
+    assert mixed[1]["image"].shape == (1, 32, 64) and mixed[1]["label"] == 1
