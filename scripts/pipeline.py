@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import multiprocessing
 import pickle
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ def _pack(items: list[dict]) -> list:
     bottleneck; as one array plus plain metadata, loading and rebuilding costs about 0.06 ms an item.
     """
     if any(item.keys() != items[0].keys() for item in items):
-        return [("items", items)]
+        return [(None, items)]
     columns = []
     for key in items[0]:
         values = [item[key] for item in items]
@@ -49,7 +51,7 @@ def _pack(items: list[dict]) -> list:
 
 def _unpack(columns: list) -> list[dict]:
     """The items ``_pack`` packed; stacked MetaTensors become views of one tensor."""
-    if columns[0][0] == "items":
+    if columns[0][0] is None:  # items of different keys, sent as they are
         return columns[0][1]
     keys, values = [key for key, _ in columns], []
     for _, column in columns:
@@ -112,14 +114,23 @@ class ProcessCacheDataset(CacheDataset):
             size = max(1, min(256, len(indices) // (4 * workers)))
             chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
             # one torch thread per worker, as DataLoader's workers: forked OpenMP pools must not be reused
-            pool = multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,))
-            with pool:
-                for payload, problem in pool.imap(_fill_chunk, chunks):
+            fork = multiprocessing.get_context("fork")
+            pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=torch.set_num_threads, initargs=(1,))
+            try:
+                for payload, problem in pool.map(_fill_chunk, chunks):
                     if problem:
                         raise BundleError(*problem)
                     cache += _unpack(pickle.loads(payload))
                     if bar is not None:
                         bar.update(len(cache) - bar.n)
+            finally:  # on a problem, stop at once: drop the chunks not started yet
+                pool.shutdown(wait=True, cancel_futures=True)
+        except BrokenProcessPool as e:  # a worker was killed, e.g. by the out-of-memory killer
+            raise BundleError(
+                f"a process building the data cache died ({e}).",
+                f"pass a smaller --cache_num_workers (it was {workers}; 1 builds it in the training process) "
+                "or a --cache_rate below 1.0 if memory is short.",
+            ) from e
         finally:
             _filling = None
             if bar is not None:

@@ -131,3 +131,15 @@ def test_pack_round_trip_keeps_values_and_metadata(mednist):
     assert [sorted(d) for d in _unpack(_pack(odd))] == [["image", "label"], ["image", "label"], ["other"]]
     mixed = _unpack(_pack(odd[:2]))
     assert mixed[1]["image"].shape == (1, 32, 64) and mixed[1]["label"] == 1
+
+
+def test_dead_cache_worker_is_reported(mednist):
+    from monai.transforms import Lambdad
+
+    from scripts.errors import BundleError
+    from scripts.pipeline import ProcessCacheDataset
+
+    data = [{"image": i} for i in range(40)]
+    with pytest.raises(BundleError, match="a process building the data cache died") as err:
+        ProcessCacheDataset(data, Lambdad("image", lambda x: os._exit(9)), num_workers=2, progress=False)
+    assert "--cache_num_workers" in err.value.fix
