@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import pickle
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -79,8 +80,8 @@ class ProcessCacheDataset(CacheDataset):
     MONAI builds the cache with a thread pool, but LoadImage and the other transforms spend most of their time
     in Python, so threads contend for the GIL: on 2 cores, 2 threads built it 1.3x slower than 1. Forked
     processes each take chunks of the data and send back their items packed in one piece (see ``_pack``). With
-    ``num_workers`` 1 (or no ``fork``, as on Windows) the cache is built in this process. An image that cannot
-    be read stops the run with its path, whichever way the cache is built.
+    ``num_workers`` 1, or off Linux (macOS and Windows have no safe ``fork``), the cache is built in this
+    process. An image that cannot be read stops the run with its path, whichever way the cache is built.
     """
 
     def _load_cache_item(self, idx: int):
@@ -104,7 +105,7 @@ class ProcessCacheDataset(CacheDataset):
         cache: list = []
         _filling = self
         try:
-            if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+            if workers <= 1 or not sys.platform.startswith("linux"):  # fork is safe on Linux only
                 # in this process, not MONAI's thread pool: a BundleError (a SystemExit) would kill its thread
                 for i in indices:
                     cache.append(self._load_cache_item(i))
