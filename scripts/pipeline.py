@@ -103,7 +103,6 @@ class ProcessCacheDataset(CacheDataset):
         workers = self.num_workers or 1
         bar = tqdm(total=len(indices), desc="Loading dataset") if self.progress and has_tqdm else None
         cache: list = []
-        _filling = self
         try:
             if workers <= 1 or not sys.platform.startswith("linux"):  # fork is safe on Linux only
                 # in this process, not MONAI's thread pool: a BundleError (a SystemExit) would kill its thread
@@ -114,6 +113,7 @@ class ProcessCacheDataset(CacheDataset):
                 return cache
             size = max(1, min(256, len(indices) // (4 * workers)))
             chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
+            _filling = self  # what the forked workers inherit
             # one torch thread per worker, as DataLoader's workers: forked OpenMP pools must not be reused
             fork = multiprocessing.get_context("fork")
             pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=torch.set_num_threads, initargs=(1,))

@@ -11,7 +11,7 @@ import tarfile
 import pytest
 import torch
 
-from conftest import train_bundle, write_mednist
+from conftest import TRAIN, train_bundle, write_mednist
 
 FAST = {"epochs": 1, "batch_size": 16, "accumulation_steps": 1}
 
@@ -87,7 +87,7 @@ def _cache(mednist, workers: int):
     from scripts.pipeline import ProcessCacheDataset
 
     parser = ConfigParser()
-    parser.read_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "train.json"))
+    parser.read_config(TRAIN)
     transform = parser.get_parsed_content("validate#preprocessing")
     files = sorted(glob.glob(os.path.join(mednist, "MedNIST", "*", "*.jpeg")))
     data = [{"image": f, "label": i % 6} for i, f in enumerate(files)]
