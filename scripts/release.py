@@ -58,9 +58,9 @@ def release(ckpt_dir: str = "models", out_dir: str = "dist") -> None:
     """Write the release zip and print its path, size and SHA-256."""
     with open(os.path.join(BUNDLE, "configs", "metadata.json")) as f:
         version = json.load(f)["version"]
+    files = sorted(release_files(ckpt_dir).items())  # first: no empty out_dir is left behind when a model is missing
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, f"{NAME}_v{version}.zip")
-    files = sorted(release_files(ckpt_dir).items())
 
     def write_zip(target) -> None:
         with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:

@@ -112,3 +112,15 @@ def test_large_files_yml_pins_the_model():
     assert entry["path"] == "models/model.pt" and entry["hash_type"] == "sha256"
     assert len(entry["hash_val"]) == 64 and int(entry["hash_val"], 16) >= 0
     assert entry["url"].startswith("https://")
+
+
+def test_release_without_model_says_so_and_writes_nothing(tmp_path):
+    out = tmp_path / "dist"
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.release", "--ckpt_dir", str(tmp_path / "none"), "--out_dir", str(out)],
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and f"no trained model at {tmp_path / 'none'}/model.pt" in proc.stderr
+    assert "Fix: train first" in proc.stderr and not out.exists()
