@@ -1,7 +1,7 @@
 """Measure the bundle's training pipeline against the common per-sample pipeline, on this machine.
 
     python -m scripts.benchmark --dataset_dir /path/holding/MedNIST [--num_images 2048] [--repeats 3]
-                                [--out outputs/benchmark.json]
+                                [--out outputs/benchmark.json] [--any_train_json_key value ...]
 
 Each pipeline runs in its own process (so peak memory is its own) from configs/train.json, for one epoch over
 the same ``num_images`` training images and one pass over ``num_images // 4`` validation images; the rounds
@@ -16,7 +16,9 @@ alternate the pipelines and the table gives each figure's median:
 - ``model_only``: the bundle's network, loss, optimizer and autocast stepping on one fixed random batch, no data
   and no engine: the ceiling the bundle's pipeline can reach on this machine.
 
-Training images/s cover a whole epoch, data loading included; the cache build is reported separately.
+Training images/s cover a whole epoch, data loading included; the cache build is reported separately. Extra
+``--key value`` pairs override train.json for ``bundle`` and ``model_only`` (not for ``per_sample``, which stays
+the original project's), so a lever can be measured against the same baseline: e.g. ``--batch_size 128``.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def _model_only(parser, device, num_images: int) -> dict:
     }
 
 
-def _measure(pipeline: str, dataset_dir: str, num_images: int) -> dict:
+def _measure(pipeline: str, dataset_dir: str, num_images: int, overrides: dict) -> dict:
     import torch
     from monai.bundle import ConfigParser
 
@@ -115,6 +117,9 @@ def _measure(pipeline: str, dataset_dir: str, num_images: int) -> dict:
     work = tempfile.mkdtemp(prefix="bench-")
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
+    unknown = [key for key in overrides if key not in parser]
+    if unknown:
+        sys.exit(f"ERROR: no key {', '.join(unknown)} in configs/train.json. Fix: override keys that train.json has.")
     stride = f"max(1, len(@datalist['training']) // {num_images})"
     parser.update(
         {
@@ -127,6 +132,7 @@ def _measure(pipeline: str, dataset_dir: str, num_images: int) -> dict:
             "train#dataset#data": "@bench_train",
             "validate#dataset#data": "@bench_val",
             **PIPELINES[pipeline],
+            **({} if pipeline == "per_sample" else overrides),
         }
     )
     parser.get_parsed_content("initialize")  # checks and seeding, as the bundle's run does
@@ -173,9 +179,11 @@ def _peak_memory(device) -> dict:
     return peak
 
 
-def _run_one(pipeline: str, dataset_dir: str, num_images: int) -> dict:
+def _run_one(pipeline: str, dataset_dir: str, num_images: int, overrides: dict) -> dict:
     cmd = [sys.executable, "-m", "scripts.benchmark", "--dataset_dir", dataset_dir, "--num_images", str(num_images)]
-    proc = subprocess.run([*cmd, "--_one", pipeline], cwd=BUNDLE, capture_output=True, text=True)
+    # repr: fire reads each value back with ast.literal_eval, so strings, numbers, bools and lists survive as typed
+    cmd += ["--_one", pipeline, *[x for k, v in overrides.items() for x in (f"--{k}", repr(v))]]
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.exit(f"ERROR: the {pipeline} benchmark failed:\n{proc.stderr[-3000:]}")
@@ -192,7 +200,12 @@ def _median(runs: list[dict]) -> dict:
 
 
 def benchmark(
-    dataset_dir: str, num_images: int = 2048, repeats: int = 3, out: str = "outputs/benchmark.json", _one: str = ""
+    dataset_dir: str,
+    num_images: int = 2048,
+    repeats: int = 3,
+    out: str = "outputs/benchmark.json",
+    _one: str = "",
+    **overrides,
 ) -> None:
     """Run both pipelines ``repeats`` times, alternating, print the medians and the speed-up, save them as JSON.
 
@@ -200,7 +213,7 @@ def benchmark(
     from favouring either side; each round's own ratio is printed too, so the spread is visible.
     """
     if _one:
-        print("RESULT " + json.dumps(_measure(_one, dataset_dir, num_images)), flush=True)
+        print("RESULT " + json.dumps(_measure(_one, dataset_dir, num_images, overrides)), flush=True)
         return
     import torch
 
@@ -209,7 +222,7 @@ def benchmark(
     runs: dict[str, list[dict]] = {pipeline: [] for pipeline in PIPELINES}
     for round_ in range(int(repeats)):
         for pipeline in PIPELINES:
-            runs[pipeline].append(_run_one(pipeline, dataset_dir, num_images))
+            runs[pipeline].append(_run_one(pipeline, dataset_dir, num_images, overrides))
         print(
             f"round {round_ + 1}/{repeats}: training img/s "
             + ", ".join(f"{p} {runs[p][-1]['train_img_per_s']}" for p in PIPELINES)
@@ -219,7 +232,10 @@ def benchmark(
     results = [_median(runs[pipeline]) for pipeline in PIPELINES]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     keys = [k for k in results[0] if k != "pipeline"]
-    print(f"machine: {machine}; medians of {repeats} run(s) per pipeline")
+    print(
+        f"machine: {machine}; medians of {repeats} run(s) per pipeline"
+        + (f"; overrides {overrides}" if overrides else "")
+    )
     print("| metric | " + " | ".join(r["pipeline"] for r in results) + " |")
     print("|---|" + "---|" * len(results))
     for k in keys:
@@ -232,7 +248,11 @@ def benchmark(
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     speed = {"train_speedup": round(ratio, 2), "eval_speedup": round(eval_ratio, 2), "of_model_only": round(ceiling, 2)}
     with open(out, "w") as f:
-        json.dump({"machine": machine, "repeats": repeats, "results": results, "runs": runs, **speed}, f, indent=2)
+        json.dump(
+            {"machine": machine, "repeats": repeats, "overrides": overrides, "results": results, "runs": runs, **speed},
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

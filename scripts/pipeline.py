@@ -9,10 +9,12 @@ MONAI's ``amp`` flag (CUDA only) lacks.
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import pickle
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -27,6 +29,7 @@ from monai.utils import optional_import
 from scripts.errors import BundleError
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+logger = logging.getLogger(__name__)
 _filling: CacheDataset | None = None  # the dataset a forked worker fills the cache from (inherited, not pickled)
 
 
@@ -100,12 +103,13 @@ class ProcessCacheDataset(CacheDataset):
     def _fill_cache(self, indices=None) -> list:
         global _filling
         indices = list(range(self.cache_num) if indices is None else indices)
-        workers = self.num_workers or 1
+        workers, start = self.num_workers or 1, time.perf_counter()
         bar = tqdm(total=len(indices), desc="Loading dataset") if self.progress and has_tqdm else None
         cache: list = []
         try:
             if workers <= 1 or not sys.platform.startswith("linux"):  # fork is safe on Linux only
                 # in this process, not MONAI's thread pool: a BundleError (a SystemExit) would kill its thread
+                workers = 1
                 for i in indices:
                     cache.append(self._load_cache_item(i))
                     if bar is not None:
@@ -136,6 +140,8 @@ class ProcessCacheDataset(CacheDataset):
             _filling = None
             if bar is not None:
                 bar.close()
+            if len(cache) == len(indices):
+                logger.info(f"cached {len(cache)} items in {time.perf_counter() - start:.1f} s ({workers} process(es))")
         return cache
 
 

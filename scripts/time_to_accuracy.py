@@ -6,8 +6,10 @@
 Runs ``monai.bundle run training`` and ``run evaluating`` as a user would (extra ``--key value`` pairs are passed
 to training as overrides), and prints: the wall time of the whole training command (start-up, data split and
 cache build included), the training time from the first iteration, the first epoch whose validation accuracy
-reached ``target`` and the training time until then (from ``history.csv``), and the test accuracy
-(``metrics.json``). Logs and ``time_to_accuracy.json`` are written to ``work_dir``.
+reached ``target`` and the training time until then (from ``history.csv``), the test accuracy
+(``metrics.json``), and where the rest of the wall time went (from the training log's timestamps): ``cache_s``
+building the data cache, ``startup_s`` the rest before the first iteration (imports, device, data split),
+``after_s`` after the last epoch (saving, exit). Logs and ``time_to_accuracy.json`` are written to ``work_dir``.
 """
 
 from __future__ import annotations
@@ -15,24 +17,45 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import fire
 
 BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args: list[str], log: str) -> float:
-    """Run ``python -m monai.bundle run ...`` in the bundle's folder, output to ``log``; its wall time in seconds."""
-    start = time.perf_counter()
+def _run(args: list[str], log: str) -> tuple[float, float]:
+    """Run ``python -m monai.bundle run ...`` in the bundle's folder, output to ``log``: its start (epoch seconds)
+    and wall time in seconds."""
+    start, t0 = time.time(), time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=BUNDLE, stdout=f, stderr=f)
     if proc.returncode:
         with open(log) as f:
             sys.exit(f"ERROR: `run {args[0]}` failed (exit {proc.returncode}); the end of {log}:\n{f.read()[-3000:]}")
-    return time.perf_counter() - start
+    return start, time.perf_counter() - t0
+
+
+def _phases(log: str, start: float, wall: float) -> dict:
+    """Seconds before the first iteration (cache build apart) and after training, from the log's timestamps."""
+    stamp = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - .*"
+    with open(log, errors="replace") as f:
+        text = f.read().replace("\r", "\n")
+    cache = sum(float(s) for s in re.findall(r"cached \d+ items in ([\d.]+) s", text))
+    began = re.search(stamp + r"device: ", text, re.M)  # DeviceLogger, as the trainer starts
+    ran = re.search(r"run finished in ([\d.]+) s", text)
+    if not began or not ran:
+        return {"cache_s": round(cache, 1)}
+    before = datetime.strptime(began.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() - start
+    return {
+        "cache_s": round(cache, 1),
+        "startup_s": round(before - cache, 1),
+        "after_s": round(wall - before - float(ran.group(1)), 1),
+    }
 
 
 def time_to_accuracy(dataset_dir: str, work_dir: str, target: float = 0.995, **overrides) -> None:
@@ -47,7 +70,8 @@ def time_to_accuracy(dataset_dir: str, work_dir: str, target: float = 0.995, **o
     folders = ["--dataset_dir", dataset_dir, "--output_dir", out, "--ckpt_dir", models]
     extra = [str(x) for k, v in overrides.items() for x in (f"--{k}", v)]
     train = os.path.join(BUNDLE, "configs", "train.json")
-    wall = _run(["training", "--config_file", train, *folders, *extra], os.path.join(work_dir, "training.log"))
+    log = os.path.join(work_dir, "training.log")
+    start, wall = _run(["training", "--config_file", train, *folders, *extra], log)
     evaluate = f"['{train}','{os.path.join(BUNDLE, 'configs', 'evaluate.json')}']"
     test_dir = os.path.join(work_dir, "test")
     split = os.path.join(out, "split.json")
@@ -65,6 +89,7 @@ def time_to_accuracy(dataset_dir: str, work_dir: str, target: float = 0.995, **o
         "epochs_run": len(history),
         "wall_s": round(wall, 1),
         "training_s": round(history[-1]["elapsed_s"], 1),
+        **_phases(log, start, wall),
         "best_val_acc": max(row["val_acc"] for row in history),
         "target": float(target),
         "target_epoch": int(reached["epoch"]) if reached else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -56,16 +57,18 @@ def test_explore_data_bad_folders(mednist, tmp_path):
 def test_benchmark_runs_both_pipelines_and_reports_ratio(mednist, tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script(
-        "scripts.benchmark", "--dataset_dir", mednist, "--num_images", "32", "--repeats", "2", "--out", out
-    )
+        "scripts.benchmark", "--dataset_dir", mednist, "--num_images", "32", "--repeats", "2", "--out", out,
+        "--batch_size", "16",  # an override reaches bundle and model_only, not the original per-sample pipeline
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     bundle, per_sample, model_only = report["results"]
     assert [r["pipeline"] for r in report["results"]] == ["bundle", "per_sample", "model_only"]
-    assert (bundle["batch"], per_sample["batch"], model_only["batch"]) == ("64 x 1", "4 x 2", "64 x 1")
+    assert (bundle["batch"], per_sample["batch"], model_only["batch"]) == ("16 x 1", "4 x 2", "16 x 1")
+    assert report["overrides"] == {"batch_size": 16} and "overrides {'batch_size': 16}" in proc.stdout
     # both pipelines see the same images: 32 training ones, and every 3rd of the 12 validation ones up to 8;
     # model_only times whole batches (at least one)
-    expected = {"bundle": (32, 4), "per_sample": (32, 4), "model_only": (64, 128)}
+    expected = {"bundle": (32, 4), "per_sample": (32, 4), "model_only": (32, 128)}
     for row in report["results"]:
         runs = report["runs"][row["pipeline"]]
         assert len(runs) == 2 and all((r["train_images"], r["val_images"]) == expected[row["pipeline"]] for r in runs)
@@ -81,6 +84,8 @@ def test_benchmark_runs_both_pipelines_and_reports_ratio(mednist, tmp_path):
 def test_benchmark_bad_arguments(mednist, tmp_path):
     proc = run_script("scripts.benchmark", "--dataset_dir", mednist, "--repeats", "0", "--out", tmp_path / "b.json")
     assert proc.returncode != 0 and "--repeats must be at least 1" in proc.stderr
+    proc = run_script("scripts.benchmark", "--dataset_dir", mednist, "--batch_sise", "8", "--out", tmp_path / "b.json")
+    assert proc.returncode != 0 and "no key batch_sise in configs/train.json" in proc.stderr
     shutil.copytree(mednist, tmp_path / "data")
     shutil.rmtree(tmp_path / "data" / "MedNIST" / "CXR")
     proc = run_script(
@@ -103,6 +108,12 @@ def test_time_to_accuracy_trains_evaluates_and_reports(mednist, tmp_path):
     assert report["epochs_run"] == len(history) == 2 and report["test_accuracy"] == metrics["accuracy"]
     assert report["best_val_acc"] == max(row["val_acc"] for row in history)
     assert 0 < report["training_s"] < report["wall_s"] and report["training_s"] == round(history[-1]["elapsed_s"], 1)
+    # the wall time apart: cache build (the log's "cached N items" lines), other start-up, after the last epoch
+    log = (work / "training.log").read_text()
+    cached = [float(s) for s in re.findall(r"cached \d+ items in ([\d.]+) s \(\d process", log)]
+    assert len(cached) == 2 and report["cache_s"] == round(sum(cached), 1)
+    assert report["startup_s"] > 0 and report["after_s"] >= 0
+    assert report["cache_s"] + report["startup_s"] + report["training_s"] <= report["wall_s"]
     first = next(row for row in history if row["val_acc"] >= 0.5)  # the synthetic classes separate in an epoch
     assert report["target_epoch"] == first["epoch"] and report["training_s_to_target"] == round(first["elapsed_s"], 1)
     assert f"test_accuracy: {metrics['accuracy']}" in proc.stdout and (work / "training.log").stat().st_size > 0
