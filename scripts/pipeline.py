@@ -1,7 +1,9 @@
-"""Speed pieces the configs plug into MONAI: a cache filled by processes, batched augmentation, CPU bf16 autocast.
+"""Speed pieces the configs plug into MONAI: a cache filled by processes, batches sliced on the device, batched
+augmentation, CPU bf16 autocast.
 
 ``ProcessCacheDataset`` fills MONAI's ``CacheDataset`` with forked processes instead of threads (its transforms
-are Python-bound, so threads wait on each other). MONAI's random transforms work on one sample at a time in
+are Python-bound, so threads wait on each other). ``DeviceBatches`` (opt-in) keeps that cache as one tensor on the
+training device and slices each batch from it. MONAI's random transforms work on one sample at a time in
 Python (about 2.4 ms per 64x64 image here); ``PrepareBatch`` applies the same three augmentations to a whole
 batch with one ``grid_sample`` call on the batch's device. ``AutocastInferer`` adds CPU bf16 autocast, which
 MONAI's ``amp`` flag (CUDA only) lacks.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from monai.data import CacheDataset, MetaTensor
 from monai.engines.utils import default_prepare_batch
 from monai.inferers import SimpleInferer
+from monai.transforms import RandomizableTrait, Transform
 from monai.utils import optional_import
 
 from scripts.errors import BundleError
@@ -143,6 +146,62 @@ class ProcessCacheDataset(CacheDataset):
             if len(cache) == len(indices):
                 logger.info(f"cached {len(cache)} items in {time.perf_counter() - start:.1f} s ({workers} process(es))")
         return cache
+
+
+class DeviceBatches:
+    """Training batches sliced from the whole cached dataset, held as one tensor per key on ``device``.
+
+    A ``DataLoader`` over the cache still gathers ``batch_size`` items and collates their MetaTensors and
+    metadata for every step, on the CPU: about 14 ms for a batch of 512 on this project's CPU, against 1.4 ms to
+    index one stacked tensor. This stacks the dataset once (on first use), moves it to ``device``, and each epoch
+    yields ``{"image": ..., "label": ...}`` batches indexed by a new permutation (drawn from ``seed`` and the
+    epoch) or in order, the last one possibly smaller, as a ``DataLoader`` would. The items must be fixed: the
+    dataset wholly cached, with no per-image random transforms (augment whole batches with ``PrepareBatch``).
+    """
+
+    def __init__(
+        self, dataset, batch_size: int, device="cpu", shuffle: bool = True, seed: int = 0, keys=("image", "label")
+    ):
+        self.dataset, self.batch_size, self.device = dataset, int(batch_size), torch.device(device)
+        self.shuffle, self.seed, self.keys = shuffle, int(seed), tuple(keys)
+        self.epoch, self.data = 0, None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def _stack(self) -> dict[str, torch.Tensor]:
+        ds = self.dataset
+        fixed = isinstance(ds, CacheDataset) and ds.cache_num == len(ds)
+        if fixed:
+            first_random = ds.transform.get_index_of_first(
+                lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
+            )
+            fixed = first_random is None
+        if not fixed:
+            raise BundleError(
+                "device_batches stacks the training images once, so it needs them all cached and without "
+                "per-image random transforms.",
+                "keep --cache_rate 1.0 and --batch_augment true (the defaults), or pass --device_batches false.",
+            )
+        items = [ds[i] for i in range(len(ds))]
+        return {
+            key: torch.stack([v.as_tensor() if isinstance(v, MetaTensor) else torch.as_tensor(v) for v in values]).to(
+                self.device
+            )
+            for key, values in ((k, [item[k] for item in items]) for k in self.keys)
+        }
+
+    def __iter__(self):
+        if self.data is None:
+            self.data = self._stack()
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(n)
+        self.epoch += 1
+        for index in order.to(self.device).split(self.batch_size):
+            yield {key: values[index] for key, values in self.data.items()}
 
 
 class PrepareBatch:

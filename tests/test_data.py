@@ -143,3 +143,50 @@ def test_dead_cache_worker_is_reported(mednist):
     with pytest.raises(BundleError, match="a process building the data cache died") as err:
         ProcessCacheDataset(data, Lambdad("image", lambda x: os._exit(9)), num_workers=2, progress=False)
     assert "--cache_num_workers" in err.value.fix
+
+
+def test_device_batches_cover_the_cache_once_an_epoch(mednist):
+    from scripts.pipeline import DeviceBatches
+
+    _, ds = _cache(mednist, 1)
+    images = [item["image"].as_tensor() for item in ds._cache]
+
+    def epoch(loader) -> list[int]:
+        """The dataset index of every image the loader yields, in order, checking batch sizes and labels."""
+        seen = []
+        for batch in loader:
+            assert type(batch["image"]) is torch.Tensor and batch["image"].shape[1:] == (1, 64, 64)
+            assert batch["label"].dtype == torch.int64 and len(batch["label"]) == len(batch["image"]) <= 16
+            for image, label in zip(batch["image"], batch["label"]):
+                (index,) = [i for i, im in enumerate(images) if torch.equal(im, image)]
+                assert ds._cache[index]["label"] == label
+                seen.append(index)
+        return seen
+
+    loader = DeviceBatches(ds, batch_size=16, seed=3)
+    assert len(loader) == 8  # 120 images: 7 batches of 16 and one of 8
+    first, second = epoch(loader), epoch(loader)
+    assert sorted(first) == sorted(second) == list(range(120))  # each image once an epoch
+    assert first != second and first != list(range(120))  # shuffled, anew each epoch
+    assert epoch(DeviceBatches(ds, batch_size=16, seed=3)) == first  # reproducible from the seed
+    assert epoch(DeviceBatches(ds, batch_size=16, shuffle=False)) == list(range(120))
+
+
+def test_device_batches_refuse_items_that_change(mednist):
+    from monai.bundle import ConfigParser
+
+    from scripts.errors import BundleError
+    from scripts.pipeline import DeviceBatches, ProcessCacheDataset
+
+    data, _ = _cache(mednist, 1)
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser["batch_augment"] = False  # the per-image random transforms go into the cached dataset's transform
+    augmented = ProcessCacheDataset(data, parser.get_parsed_content("train#preprocessing"), progress=False)
+    half = ProcessCacheDataset(
+        data, parser.get_parsed_content("validate#preprocessing"), cache_rate=0.5, progress=False
+    )
+    for ds in (augmented, half):
+        with pytest.raises(BundleError, match="needs them all cached and without per-image random") as err:
+            next(iter(DeviceBatches(ds, batch_size=8)))
+        assert "--device_batches false" in err.value.fix

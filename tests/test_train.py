@@ -133,3 +133,14 @@ def test_accumulation_matches_large_batch(mednist, tmp_path):
     for k in large:
         torch.testing.assert_close(accumulated[k], large[k], rtol=1e-4, atol=1e-5)  # seen: 1.3e-6
     assert any(not torch.allclose(two_steps[k], large[k], rtol=1e-4, atol=1e-5) for k in large)  # seen: 0.37
+
+
+def test_device_batches_train(mednist, tmp_path):
+    """``--device_batches true`` trains from batches sliced out of one tensor: every image once an epoch."""
+    train_bundle(mednist, tmp_path, epochs=1, device_batches=True, **FAST)
+    (row,) = read_history(tmp_path / "out")
+    assert 0 <= float(row["val_acc"]) <= 1 and float(row["train_loss"]) > 0
+    ckpt = torch.load(tmp_path / "models" / "checkpoint_epoch=1.pt", weights_only=True)
+    assert ckpt["trainer"]["epoch_length"] == 6  # 96 training images in batches of 16
+    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=6)
+    net.load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
