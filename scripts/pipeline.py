@@ -171,25 +171,25 @@ class DeviceBatches:
 
     def _stack(self) -> dict[str, torch.Tensor]:
         ds = self.dataset
-        fixed = isinstance(ds, CacheDataset) and ds.cache_num == len(ds)
-        if fixed:
-            first_random = ds.transform.get_index_of_first(
-                lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
-            )
-            fixed = first_random is None
-        if not fixed:
+
+        def changes(t) -> bool:  # what CacheDataset runs after its cache, on every access
+            return isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
+
+        cached = isinstance(ds, CacheDataset) and ds.cache_num == len(ds)
+        if not cached or ds.transform.get_index_of_first(changes) is not None:
             raise BundleError(
                 "device_batches stacks the training images once, so it needs them all cached and without "
                 "per-image random transforms.",
                 "keep --cache_rate 1.0 and --batch_augment true (the defaults), or pass --device_batches false.",
             )
-        items = [ds[i] for i in range(len(ds))]
-        return {
-            key: torch.stack([v.as_tensor() if isinstance(v, MetaTensor) else torch.as_tensor(v) for v in values]).to(
-                self.device
-            )
-            for key, values in ((k, [item[k] for item in items]) for k in self.keys)
-        }
+        items = [ds[i] for i in range(len(ds))]  # the cached items themselves (no random transform copies them)
+        data = {}
+        for key in self.keys:
+            plain = [
+                v.as_tensor() if isinstance(v, MetaTensor) else torch.as_tensor(v) for v in (i[key] for i in items)
+            ]
+            data[key] = torch.stack(plain).to(self.device)
+        return data
 
     def __iter__(self):
         if self.data is None:

@@ -7,9 +7,10 @@ Runs ``monai.bundle run training`` and ``run evaluating`` as a user would (extra
 to training as overrides), and prints: the wall time of the whole training command (start-up, data split and
 cache build included), the training time from the first iteration, the first epoch whose validation accuracy
 reached ``target`` and the training time until then (from ``history.csv``), the test accuracy
-(``metrics.json``), and where the rest of the wall time went (from the training log's timestamps): ``cache_s``
-building the data cache, ``startup_s`` the rest before the first iteration (imports, device, data split),
-``after_s`` after the last epoch (saving, exit). Logs and ``time_to_accuracy.json`` are written to ``work_dir``.
+(``metrics.json``), and where the rest of the wall time went (from the training log's timestamps): ``import_s``
+to the log's first line (Python, torch and MONAI imports), ``cache_s`` building the data caches, ``startup_s`` the
+rest before the first iteration (config, data split, network to the device), ``after_s`` after the last epoch
+(saving, exit). Logs and ``time_to_accuracy.json`` are written to ``work_dir``.
 """
 
 from __future__ import annotations
@@ -41,20 +42,25 @@ def _run(args: list[str], log: str) -> tuple[float, float]:
 
 
 def _phases(log: str, start: float, wall: float) -> dict:
-    """Seconds before the first iteration (cache build apart) and after training, from the log's timestamps."""
-    stamp = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - .*"
+    """Where the wall time outside training went, in seconds, from the training log's timestamps."""
+    stamp = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - "
     with open(log, errors="replace") as f:
         text = f.read().replace("\r", "\n")
-    cache = sum(float(s) for s in re.findall(r"cached \d+ items in ([\d.]+) s", text))
-    began = re.search(stamp + r"device: ", text, re.M)  # DeviceLogger, as the trainer starts
+
+    def since_start(match) -> float:
+        return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() - start
+
+    first = re.search(stamp, text, re.M)  # MONAI's first line, once Python, torch and MONAI are imported
+    began = re.search(stamp + r".*device: ", text, re.M)  # DeviceLogger, as the trainer starts
     ran = re.search(r"run finished in ([\d.]+) s", text)
-    if not began or not ran:
+    cache = sum(float(s) for s in re.findall(r"cached \d+ items in ([\d.]+) s", text))
+    if not (first and began and ran):
         return {"cache_s": round(cache, 1)}
-    before = datetime.strptime(began.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() - start
     return {
+        "import_s": round(since_start(first), 1),
         "cache_s": round(cache, 1),
-        "startup_s": round(before - cache, 1),
-        "after_s": round(wall - before - float(ran.group(1)), 1),
+        "startup_s": round(since_start(began) - since_start(first) - cache, 1),
+        "after_s": round(wall - since_start(began) - float(ran.group(1)), 1),
     }
 
 
