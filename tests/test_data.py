@@ -81,17 +81,19 @@ def test_incomplete_dataset_is_refused(damage, mednist, tmp_path):
     assert expected in proc.stderr and "Fix:" in proc.stderr
 
 
-def _cache(mednist, workers: int):
+def _cache(mednist, workers: int, preprocessing: str = "validate#preprocessing", cache_rate: float = 1.0, **overrides):
+    """Every synthetic image through train.json's ``preprocessing`` (with ``overrides``), in a ProcessCacheDataset."""
     from monai.bundle import ConfigParser
 
     from scripts.pipeline import ProcessCacheDataset
 
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    transform = parser.get_parsed_content("validate#preprocessing")
+    parser.update(overrides)
+    transform = parser.get_parsed_content(preprocessing)
     files = sorted(glob.glob(os.path.join(mednist, "MedNIST", "*", "*.jpeg")))
     data = [{"image": f, "label": i % 6} for i, f in enumerate(files)]
-    return data, ProcessCacheDataset(data, transform, num_workers=workers, progress=False)
+    return data, ProcessCacheDataset(data, transform, cache_rate=cache_rate, num_workers=workers, progress=False)
 
 
 def test_process_filled_cache_equals_in_process_cache(mednist):
@@ -173,19 +175,12 @@ def test_device_batches_cover_the_cache_once_an_epoch(mednist):
 
 
 def test_device_batches_refuse_items_that_change(mednist):
-    from monai.bundle import ConfigParser
-
     from scripts.errors import BundleError
-    from scripts.pipeline import DeviceBatches, ProcessCacheDataset
+    from scripts.pipeline import DeviceBatches
 
-    data, _ = _cache(mednist, 1)
-    parser = ConfigParser()
-    parser.read_config(TRAIN)
-    parser["batch_augment"] = False  # the per-image random transforms go into the cached dataset's transform
-    augmented = ProcessCacheDataset(data, parser.get_parsed_content("train#preprocessing"), progress=False)
-    half = ProcessCacheDataset(
-        data, parser.get_parsed_content("validate#preprocessing"), cache_rate=0.5, progress=False
-    )
+    # without batch_augment, the per-image random transforms go into the cached dataset's transform
+    _, augmented = _cache(mednist, 1, "train#preprocessing", batch_augment=False)
+    _, half = _cache(mednist, 1, cache_rate=0.5)
     for ds in (augmented, half):
         with pytest.raises(BundleError, match="needs them all cached and without per-image random") as err:
             next(iter(DeviceBatches(ds, batch_size=8)))
