@@ -117,9 +117,6 @@ def _measure(pipeline: str, dataset_dir: str, num_images: int, overrides: dict) 
     work = tempfile.mkdtemp(prefix="bench-")
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
-    unknown = [key for key in overrides if key not in parser]
-    if unknown:
-        sys.exit(f"ERROR: no key {', '.join(unknown)} in configs/train.json. Fix: override keys that train.json has.")
     stride = f"max(1, len(@datalist['training']) // {num_images})"
     parser.update(
         {
@@ -216,9 +213,15 @@ def benchmark(
         print("RESULT " + json.dumps(_measure(_one, dataset_dir, num_images, overrides)), flush=True)
         return
     import torch
+    from monai.bundle import ConfigParser
 
     if int(repeats) < 1:
         sys.exit(f"ERROR: --repeats must be at least 1, got {repeats!r}.")
+    config = ConfigParser()
+    config.read_config(os.path.join(BUNDLE, "configs", "train.json"))
+    unknown = [key for key in overrides if key not in config]
+    if unknown:  # checked once here, before any round starts a process
+        sys.exit(f"ERROR: no key {', '.join(unknown)} in configs/train.json. Fix: override keys that train.json has.")
     runs: dict[str, list[dict]] = {pipeline: [] for pipeline in PIPELINES}
     for round_ in range(int(repeats)):
         for pipeline in PIPELINES:
