@@ -1,3 +1,3 @@
-"""Helpers referenced by the MedNIST classification bundle's configs (``$import scripts``)."""
-
-from scripts import checks, data, evaluate, export, handlers, infer, pipeline  # noqa: F401
+"""Python the MedNIST classification bundle's configs and commands use; the configs reach it through
+``_target_`` paths such as ``scripts.data.load_split``, importable once ``initialize`` put ``bundle_root`` on
+``sys.path``."""

@@ -14,6 +14,8 @@ import time
 import fire
 import torch
 
+from .utils import as_bool
+
 
 def _timed_matmul(device: torch.device, size: int, dtype=torch.float32) -> float:
     a, b = torch.rand(size, size, device=device, dtype=dtype), torch.rand(size, size, device=device, dtype=dtype)
@@ -47,7 +49,7 @@ def check_gpu(require_gpu: bool = False, size: int = 2048) -> None:
         print("To use an NVIDIA GPU, install a CUDA build of torch that matches your driver, e.g.")
         print("  pip install torch --index-url https://download.pytorch.org/whl/cu128")
         print("and check that `nvidia-smi` lists the GPU.")
-        if str(require_gpu).lower() in ("true", "1", "yes"):
+        if as_bool(require_gpu, "require_gpu"):
             sys.exit("ERROR: --require_gpu was given but no GPU is usable.")
         return
     for i in range(torch.cuda.device_count()):

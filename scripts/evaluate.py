@@ -1,4 +1,8 @@
-"""Evaluation report: metrics.json, confusion matrix (CSV and PNG), predictions.csv and a printed table."""
+"""Evaluation report: metrics.json, confusion matrix (CSV and PNG), predictions.csv and a printed table.
+
+The figures are the evaluator's metrics, declared in configs/evaluate.json (ignite's ``Accuracy``,
+``ConfusionMatrix``, ``Precision``, ``Recall`` and ``Fbeta``, MONAI's ``ROCAUC``); this module writes them out.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,16 @@ import json
 import logging
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_roc_auc
+from monai.networks import one_hot
 
-from scripts.data import CLASSES
-from scripts.errors import BundleError
-from scripts.handlers import atomic_write
+from .data import CLASSES
+from .utils import BundleError, atomic_write, pyplot, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -40,38 +45,32 @@ def check_checkpoint(path: str, network: torch.nn.Module) -> bool:
     return True
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
-    """Accuracy, per-class precision/recall/F1/ROC AUC with macro and weighted averages, from probabilities."""
-    n = len(CLASSES)
-    preds = probs.argmax(1)
-    cm = np.zeros((n, n), dtype=int)
-    np.add.at(cm, (labels, preds), 1)
-    per_class = {}
-    for i, cls in enumerate(CLASSES):
-        tp, support, predicted = cm[i, i], cm[i].sum(), cm[:, i].sum()
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        onehot = (labels == i).astype(np.float32)
-        auc = float("nan")
-        if 0 < onehot.sum() < len(onehot):
-            auc = float(compute_roc_auc(torch.as_tensor(probs[:, i]), torch.as_tensor(onehot)))
-        per_class[cls] = {"precision": precision, "recall": recall, "f1": f1, "roc_auc": auc, "support": int(support)}
-    supports = np.array([per_class[c]["support"] for c in CLASSES], dtype=float)
-    averages = {}
-    for name in ("precision", "recall", "f1", "roc_auc"):
-        values = np.array([per_class[c][name] for c in CLASSES], dtype=float)
-        ok = ~np.isnan(values) & (supports > 0)
-        averages[name] = {
-            "macro": float(values[ok].mean()) if ok.any() else float("nan"),
-            "weighted": float((values[ok] * supports[ok]).sum() / supports[ok].sum()) if ok.any() else float("nan"),
-        }
+def classification_metrics(metrics: dict, probs: torch.Tensor, labels: torch.Tensor, accuracy_key="val_acc") -> dict:
+    """metrics.json's content: accuracy, per-class precision/recall/F1 and support (the evaluator's metrics),
+    per-class ROC AUC (MONAI's ``compute_roc_auc`` on ``probs`` and ``labels``), their macro and support-weighted
+    averages (classes without images left out), and the confusion matrix."""
+    cm = np.asarray(torch.as_tensor(metrics["confusion_matrix"]).cpu(), dtype=np.int64)
+    support = cm.sum(1)
+    figures = {k: np.asarray(torch.as_tensor(metrics[k]).cpu(), dtype=float) for k in ("precision", "recall", "f1")}
+    onehot = one_hot(labels.view(-1, 1), len(CLASSES), dim=1)
+    with warnings.catch_warnings():  # a class absent from the labels has no ROC AUC: NaN, written as null
+        warnings.simplefilter("ignore")
+        figures["roc_auc"] = np.asarray(compute_roc_auc(probs, onehot, average="none"), dtype=float).reshape(-1)
+    per_class = {
+        cls: {**{k: float(v[i]) for k, v in figures.items()}, "support": int(support[i])}
+        for i, cls in enumerate(CLASSES)
+    }
+    macro, weighted = {}, {}
+    for name, values in figures.items():
+        ok = ~np.isnan(values) & (support > 0)
+        macro[name] = float(values[ok].mean()) if ok.any() else float("nan")
+        weighted[name] = float(np.average(values[ok], weights=support[ok])) if ok.any() else float("nan")
     return {
-        "accuracy": float((preds == labels).mean()),
-        "num_images": int(len(labels)),
-        "per_class": {c: {k: float(v) if k != "support" else v for k, v in m.items()} for c, m in per_class.items()},
-        "macro_avg": {k: v["macro"] for k, v in averages.items()},
-        "weighted_avg": {k: v["weighted"] for k, v in averages.items()},
+        "accuracy": float(metrics[accuracy_key]),
+        "num_images": int(support.sum()),
+        "per_class": per_class,
+        "macro_avg": macro,
+        "weighted_avg": weighted,
         "confusion_matrix": cm.tolist(),
     }
 
@@ -94,12 +93,7 @@ def report_table(metrics: dict) -> str:
 
 
 def plot_confusion(cm: np.ndarray, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig, ax = pyplot().subplots(figsize=(7, 6))
     rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)  # colour: fraction of the true class
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(CLASSES)):
@@ -111,8 +105,7 @@ def plot_confusion(cm: np.ndarray, path: str) -> None:
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _json_safe(obj):
@@ -143,13 +136,13 @@ class ClassificationReport:
         out = engine.state.output
         self.probs.append(torch.softmax(out["pred"].float(), 1).detach().cpu())
         self.labels.append(torch.as_tensor(out["label"]).detach().cpu().long().view(-1))
-        self.paths += list(engine.state.batch["image"].meta["filename_or_obj"])
+        self.paths += list(engine.state.batch["path"])
 
     def write(self, engine: Engine) -> None:
         if not self.probs:
             raise BundleError("no images were evaluated.", "check --eval_dir or the test split.")
+        metrics = classification_metrics(engine.state.metrics, torch.cat(self.probs), torch.cat(self.labels))
         probs, labels = torch.cat(self.probs).numpy(), torch.cat(self.labels).numpy()
-        metrics = classification_metrics(labels, probs)
         os.makedirs(self.output_dir, exist_ok=True)
         atomic_write(
             os.path.join(self.output_dir, "metrics.json"), lambda f: json.dump(_json_safe(metrics), f, indent=2)

@@ -6,14 +6,13 @@ python -m scripts.explore_data --data_dir data/MedNIST [--out samples.png] [--pe
 from __future__ import annotations
 
 import os
-import sys
 
 import fire
 import numpy as np
 from PIL import Image
 
-from scripts.data import CLASSES, check_class_folders
-from scripts.errors import BundleError
+from .data import CLASSES, check_class_folders
+from .utils import pyplot, save_figure
 
 
 def explore(
@@ -47,12 +46,7 @@ def explore(
 
 
 def _grid(samples: dict, per_class: int, out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(CLASSES), per_class, figsize=(1.6 * per_class, 1.7 * len(CLASSES)), squeeze=False)
+    fig, axes = pyplot().subplots(len(CLASSES), per_class, figsize=(1.6 * per_class, 1.7 * len(CLASSES)), squeeze=False)
     for r, cls in enumerate(CLASSES):
         for c in range(per_class):
             ax = axes[r][c]
@@ -63,13 +57,8 @@ def _grid(samples: dict, per_class: int, out: str) -> None:
             if c == 0:
                 ax.set_title(cls, fontsize=9, loc="left")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_figure(fig, out, dpi=80)
 
 
 if __name__ == "__main__":
-    try:
-        fire.Fire(explore)
-    except BundleError as e:
-        sys.exit(str(e))
+    fire.Fire(explore)

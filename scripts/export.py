@@ -17,10 +17,9 @@ import os
 import fire
 import torch
 
-from scripts.errors import BundleError
+from .utils import BUNDLE_ROOT, BundleError
 
 logger = logging.getLogger(__name__)
-BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPORT_SUFFIXES = (".ts", ".pt2", ".onnx")
 
 
@@ -28,10 +27,10 @@ def load_network(ckpt_path: str) -> torch.nn.Module:
     """``network_def`` of configs/inference.json with the checkpoint's weights, in eval mode, on the CPU."""
     from monai.bundle import ConfigParser
 
-    from scripts.evaluate import check_checkpoint
+    from .evaluate import check_checkpoint
 
     parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLE, "configs", "inference.json"))
+    parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
     net = parser.get_parsed_content("network_def")
     check_checkpoint(ckpt_path, net)
     net.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True))
@@ -103,8 +102,10 @@ class ExportedProgramModule(torch.nn.Module):
         return self.program(x)
 
 
-def load_exported(path: str, device="cpu") -> torch.nn.Module:
-    """A callable network from a .ts (TorchScript), .pt2 (torch.export) or .onnx file."""
+def load_exported(path: str | None, device="cpu") -> torch.nn.Module | None:
+    """A callable network from a .ts (TorchScript), .pt2 (torch.export) or .onnx file; None without a path."""
+    if not path:
+        return None
     if not os.path.isfile(path):
         raise BundleError(f"exported model {path} does not exist.", "export it first (see README) or fix --model_file.")
     suffix = os.path.splitext(path)[1].lower()

@@ -1,4 +1,5 @@
-"""Ignite handlers the bundle needs beyond MONAI's own: per-epoch history, device report, loss progress bar."""
+"""Ignite handlers the bundle needs beyond MONAI's own (per-epoch history, device report, loss progress bar) and
+what training checkpoints hold and where a resumed run starts."""
 
 from __future__ import annotations
 
@@ -7,51 +8,23 @@ import glob
 import logging
 import os
 import re
-import tempfile
 import time
 
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
-from monai.handlers import CheckpointSaver
 
-from scripts.errors import BundleError
+from .utils import BundleError, as_bool, atomic_write, is_main_process, pyplot, save_figure
 
 logger = logging.getLogger(__name__)
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "elapsed_s")
 
 
-def is_main_process() -> bool:
-    """True unless this is a non-zero rank of a distributed run (only rank 0 writes files)."""
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def atomic_write(path: str, write, mode: str = "w") -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the permissions of a normal file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def plot_history(rows: list[dict], path: str) -> None:
     """Loss and accuracy curves, training against validation, saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for ax, what in zip(axes, ("loss", "acc")):
         for split, style in (("train", "o-"), ("val", "s-")):
             pts = [(r["epoch"], r[f"{split}_{what}"]) for r in rows if r.get(f"{split}_{what}") not in (None, "")]
@@ -64,8 +37,7 @@ def plot_history(rows: list[dict], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 class HistoryWriter:
@@ -184,53 +156,17 @@ class LossProgressBar(ProgressBar):
         super().attach(engine, *args, **kwargs)
 
 
-class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` writing each file under a temporary name, then renaming it into place.
-
-    MONAI saves with ``atomic=False``, so a run killed during a save would leave a truncated file in place of
-    the previous good one; here the previous file stays intact until the new one is complete. ``resume_from``
-    (a ``checkpoint_epoch=N.pt`` this run continues from) is counted among the saved interval checkpoints, so
-    that ``n_saved`` removes it once newer ones are written.
-    """
-
-    def __init__(self, *args, resume_from: str = "", **kwargs):
-        super().__init__(*args, **kwargs)
-        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if checkpoint is not None:
-                checkpoint.save_handler._atomic = True
-        if resume_from and self._interval_checkpoint is not None:
-            name = os.path.basename(resume_from)
-            self._interval_checkpoint.load_state_dict({"_saved": [(checkpoint_epoch(name), name)]})
-
-
-class StateOf:
-    """``state_dict``/``load_state_dict`` for a handler whose state is held by an inner object.
-
-    ``StateOf(early_stop, "_handler")``: MONAI's ``EarlyStopHandler`` keeps ignite's ``EarlyStopping`` (counter
-    and best score) there once ``set_trainer`` ran; ``StateOf(saver, "_key_metric_checkpoint")``: the best
-    validation accuracy seen by the ``CheckpointSaver`` that writes ``model.pt``. Both are read when saving or
-    loading, so they can be declared before the inner object exists.
-    """
-
-    def __init__(self, owner, attribute: str):
-        self.owner, self.attribute = owner, attribute
-
-    def state_dict(self):
-        return getattr(self.owner, self.attribute).state_dict()
-
-    def load_state_dict(self, state) -> None:
-        getattr(self.owner, self.attribute).load_state_dict(state)
-
-
 def training_state(network, optimizer, lr_scheduler, trainer, early_stop, best_model_saver) -> dict:
-    """Everything a resumed run needs, for the last-epoch checkpoint and for ``CheckpointLoader``."""
+    """Everything a resumed run needs, for the last-epoch checkpoint and for ``CheckpointLoader``: besides the
+    network, optimizer, scheduler and trainer, ignite's ``EarlyStopping`` (its counter and best score) and the
+    ``Checkpoint`` writing ``model.pt`` (the best validation accuracy so far)."""
     state = {
         "model": network,
         "optimizer": optimizer,
         "lr_scheduler": lr_scheduler,
         "trainer": trainer,
-        "early_stop": StateOf(early_stop, "_handler"),
-        "best_model": StateOf(best_model_saver, "_key_metric_checkpoint"),
+        "early_stop": early_stop,
+        "best_model": best_model_saver,
     }
     if getattr(trainer, "scaler", None) is not None:
         state["scaler"] = trainer.scaler  # CUDA AMP gradient scaler
@@ -242,8 +178,10 @@ def checkpoint_epoch(path: str) -> int:
     return int(re.search(r"epoch=(\d+)\.pt$", path).group(1))
 
 
-def latest_checkpoint(ckpt_dir: str) -> str:
-    """The ``checkpoint_epoch=N.pt`` with the largest N in ``ckpt_dir``, for ``--resume true``."""
+def latest_checkpoint(ckpt_dir: str, resume=True) -> str:
+    """With ``resume``, the ``checkpoint_epoch=N.pt`` with the largest N in ``ckpt_dir``; otherwise ``""``."""
+    if not as_bool(resume, "resume"):
+        return ""
     found = sorted(glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch=*.pt")), key=checkpoint_epoch)
     if not found:
         raise BundleError(

@@ -1,4 +1,5 @@
-"""Inference on users' own files: find the inputs, load any supported image safely, write predictions and pictures.
+"""Inference on users' own files: find the inputs, load each with MONAI's ``LoadImage`` (the reader training
+uses), write predictions and pictures.
 
 Every input gets one row in ``predictions.csv``; a file that cannot be used (missing, empty, truncated, not an
 image, a 3D volume, a directory, too many pixels) gets its reason in the ``error`` column while every other
@@ -15,11 +16,11 @@ import os
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.transforms import MapTransform
+from monai.data import PILReader
+from monai.transforms import LoadImage, MapTransform
 
-from scripts.data import CLASSES
-from scripts.errors import BundleError
-from scripts.handlers import atomic_write
+from .data import CLASSES
+from .utils import BundleError, as_bool, atomic_write, pyplot, save_figure
 
 logger = logging.getLogger(__name__)
 PIL_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -53,39 +54,14 @@ def find_inputs(input) -> list[dict]:
     return [{"image": p, "path": p} for p in items]
 
 
-def _read_pil(path: str, max_pixels: int) -> np.ndarray:
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL refuses (bomb error) above twice this when opening
-    with Image.open(path) as img:
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ValueError(
-                f"image is {w}x{h} = {w * h:,} pixels, over the {max_pixels:,} limit (decompression bomb?)"
-            )
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = np.asarray(img).astype(np.float32)
-        else:
-            arr = np.asarray(img.convert("L")).astype(np.float32)  # RGB(A), palette, LA, 1-bit: luma, no alpha
-    return arr.T  # (W, H), as MONAI's PILReader gives training images
+def to_gray(image):
+    """``PILReader``'s converter: RGB(A), palette and 1-bit images to one luma channel; grayscale (8/16-bit, float)
+    images as they are, as training's grayscale JPEGs."""
+    return image if image.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F") else image.convert("L")
 
 
-def _read_nifti(path: str, max_pixels: int) -> np.ndarray:
-    import nibabel as nib
-
-    img = nib.load(path)
-    shape = tuple(int(s) for s in img.shape)
-    spatial = tuple(s for s in shape if s > 1)
-    if len(spatial) != 2:
-        raise ValueError(f"NIfTI of shape {shape} is not a 2D image (3D volume?): pass one 2D slice")
-    if spatial[0] * spatial[1] > max_pixels:
-        raise ValueError(f"image is {spatial[0]}x{spatial[1]} pixels, over the {max_pixels:,} limit")
-    return np.asarray(img.dataobj, dtype=np.float32).reshape(spatial)
-
-
-def read_image(path: str, max_pixels: int) -> np.ndarray:
-    """A 2D float32 array of the image at ``path``, or ``ValueError`` saying why it cannot be used."""
+def check_file(path: str, max_pixels: int) -> None:
+    """``ValueError`` saying why ``path`` cannot be used, from its header alone (no pixels decoded)."""
     if not os.path.exists(path):
         raise ValueError("file does not exist")
     if os.path.isdir(path):
@@ -95,50 +71,69 @@ def read_image(path: str, max_pixels: int) -> np.ndarray:
     name = path.lower()
     try:
         if name.endswith(PIL_SUFFIXES):
-            arr = _read_pil(path, max_pixels)
+            from PIL import Image
+
+            with Image.open(path) as img:
+                shape = img.size
         elif name.endswith(NIFTI_SUFFIXES):
-            arr = _read_nifti(path, max_pixels)
+            import nibabel as nib
+
+            shape = tuple(int(s) for s in nib.load(path).shape)
         else:
-            raise ValueError(
-                f"unsupported file type {os.path.splitext(name)[1] or '(none)'!r}: "
-                "use .jpeg, .jpg, .png, .nii or .nii.gz"
-            )
+            suffix = os.path.splitext(name)[1] or "(none)"
+            raise ValueError(f"unsupported file type {suffix!r}: use .jpeg, .jpg, .png, .nii or .nii.gz")
     except ValueError:
         raise
-    except Exception as e:  # truncated, corrupt, not an image at all, decompression bomb
+    except Exception as e:  # not an image at all, a corrupt header, a decompression bomb
         raise ValueError(f"cannot read image: {type(e).__name__}: {e}") from e
-    if arr.size == 0 or not np.isfinite(arr).all():
-        raise ValueError("image is empty or holds non-finite values")
-    return arr
+    spatial = [s for s in shape if s > 1]
+    if len(spatial) != 2:
+        raise ValueError(f"image of shape {shape} is not a 2D image (3D volume?): pass one 2D slice")
+    if spatial[0] * spatial[1] > max_pixels:
+        raise ValueError(
+            f"image is {spatial[0]}x{spatial[1]} pixels, over the {max_pixels:,} limit (decompression bomb?)"
+        )
 
 
 class LoadImageSafelyd(MapTransform):
-    """Load ``keys`` as a (1, W, H) float tensor; on failure put zeros there and the reason under ``error``."""
+    """Load ``keys`` with MONAI's ``LoadImage`` as a (1, W, H) image, as training's ``LoadImaged`` and
+    ``EnsureChannelFirstd`` do; a file that cannot be used becomes zeros of ``image_size`` with the reason under
+    ``error``."""
 
-    def __init__(self, keys="image", max_pixels: int = 25_000_000, error_key: str = "error"):
+    def __init__(self, keys="image", image_size=(64, 64), max_pixels: int = 25_000_000, error_key: str = "error"):
         super().__init__(keys)
-        self.max_pixels, self.error_key = max_pixels, error_key
+        self.image_size, self.max_pixels, self.error_key = tuple(image_size), max_pixels, error_key
+        self.loader = LoadImage(image_only=True, dtype=np.float32)
+        self.loader.register(PILReader(converter=to_gray))  # tried first for .png/.jpeg; NIfTI goes to nibabel
+
+    def load(self, path: str) -> torch.Tensor:
+        check_file(path, self.max_pixels)
+        try:
+            image = self.loader(path)
+        except Exception as e:  # truncated or corrupt pixel data
+            while e.__cause__ is not None:
+                e = e.__cause__
+            raise ValueError(f"cannot read image: {type(e).__name__}: {e}") from e
+        image = image.squeeze()  # a NIfTI slice of shape (W, H, 1)
+        if image.ndim != 2 or not torch.isfinite(image).all():
+            raise ValueError("image is not one 2D channel of finite values")
+        return image[None]
 
     def __call__(self, data):
         d = dict(data)
         d[self.error_key] = ""
         for key in self.keys:
             try:
-                d[key] = torch.from_numpy(np.ascontiguousarray(read_image(str(d[key]), self.max_pixels)))[None]
+                d[key] = self.load(str(d[key]))
             except ValueError as e:
-                d[key], d[self.error_key] = torch.zeros(1, 64, 64), str(e)
+                d[key], d[self.error_key] = torch.zeros(1, *self.image_size), str(e)
         return d
 
 
 def plot_prediction(image: np.ndarray, probs: np.ndarray, cam: np.ndarray | None, title: str, path: str) -> None:
     """The image, its class-probability bars and, if given, the Grad-CAM heat map over it, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = 3 if cam is not None else 2
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4))
+    fig, axes = pyplot().subplots(1, panels, figsize=(4.2 * panels, 4))
     axes[0].imshow(image.T, cmap="gray")
     axes[0].set_title(title)
     axes[0].axis("off")
@@ -157,8 +152,7 @@ def plot_prediction(image: np.ndarray, probs: np.ndarray, cam: np.ndarray | None
         axes[2].set_title("Grad-CAM")
         axes[2].axis("off")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def _unit_range(cams: torch.Tensor) -> torch.Tensor:
@@ -240,8 +234,8 @@ class PredictionWriter:
 
     def finish(self) -> int:
         """After the evaluator's run: the pictures if asked for; stop with a non-zero exit if nothing was predicted."""
-        visualize = len(self.rows) == 1 if self.visualize in (None, "", "auto") else self.visualize
-        if str(visualize).lower() in ("true", "1", "yes"):
+        auto = self.visualize in (None, "", "auto")
+        if len(self.rows) == 1 if auto else as_bool(self.visualize, "visualize"):
             self.plot()
         if not self.rows or self.num_predicted == 0:
             raise BundleError(

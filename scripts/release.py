@@ -14,15 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import zipfile
 
 import fire
 
-from scripts.errors import BundleError
-from scripts.handlers import atomic_write
+from .utils import BUNDLE_ROOT, BundleError, atomic_write
 
-BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "mednist_classification"
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
 MODELS = ("model.pt", "model.ts", "model.pt2", "model.onnx")
@@ -38,14 +35,14 @@ def sha256(path: str) -> str:
 
 def release_files(ckpt_dir: str) -> dict[str, str]:
     """Archive name -> file on disk, for everything the release holds."""
-    files = {"LICENSE": os.path.join(BUNDLE, "LICENSE")}
+    files = {"LICENSE": os.path.join(BUNDLE_ROOT, "LICENSE")}
     for folder in ("configs", "docs", "scripts"):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(BUNDLE, folder)):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(BUNDLE_ROOT, folder)):
             dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.startswith(".")]
             for name in filenames:
                 if not name.endswith((".pyc", ".pyo")) and not name.startswith("."):
                     path = os.path.join(dirpath, name)
-                    files[os.path.relpath(path, BUNDLE).replace(os.sep, "/")] = path
+                    files[os.path.relpath(path, BUNDLE_ROOT).replace(os.sep, "/")] = path
     if not os.path.isfile(os.path.join(ckpt_dir, "model.pt")):
         raise BundleError(f"no trained model at {ckpt_dir}/model.pt.", "train first, or pass --ckpt_dir.")
     for name in MODELS:
@@ -56,7 +53,7 @@ def release_files(ckpt_dir: str) -> dict[str, str]:
 
 def release(ckpt_dir: str = "models", out_dir: str = "dist") -> None:
     """Write the release zip and print its path, size and SHA-256."""
-    with open(os.path.join(BUNDLE, "configs", "metadata.json")) as f:
+    with open(os.path.join(BUNDLE_ROOT, "configs", "metadata.json")) as f:
         version = json.load(f)["version"]
     files = sorted(release_files(ckpt_dir).items())  # first: no empty out_dir is left behind when a model is missing
     os.makedirs(out_dir, exist_ok=True)
@@ -76,7 +73,4 @@ def release(ckpt_dir: str = "models", out_dir: str = "dist") -> None:
 
 
 if __name__ == "__main__":
-    try:
-        fire.Fire(release)
-    except BundleError as e:
-        sys.exit(str(e))
+    fire.Fire(release)
