@@ -197,9 +197,24 @@ def folder_datalist(folder: str) -> list[dict]:
     return data
 
 
+_worker_transform = None  # set in each worker process by _start_worker
+
+
+def _start_worker(transform) -> None:
+    """A worker's initializer: one torch thread (a forked OpenMP pool must not be reused), and the transform,
+    inherited through ``fork`` rather than pickled."""
+    global _worker_transform
+    torch.set_num_threads(1)
+    _worker_transform = transform
+
+
+def _preprocess_in_worker(items: list[dict]) -> tuple:
+    return _preprocess(_worker_transform, items)
+
+
 def _preprocess(transform, items: list[dict]) -> tuple:
-    """In a worker: ``items`` through ``transform``, packed as one stacked image array plus the other fields, and
-    the ``(path, reason)`` of every image that could not be read."""
+    """``items`` through ``transform``, packed as one stacked image array plus the other fields, and the
+    ``(path, reason)`` of every image that could not be read."""
     images, rest, failed = [], [], []
     for item in items:
         try:
@@ -225,16 +240,15 @@ def preload(data: list[dict], transform, num_workers: int = 1, chunk_size: int =
     """
     start, workers = time.perf_counter(), max(1, int(num_workers))
     chunks = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
-    work = partial(_preprocess, transform)
     bar = tqdm(total=len(data), desc="Loading dataset") if has_tqdm else None
     items, failed = [], []
     try:
         if workers == 1 or not sys.platform.startswith("linux"):  # fork is safe on Linux only
-            workers, results = 1, map(work, chunks)
-        else:  # one torch thread per worker, as DataLoader's workers: a forked OpenMP pool must not be reused
+            workers, results = 1, map(partial(_preprocess, transform), chunks)
+        else:
             fork = multiprocessing.get_context("fork")
-            pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=torch.set_num_threads, initargs=(1,))
-            results = pool.map(work, chunks)
+            pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_start_worker, initargs=(transform,))
+            results = pool.map(_preprocess_in_worker, chunks)
         for stacked, rest, bad in results:
             failed += bad
             if stacked is not None:

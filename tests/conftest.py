@@ -1,7 +1,9 @@
-"""Shared fixtures: a small synthetic MedNIST-like dataset and a helper that runs the real bundle CLI."""
+"""Shared fixtures: a small synthetic MedNIST-like dataset, the bundle's workflows run in this process
+(``ConfigWorkflow``, as MONAI's Python API runs them) and, for what only a process shows, the real CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -10,13 +12,78 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from monai.bundle import ConfigWorkflow
+
 BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BUNDLE)
-from scripts.data import CLASSES  # noqa: E402
+CONFIGS = os.path.join(BUNDLE, "configs")
+TRAIN = os.path.join(CONFIGS, "train.json")
+EVALUATE = f"['{TRAIN}','{os.path.join(CONFIGS, 'evaluate.json')}']"
+INFERENCE = os.path.join(CONFIGS, "inference.json")
+META = os.path.join(CONFIGS, "metadata.json")
+CLASSES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
+FAST = {"batch_size": 16, "accumulation_steps": 1, "learning_rate": 0.001}
 
-TRAIN = os.path.join(BUNDLE, "configs", "train.json")
-EVALUATE = f"['{TRAIN}','{os.path.join(BUNDLE, 'configs', 'evaluate.json')}']"
-INFERENCE = os.path.join(BUNDLE, "configs", "inference.json")
+
+@contextlib.contextmanager
+def bundle_error(message: str):
+    """Expect the block to fail with a ``BundleError`` (however MONAI wrapped it) whose text holds ``message``;
+    yields a list that then holds the error."""
+    found: list = []
+    with pytest.raises(Exception) as err:
+        yield found
+    cause = err.value
+    while cause is not None and type(cause).__name__ != "BundleError":
+        cause = cause.__cause__
+    assert cause is not None, f"not a BundleError: {err.value!r}"
+    assert message in str(cause), str(cause)
+    found.append(cause)
+
+
+def config_files(*names: str) -> list[str]:
+    """Paths of configs/<name>.json, in order (train.json first for an override such as evaluate)."""
+    return [os.path.join(CONFIGS, f"{name}.json") for name in names]
+
+
+def workflow(names, run_id: str, **overrides) -> ConfigWorkflow:
+    """The bundle's ``ConfigWorkflow`` for ``configs/<names>.json`` with ``overrides``, initialized, not run."""
+    wf = ConfigWorkflow(
+        config_file=config_files(*names),
+        meta_file=META,
+        logging_file=os.path.join(CONFIGS, "logging.conf"),
+        run_id=run_id,
+        bundle_root=BUNDLE,
+        **{k: str(v) if isinstance(v, os.PathLike) else v for k, v in overrides.items()},
+    )
+    wf.initialize()
+    return wf
+
+
+def run_workflow(names, run_id: str, **overrides) -> ConfigWorkflow:
+    """Run a workflow in this process, as ``python -m monai.bundle run`` does; returns it (its parser holds the
+    objects it made)."""
+    wf = workflow(names, run_id, **overrides)
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def train(dataset_dir, folder, names=("train",), **overrides) -> ConfigWorkflow:
+    """Training on ``dataset_dir``, outputs in ``folder/out``, checkpoints in ``folder/models``."""
+    paths = {"dataset_dir": dataset_dir, "output_dir": folder / "out", "ckpt_dir": folder / "models"}
+    return run_workflow(names, "training", **{**paths, **overrides})
+
+
+def evaluate(trained_folder, output_dir, **overrides) -> ConfigWorkflow:
+    """Evaluation of the model and split of a training run in ``trained_folder``."""
+    paths = {"split_file": trained_folder / "out" / "split.json", "ckpt_dir": trained_folder / "models"}
+    return run_workflow(("train", "evaluate"), "evaluating", output_dir=output_dir, **paths, **overrides)
+
+
+def infer(trained_folder, output_dir, input, **overrides) -> ConfigWorkflow:
+    """Inference on ``input`` with the model of ``trained_folder`` (unless ``model_file`` is given)."""
+    folders = {"output_dir": output_dir, "ckpt_dir": trained_folder / "models"}
+    return run_workflow(("inference",), "inference", input=input, **folders, **overrides)
 
 
 def class_image(label: int, rng: np.random.Generator, size: int = 64) -> np.ndarray:
@@ -53,36 +120,6 @@ def mednist(tmp_path_factory) -> str:
     return write_mednist(str(tmp_path_factory.mktemp("data")))
 
 
-def train_bundle(dataset_dir, folder, check: bool = True, **overrides) -> subprocess.CompletedProcess:
-    """``run training`` on ``dataset_dir`` with outputs in ``folder/out`` and checkpoints in ``folder/models``."""
-    return run_bundle(
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        dataset_dir=dataset_dir,
-        output_dir=folder / "out",
-        ckpt_dir=folder / "models",
-        check=check,
-        **overrides,
-    )
-
-
-def evaluate_bundle(trained_folder, output_dir, check: bool = True, **overrides) -> subprocess.CompletedProcess:
-    """``run evaluating`` with the model and split of a training run in ``trained_folder``."""
-    return run_bundle(
-        "run",
-        "evaluating",
-        "--config_file",
-        EVALUATE,
-        split_file=trained_folder / "out" / "split.json",
-        ckpt_dir=trained_folder / "models",
-        output_dir=output_dir,
-        check=check,
-        **overrides,
-    )
-
-
 @pytest.fixture(scope="session")
 def http_server(tmp_path_factory):
     """A static file server on 127.0.0.1 for a temporary folder; yields (folder, base URL)."""
@@ -106,20 +143,21 @@ def http_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(mednist, tmp_path_factory):
-    """One 2-epoch training run on the synthetic data, shared by the tests that need a model: (folder, process)."""
+    """One 2-epoch training run on the synthetic data, shared by the tests that need a model: its folder."""
     out = tmp_path_factory.mktemp("trained")
-    proc = train_bundle(mednist, out, epochs=2, batch_size=16, accumulation_steps=1, learning_rate=0.001)
-    return out, proc
+    train(mednist, out, epochs=2, **FAST)
+    return out
 
 
 def run_bundle(
     *args: str, timeout: int = 600, check: bool = True, cwd: str = BUNDLE, **overrides
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle <args> --key value ...`` from the bundle folder, as a user types it."""
+    """Run ``python -m monai.bundle <args> --key value ...`` in ``cwd`` (the bundle folder), as a user types it,
+    without this process's PYTHONPATH."""
     cmd = [sys.executable, "-m", "monai.bundle", *args]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(

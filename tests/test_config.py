@@ -1,65 +1,110 @@
-"""Bundle structure: properties, metadata, network in/out, and the message for each bad override."""
+"""Bundle structure: MONAI's Python API and CLI from any folder, properties, metadata, network in/out, and the
+message for each bad override."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from conftest import BUNDLE, TRAIN, run_bundle
+from conftest import BUNDLE, CONFIGS, FAST, INFERENCE, META, TRAIN, bundle_error, run_bundle, workflow
 
-META = os.path.join(BUNDLE, "configs", "metadata.json")
+BAD = [
+    ({"epochs": 0}, "--epochs 0 is not an integer >= 1"),
+    ({"accumulation_steps": 0}, "--accumulation_steps 0 is not an integer >= 1"),
+    ({"batch_size": 0}, "--batch_size 0 is not an integer >= 1"),
+    ({"val_batch_size": 0}, "--val_batch_size 0 is not an integer >= 1"),
+    ({"val_frac": 1.5}, "--val_frac 1.5 is not a number in (0.0, 1.0)"),
+    ({"test_frac": 0}, "--test_frac 0 is not a number in (0.0, 1.0)"),
+    ({"val_frac": 0.5, "test_frac": 0.5}, "sum to 1, leaving no training data"),
+    ({"amp": "maybe"}, "--amp 'maybe' is not a boolean"),
+    ({"cache_num_workers": 0}, "--cache_num_workers 0 is not an integer >= 1"),
+]
 
 
-def test_train_workflow_properties(monkeypatch, mednist, tmp_path):
-    monkeypatch.chdir(BUNDLE)
-    workflow = ConfigWorkflow(
-        config_file=TRAIN, meta_file=META, workflow_type="train", dataset_dir=mednist, output_dir=str(tmp_path)
+@pytest.fixture(scope="module")
+def elsewhere(tmp_path_factory):
+    """A folder outside the bundle, with no ``scripts`` package: commands run from here need ``--bundle_root``."""
+    return tmp_path_factory.mktemp("elsewhere")
+
+
+def test_train_and_infer_properties_from_another_folder(monkeypatch, elsewhere, mednist, trained):
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or ".") != BUNDLE])
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        monkeypatch.delitem(sys.modules, name)
+    kwargs = {"meta_file": META, "bundle_root": BUNDLE, "output_dir": str(elsewhere / "out")}
+    train = ConfigWorkflow(config_file=TRAIN, workflow_type="train", dataset_dir=mednist, **kwargs)
+    train.initialize()
+    assert train.check_properties() == []
+    assert train.max_epochs == 5 and train.train_dataset_data[0]["path"].startswith(mednist)
+    infer = ConfigWorkflow(
+        config_file=INFERENCE, workflow_type="infer", input=mednist, ckpt_dir=str(trained / "models"), **kwargs
     )
-    workflow.initialize()
-    assert workflow.check_properties() in (None, [])
+    infer.initialize()
+    assert infer.check_properties() == []
+    assert len(infer.dataset) == 120
+
+
+def test_cli_from_another_folder_without_pythonpath(elsewhere, mednist, trained):
+    """`run training|evaluating|inference` with --bundle_root and absolute config paths, from a folder without
+    `scripts`, with no PYTHONPATH set."""
+    folders = {"output_dir": elsewhere / "cli", "ckpt_dir": elsewhere / "cli-models"}
+    proc = run_bundle("run", "training", "--config_file", TRAIN, cwd=elsewhere, bundle_root=BUNDLE,
+                      dataset_dir=mednist, epochs=1, **folders, **FAST, **{"train#trainer#epoch_length": 2})  # fmt: skip
+    assert "val_acc" in proc.stdout and "device: cpu" in proc.stdout and "cached 96 items" in proc.stdout
+    evaluate = f"['{TRAIN}','{os.path.join(CONFIGS, 'evaluate.json')}']"
+    run_bundle("run", "evaluating", "--config_file", evaluate, cwd=elsewhere, bundle_root=BUNDLE, dataset_dir=mednist,
+               **folders)  # fmt: skip
+    assert json.loads((elsewhere / "cli" / "metrics.json").read_text())["num_images"] == 12
+    image = os.path.join(mednist, "MedNIST", "Hand", "000000.jpeg")
+    run_bundle("run", "inference", "--config_file", INFERENCE, cwd=elsewhere, bundle_root=BUNDLE, input=image,
+               output_dir=elsewhere / "inf", ckpt_dir=trained / "models")  # fmt: skip
+    assert "Hand" in (elsewhere / "inf" / "predictions.csv").read_text()
+
+
+def test_monai_bundle_load_from_another_folder(elsewhere, trained):
+    """`monai.bundle.load` of a downloaded copy, for the train and inference workflows, from another folder."""
+    bundles = elsewhere / "bundles"
+    copy = bundles / "mednist_classification"
+    shutil.copytree(BUNDLE, copy, ignore=shutil.ignore_patterns(".*", "tests", "tools", "__pycache__", "models"))
+    os.makedirs(copy / "models")
+    shutil.copy(trained / "models" / "model.pt", copy / "models" / "model.pt")
+    code = (
+        "import monai.bundle, torch\n"
+        "for kind in ('train', 'inference'):\n"
+        f"    net = monai.bundle.load('mednist_classification', bundle_dir={str(bundles)!r}, workflow_type=kind,"
+        " device='cpu', progress=False)\n"
+        "    print(kind, type(net).__name__, tuple(net(torch.rand(2, 1, 64, 64)).shape))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train DenseNet121 (2, 6)" in proc.stdout and "inference DenseNet121 (2, 6)" in proc.stdout
 
 
 def test_metadata_has_mandatory_keys():
     meta = json.load(open(META))
-    for key in (
-        "schema",
-        "version",
-        "changelog",
-        "monai_version",
-        "pytorch_version",
-        "numpy_version",
-        "required_packages_version",
-        "name",
-        "task",
-        "description",
-        "authors",
-        "copyright",
-        "data_source",
-        "data_type",
-        "intended_use",
-        "references",
-        "network_data_format",
-    ):
+    for key in ("schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                "required_packages_version", "name", "task", "description", "authors", "copyright", "data_source",
+                "data_type", "intended_use", "references", "network_data_format"):  # fmt: skip
         assert meta.get(key), key
     assert meta["version"] in meta["changelog"]
-    assert meta["schema"].endswith("meta_schema_20240725.json")
     image = meta["network_data_format"]["inputs"]["image"]
     assert (image["num_channels"], image["spatial_shape"], image["dtype"]) == (1, [64, 64], "float32")
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert pred["num_channels"] == 6 and pred["type"] == "probabilities"
     assert list(pred["channel_def"].values()) == ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
-    assert set(meta["required_packages_version"]) >= {
-        "pytorch-ignite",
-        "nibabel",
-        "pillow",
-        "tensorboard",
-        "fire",
-        "matplotlib",
-        "tqdm",
-    }
+    with open(os.path.join(BUNDLE, "requirements.txt")) as f:
+        pins = dict(line.strip().split("==") for line in f if "==" in line)
+    for name, version in meta["required_packages_version"].items():  # the metadata pins what the bundle installs
+        assert pins[name] == version, name
+    assert pins["monai"] == meta["monai_version"]
 
 
 def test_verify_net_in_out():
@@ -67,24 +112,28 @@ def test_verify_net_in_out():
     assert "verified with no error" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"epochs": 0}, "--epochs 0 is not an integer >= 1"),
-        ({"accumulation_steps": 0}, "--accumulation_steps 0 is not an integer >= 1"),
-        ({"batch_size": 0}, "--batch_size 0 is not an integer >= 1"),
-        ({"val_frac": 1.5}, "--val_frac 1.5 is not a number in (0.0, 1.0)"),
-        ({"test_frac": 0}, "--test_frac 0 is not a number in (0.0, 1.0)"),
-        ({"val_frac": 0.5, "test_frac": 0.5}, "sum to 1, leaving no training data"),
-        ({"amp": "maybe"}, "--amp 'maybe' is not a boolean"),
-        ({"cache_num_workers": 0}, "--cache_num_workers 0 is not an integer >= 1"),
-    ],
-)
+@pytest.mark.parametrize("overrides, message", BAD)
 def test_bad_hyperparameter_is_named(overrides, message, tmp_path, mednist):
-    proc = run_bundle(
-        "run", "training", "--config_file", TRAIN, dataset_dir=mednist, output_dir=tmp_path, check=False, **overrides
-    )
-    assert proc.returncode != 0
-    assert message in proc.stderr and "Fix:" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not os.path.exists(tmp_path / "split.json")  # stopped before any work
+    wf = workflow(("train",), "training", dataset_dir=mednist, output_dir=tmp_path, **overrides)
+    with bundle_error(message) as found:
+        wf.run()
+    assert found[0].fix
+    assert not os.listdir(tmp_path)  # stopped before any work
+
+
+def test_bad_override_on_the_command_line_is_one_message(tmp_path, mednist):
+    proc = run_bundle("run", "training", "--config_file", TRAIN, dataset_dir=mednist, output_dir=tmp_path,
+                      check=False, epochs=0)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-2:] == [
+        "ERROR: --epochs 0 is not an integer >= 1.",
+        "  Fix: pass e.g. --epochs 1.",
+    ]
+    assert "Traceback" not in proc.stderr and not os.listdir(tmp_path)
+
+
+def test_bundle_error_is_an_exception():
+    """Python callers (the Model Zoo's CI among them) catch it with `except Exception`."""
+    from scripts.utils import BundleError
+
+    assert issubclass(BundleError, Exception) and not issubclass(BundleError, SystemExit)

@@ -1,19 +1,22 @@
-"""Dataset preparation: download with checksum, and the message for each bad dataset folder."""
+"""Dataset preparation: download with checksum, the message for each bad dataset folder, and the preprocessing
+into memory (worker processes, device batches)."""
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import shutil
 import tarfile
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
-from conftest import TRAIN, train_bundle, write_mednist
+from conftest import TRAIN, bundle_error, train, write_mednist
 
-FAST = {"epochs": 1, "batch_size": 16, "accumulation_steps": 1}
+FAST = {"epochs": 1, "batch_size": 16, "accumulation_steps": 1, "train#trainer#epoch_length": 1}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def served_tarball(http_server):
 
 def test_download_checks_md5_and_extracts(served_tarball, tmp_path):
     url, md5 = served_tarball
-    train_bundle(tmp_path / "data", tmp_path, download_url=url, download_md5=md5, **FAST)
+    train(tmp_path / "data", tmp_path, download_url=url, download_md5=md5, **FAST)
     assert len(os.listdir(tmp_path / "data" / "MedNIST" / "Hand")) == 10
     assert os.path.isfile(tmp_path / "models" / "model.pt")
     # nothing of the extraction is left behind
@@ -37,32 +40,30 @@ def test_download_checks_md5_and_extracts(served_tarball, tmp_path):
 
 def test_download_with_wrong_md5_is_refused(served_tarball, tmp_path):
     url, _ = served_tarball
-    proc = train_bundle(tmp_path / "data", tmp_path, download_url=url, download_md5="0" * 32, check=False, **FAST)
-    assert proc.returncode != 0
-    assert f"could not download MedNIST from {url}" in proc.stderr and "by hand" in proc.stderr
+    with bundle_error(f"could not download MedNIST from {url}") as found:
+        train(tmp_path / "data", tmp_path, download_url=url, download_md5="0" * 32, **FAST)
+    assert "by hand" in found[0].fix
     assert not os.path.exists(tmp_path / "data" / "MedNIST")
 
 
 def test_offline_download_names_url_and_manual_fix(tmp_path):
     url = "http://127.0.0.1:9/MedNIST.tar.gz"  # the discard port: connection refused
-    proc = train_bundle(tmp_path, tmp_path, download_url=url, check=False, **FAST)
-    assert proc.returncode != 0
-    assert f"could not download MedNIST from {url}" in proc.stderr
-    assert f"put it at {tmp_path}/MedNIST.tar.gz" in proc.stderr
+    with bundle_error(f"could not download MedNIST from {url}") as found:
+        train(tmp_path, tmp_path, download_url=url, **FAST)
+    assert f"put it at {tmp_path}/MedNIST.tar.gz" in found[0].fix
     assert not os.path.exists(tmp_path / "MedNIST")
 
 
 def test_no_data_and_download_disabled(tmp_path):
-    proc = train_bundle(tmp_path, tmp_path, download="false", check=False, **FAST)
-    assert proc.returncode != 0
-    assert "no MedNIST data" in proc.stderr and "download is false" in proc.stderr
+    with bundle_error("download is false"):
+        train(tmp_path, tmp_path, download="false", **FAST)
 
 
 def test_corrupt_tarball_in_place_is_refused(tmp_path):
     (tmp_path / "MedNIST.tar.gz").write_bytes(b"not a tarball")
-    proc = train_bundle(tmp_path, tmp_path, download="false", check=False, **FAST)
-    assert proc.returncode != 0
-    assert "does not match MD5" in proc.stderr and "delete it" in proc.stderr
+    with bundle_error("does not match MD5") as found:
+        train(tmp_path, tmp_path, download="false", **FAST)
+    assert "delete it" in found[0].fix
 
 
 @pytest.mark.parametrize("damage", ["missing_class", "no_images"])
@@ -75,113 +76,83 @@ def test_incomplete_dataset_is_refused(damage, mednist, tmp_path):
         for cls in os.listdir(data / "MedNIST"):
             for f in os.listdir(data / "MedNIST" / cls):
                 os.remove(data / "MedNIST" / cls / f)
-    proc = train_bundle(data, tmp_path, check=False, **FAST)
-    assert proc.returncode != 0
     expected = "class(es) HeadCT" if damage == "missing_class" else "class(es) AbdomenCT, BreastMRI, CXR"
-    assert expected in proc.stderr and "Fix:" in proc.stderr
+    with bundle_error(expected):
+        train(data, tmp_path, **FAST)
 
 
-def _cache(mednist, workers: int, preprocessing: str = "validate#preprocessing", cache_rate: float = 1.0, **overrides):
-    """Every synthetic image through train.json's ``preprocessing`` (with ``overrides``), in a ProcessCacheDataset."""
-    from monai.bundle import ConfigParser
-
-    from scripts.pipeline import ProcessCacheDataset
+def _preload(mednist, workers: int, **kwargs):
+    """Every synthetic image through train.json's preprocessing, preloaded by ``workers`` processes."""
+    from scripts.data import preload
 
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    parser.update(overrides)
-    transform = parser.get_parsed_content(preprocessing)
     files = sorted(glob.glob(os.path.join(mednist, "MedNIST", "*", "*.jpeg")))
     data = [{"image": f, "label": i % 6} for i, f in enumerate(files)]
-    return data, ProcessCacheDataset(data, transform, cache_rate=cache_rate, num_workers=workers, progress=False)
+    return data, preload(data, parser.get_parsed_content("train#preprocessing"), workers, **kwargs)
 
 
-def test_process_filled_cache_equals_in_process_cache(mednist):
-    data, one = _cache(mednist, 1)
-    _, three = _cache(mednist, 3)
-    assert len(three._cache) == len(one._cache) == len(data) == 120
-    for a, b, item in zip(one._cache, three._cache, data):
-        assert a["label"] == b["label"] == item["label"]
-        assert b["image"].shape == (1, 64, 64) and torch.equal(a["image"], b["image"])
-        assert b["image"].meta["filename_or_obj"] == item["image"]  # evaluation's report needs the path
+def test_preload_in_processes_equals_in_process(mednist):
+    data, one = _preload(mednist, 1)
+    _, three = _preload(mednist, 3, chunk_size=7)  # chunks that do not divide the data
+    assert len(three) == len(one) == len(data) == 120
+    for a, b, item in zip(one, three, data):
+        assert a["label"] == b["label"] == item["label"] and a["path"] == b["path"] == item["image"]
+        assert type(b["image"]) is torch.Tensor and b["image"].shape == (1, 64, 64)
+        assert torch.equal(a["image"], b["image"]) and 0 <= b["image"].min() < b["image"].max() <= 1
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_unreadable_training_image_is_named(workers, mednist, tmp_path):
+def test_every_unreadable_training_image_is_named(workers, mednist, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(mednist, data)
-    bad = data / "MedNIST" / "CXR" / "000003.jpeg"
-    bad.write_bytes(b"\xff\xd8 truncated")
-    proc = train_bundle(data, tmp_path, check=False, cache_num_workers=workers, **FAST)
-    assert proc.returncode == 1
-    assert f"cannot read {bad}" in proc.stderr and "Fix: replace it with a readable image" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    bad = [f"CXR/{i:06d}.jpeg" for i in range(7)]  # of the 20 a class: 16 for training, 2 for validation
+    for name in bad:
+        (data / "MedNIST" / name).write_bytes(b"\xff\xd8 truncated")
+    with bundle_error("image(s):") as found:
+        train(data, tmp_path, cache_num_workers=workers, **FAST)
+    split = json.loads((tmp_path / "out" / "split.json").read_text())
+    named = [name for name in bad if str(data / "MedNIST" / name) in str(found[0])]
+    # the first set preprocessed (training or validation) stops the run, naming each of its bad images
+    assert named in ([n for n in bad if n in {d["image"] for d in split[part]}] for part in ("training", "validation"))
+    assert len(named) >= 2
+    assert f"cannot read {len(named)} image(s)" in str(found[0]) and "replace them" in found[0].fix
+    assert not os.path.exists(tmp_path / "models")
 
 
-def test_pack_round_trip_keeps_values_and_metadata(mednist):
-    from scripts.pipeline import _pack, _unpack
-
-    _, one = _cache(mednist, 1)
-    items = one._cache[:5]
-    back = _unpack(_pack(items))
-    for a, b in zip(items, back):
-        assert a.keys() == b.keys() and a["label"] == b["label"] and torch.equal(a["image"], b["image"])
-        assert b["image"].meta["filename_or_obj"] == a["image"].meta["filename_or_obj"]
-        assert torch.equal(torch.as_tensor(b["image"].affine), torch.as_tensor(a["image"].affine))
-    # items of other shapes or keys go through as they are
-    odd = [{"image": items[0]["image"], "label": 0}, {"image": items[1]["image"][:, :32], "label": 1}, {"other": 2}]
-    assert [sorted(d) for d in _unpack(_pack(odd))] == [["image", "label"], ["image", "label"], ["other"]]
-    mixed = _unpack(_pack(odd[:2]))
-    assert mixed[1]["image"].shape == (1, 32, 64) and mixed[1]["label"] == 1
-
-
-def test_dead_cache_worker_is_reported(mednist):
+def test_dead_worker_is_reported():
     from monai.transforms import Lambdad
 
-    from scripts.errors import BundleError
-    from scripts.pipeline import ProcessCacheDataset
+    from scripts.data import preload
 
     data = [{"image": i} for i in range(40)]
-    with pytest.raises(BundleError, match="a process building the data cache died") as err:
-        ProcessCacheDataset(data, Lambdad("image", lambda x: os._exit(9)), num_workers=2, progress=False)
-    assert "--cache_num_workers" in err.value.fix
+    with bundle_error("a process preprocessing the images died") as found:
+        preload(data, Lambdad("image", lambda x: os._exit(9)), num_workers=2, chunk_size=4)
+    assert "--cache_num_workers" in found[0].fix
 
 
-def test_device_batches_cover_the_cache_once_an_epoch(mednist):
+def test_device_batches_cover_the_data_once_an_epoch(mednist):
     from scripts.pipeline import DeviceBatches
 
-    _, ds = _cache(mednist, 1)
-    images = [item["image"].as_tensor() for item in ds._cache]
+    _, items = _preload(mednist, 1)
+    images = [item["image"] for item in items]
 
     def epoch(loader) -> list[int]:
-        """The dataset index of every image the loader yields, in order, checking batch sizes and labels."""
+        """The data index of every image the loader yields, in order, checking batch sizes and labels."""
         seen = []
         for batch in loader:
             assert type(batch["image"]) is torch.Tensor and batch["image"].shape[1:] == (1, 64, 64)
             assert batch["label"].dtype == torch.int64 and len(batch["label"]) == len(batch["image"]) <= 16
             for image, label in zip(batch["image"], batch["label"]):
                 (index,) = [i for i, im in enumerate(images) if torch.equal(im, image)]
-                assert ds._cache[index]["label"] == label
+                assert items[index]["label"] == label
                 seen.append(index)
         return seen
 
-    loader = DeviceBatches(ds, batch_size=16, seed=3)
+    loader = DeviceBatches(items, batch_size=16, seed=3)
     assert len(loader) == 8  # 120 images: 7 batches of 16 and one of 8
     first, second = epoch(loader), epoch(loader)
     assert sorted(first) == sorted(second) == list(range(120))  # each image once an epoch
     assert first != second and first != list(range(120))  # shuffled, anew each epoch
-    assert epoch(DeviceBatches(ds, batch_size=16, seed=3)) == first  # reproducible from the seed
-    assert epoch(DeviceBatches(ds, batch_size=16, shuffle=False)) == list(range(120))
-
-
-def test_device_batches_refuse_items_that_change(mednist):
-    from scripts.errors import BundleError
-    from scripts.pipeline import DeviceBatches
-
-    # without batch_augment, the per-image random transforms go into the cached dataset's transform
-    _, augmented = _cache(mednist, 1, "train#preprocessing", batch_augment=False)
-    _, half = _cache(mednist, 1, cache_rate=0.5)
-    for ds in (augmented, half):
-        with pytest.raises(BundleError, match="needs them all cached and without per-image random") as err:
-            next(iter(DeviceBatches(ds, batch_size=8)))
-        assert "--device_batches false" in err.value.fix
+    assert epoch(DeviceBatches(items, batch_size=16, seed=3)) == first  # reproducible from the seed
+    assert epoch(DeviceBatches(items, batch_size=16, shuffle=False)) == list(range(120))

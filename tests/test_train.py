@@ -1,4 +1,4 @@
-"""Training workflow: the real ``python -m monai.bundle run training`` on synthetic MedNIST."""
+"""Training workflow: history, split, early stopping, LR schedule, accumulation and the pipeline variants."""
 
 from __future__ import annotations
 
@@ -11,42 +11,46 @@ import torch
 from monai.networks.nets import DenseNet121
 from PIL import Image
 
-from conftest import TRAIN, run_bundle, train_bundle
-
-FAST = {"batch_size": 16, "accumulation_steps": 1, "learning_rate": 0.001}
+from conftest import FAST, bundle_error, train
 
 
-def read_history(output_dir: str) -> list[dict]:
+def read_history(output_dir) -> list[dict]:
     with open(os.path.join(output_dir, "history.csv")) as f:
         return list(csv.DictReader(f))
 
 
-def test_model_loads_with_weights_only(trained):
-    out, _ = trained
-    state = torch.load(out / "models" / "model.pt", weights_only=True)
+def load_model(path) -> DenseNet121:
     net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=6)
-    net.load_state_dict(state)  # strict: every key matches
-    ckpt = torch.load(out / "models" / "checkpoint_epoch=2.pt", weights_only=True)
-    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(ckpt)
+    net.load_state_dict(torch.load(path, weights_only=True))  # strict: every key matches, no "module." prefix
+    return net
+
+
+def test_model_and_checkpoint(trained):
+    load_model(trained / "models" / "model.pt")
+    ckpt = torch.load(trained / "models" / "checkpoint_epoch=2.pt", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "trainer", "early_stop", "best_model", "checkpointer"} <= set(ckpt)
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]  # saved after epoch 2
+    assert ckpt["checkpointer"]["_saved"] == [(2, "checkpoint_epoch=2.pt")]
+    assert [name for _, name in ckpt["best_model"]["_saved"]] == ["model.pt"]
+    assert sorted(os.listdir(trained / "models")) == ["checkpoint_epoch=2.pt", "model.pt"]
 
 
 def test_history_and_plot(trained):
-    out, proc = trained
-    rows = read_history(out / "out")
+    rows = read_history(trained / "out")
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     for r in rows:
         assert 0.0 <= float(r["val_acc"]) <= 1.0 and float(r["val_loss"]) > 0 and float(r["train_loss"]) > 0
         assert float(r["lr"]) == pytest.approx(0.001)
-    with Image.open(out / "out" / "training_history.png") as im:
+    best = max(float(r["val_acc"]) for r in rows)
+    ckpt = torch.load(trained / "models" / "checkpoint_epoch=2.pt", weights_only=True)
+    assert ckpt["best_model"]["_saved"][0][0] == pytest.approx(best)  # model.pt is the best validation accuracy
+    with Image.open(trained / "out" / "training_history.png") as im:
         assert im.size[0] > 500 and len(set(im.convert("L").getdata())) > 10
-    assert "val_acc" in proc.stdout and "device: cpu" in proc.stdout
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "out"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(trained / "out"))
 
 
-def test_split_is_disjoint_stratified_and_reused(trained, mednist):
-    out, _ = trained
-    split_file = out / "out" / "split.json"
+def test_split_is_disjoint_stratified_and_reused(trained, mednist, tmp_path):
+    split_file = trained / "out" / "split.json"
     split = json.loads(split_file.read_text())
     sets = {k: {d["image"] for d in split[k]} for k in ("training", "validation", "test")}
     assert not sets["training"] & sets["validation"]
@@ -59,22 +63,15 @@ def test_split_is_disjoint_stratified_and_reused(trained, mednist):
     os.umask(umask)
     assert split_file.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not the temp file's 0600
     before = split_file.read_bytes()
-    # a second run, with the plain run id, reuses exactly that split
-    proc = run_bundle(
-        "run",
-        "--config_file",
-        TRAIN,
-        dataset_dir=mednist,
-        output_dir=out / "out",
-        ckpt_dir=out / "models2",
-        epochs=1,
-        **FAST,
-    )
+    # a second run with the same output_dir reuses exactly that split
+    wf = train(mednist, tmp_path, epochs=1, output_dir=trained / "out", **FAST, **{"train#trainer#epoch_length": 1})
     assert split_file.read_bytes() == before
-    assert "reusing the data split" in proc.stdout
+    assert [d["path"] for d in wf.parser.get_parsed_content("train#cache")] == [
+        os.path.join(mednist, "MedNIST", d["image"]) for d in split["training"]
+    ]
     # a different fraction with the same output_dir is refused rather than silently re-split
-    proc = train_bundle(mednist, out, epochs=1, val_frac=0.2, check=False)
-    assert proc.returncode != 0 and "split.json was made with" in proc.stderr
+    with bundle_error("split.json was made with"):
+        train(mednist, tmp_path, epochs=1, val_frac=0.2, output_dir=trained / "out")
 
 
 # A learning rate of 1e-30 leaves the weights unchanged in float32, and instance norm keeps no running
@@ -83,25 +80,23 @@ PLATEAU = {"learning_rate": 1e-30, "network_def#norm": "instance", "batch_size":
 
 
 def test_early_stopping_ends_run_early(mednist, tmp_path):
-    proc = train_bundle(mednist, tmp_path, epochs=10, early_stop_patience=2, **PLATEAU)
+    train(mednist, tmp_path, epochs=10, early_stop_patience=2, **PLATEAU)
     rows = read_history(tmp_path / "out")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # best at epoch 1, then 2 epochs without improvement
     assert len({r["val_loss"] for r in rows}) == 1
-    assert "EarlyStopping: Stop training" in proc.stdout + proc.stderr
-    assert os.path.isfile(tmp_path / "out" / "training_history.png")
     assert os.path.isfile(tmp_path / "models" / "model.pt")
 
 
 def test_reduce_lr_on_plateau_lowers_lr(mednist, tmp_path):
     # eps=0: torch otherwise skips a reduction smaller than 1e-8, which any change of 1e-30 is
-    train_bundle(mednist, tmp_path, epochs=4, lr_patience=1, lr_factor=0.5, **PLATEAU, **{"lr_scheduler#eps": 0})
+    train(mednist, tmp_path, epochs=4, lr_patience=1, lr_factor=0.5, **PLATEAU, **{"lr_scheduler#eps": 0})
     lrs = [float(r["lr"]) for r in read_history(tmp_path / "out")]
     # epochs 2 and 3 do not improve on epoch 1; with patience 1 the rate halves after epoch 3
     assert lrs == pytest.approx([1e-30, 1e-30, 1e-30, 5e-31], rel=1e-6)
 
 
 def _one_step_weights(mednist, out, batch_size: int, accumulation_steps: int, iterations: int) -> dict:
-    train_bundle(
+    train(
         mednist,
         out,
         epochs=1,
@@ -112,6 +107,7 @@ def _one_step_weights(mednist, out, batch_size: int, accumulation_steps: int, it
         learning_rate=0.1,
         **{
             "train#trainer#epoch_length": iterations,
+            "train#dataloader#shuffle": False,
             "network_def#norm": "instance",
             "optimizer#_target_": "torch.optim.SGD",
         },
@@ -135,12 +131,20 @@ def test_accumulation_matches_large_batch(mednist, tmp_path):
     assert any(not torch.allclose(two_steps[k], large[k], rtol=1e-4, atol=1e-5) for k in large)  # seen: 0.37
 
 
-def test_device_batches_train(mednist, tmp_path):
-    """``--device_batches true`` trains from batches sliced out of one tensor: every image once an epoch."""
-    train_bundle(mednist, tmp_path, epochs=1, device_batches=True, **FAST)
+@pytest.mark.parametrize("variant, epoch_length", [("device_batches", 6), ("original", 2)])
+def test_variant_trains(variant, epoch_length, mednist, tmp_path):
+    """The override files: device batches (every image once an epoch: 96 in batches of 16) and the original
+    project's per-sample pipeline (batch 4, two iterations here)."""
+    overrides = FAST if variant == "device_batches" else {"train#trainer#epoch_length": 2}
+    wf = train(mednist, tmp_path, ("train", variant), epochs=1, **overrides)
     (row,) = read_history(tmp_path / "out")
     assert 0 <= float(row["val_acc"]) <= 1 and float(row["train_loss"]) > 0
     ckpt = torch.load(tmp_path / "models" / "checkpoint_epoch=1.pt", weights_only=True)
-    assert ckpt["trainer"]["epoch_length"] == 6  # 96 training images in batches of 16
-    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=6)
-    net.load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
+    assert ckpt["trainer"]["epoch_length"] == epoch_length
+    load_model(tmp_path / "models" / "model.pt")
+    loader = wf.parser.get_parsed_content("train#trainer").data_loader
+    if variant == "original":  # MONAI's per-sample random transforms on each decoded image, batch 4
+        assert [type(t).__name__ for t in loader.dataset.transform.transforms[-3:]] == ["RandRotated", "RandFlipd", "RandZoomd"]
+        assert loader.batch_size == 4 and wf.parser.get_parsed_content("accumulation_steps") == 2
+    else:
+        assert type(loader).__name__ == "DeviceBatches"
