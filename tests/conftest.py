@@ -10,9 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from monai.bundle import ConfigWorkflow
+from PIL import Image
 
 BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BUNDLE)
@@ -77,13 +76,13 @@ def train(dataset_dir, folder, names=("train",), **overrides) -> ConfigWorkflow:
 def evaluate(trained_folder, output_dir, **overrides) -> ConfigWorkflow:
     """Evaluation of the model and split of a training run in ``trained_folder``."""
     paths = {"split_file": trained_folder / "out" / "split.json", "ckpt_dir": trained_folder / "models"}
-    return run_workflow(("train", "evaluate"), "evaluating", output_dir=output_dir, **paths, **overrides)
+    return run_workflow(("train", "evaluate"), "evaluating", output_dir=output_dir, **{**paths, **overrides})
 
 
 def infer(trained_folder, output_dir, input, **overrides) -> ConfigWorkflow:
     """Inference on ``input`` with the model of ``trained_folder`` (unless ``model_file`` is given)."""
     folders = {"output_dir": output_dir, "ckpt_dir": trained_folder / "models"}
-    return run_workflow(("inference",), "inference", input=input, **folders, **overrides)
+    return run_workflow(("inference",), "inference", input=input, **{**folders, **overrides})
 
 
 def class_image(label: int, rng: np.random.Generator, size: int = 64) -> np.ndarray:

@@ -55,8 +55,9 @@ def test_cli_from_another_folder_without_pythonpath(elsewhere, mednist, trained)
     """`run training|evaluating|inference` with --bundle_root and absolute config paths, from a folder without
     `scripts`, with no PYTHONPATH set."""
     folders = {"output_dir": elsewhere / "cli", "ckpt_dir": elsewhere / "cli-models"}
+    short = {"epochs": 1, "train#trainer#epoch_length": 2, **FAST}
     proc = run_bundle("run", "training", "--config_file", TRAIN, cwd=elsewhere, bundle_root=BUNDLE,
-                      dataset_dir=mednist, epochs=1, **folders, **FAST, **{"train#trainer#epoch_length": 2})  # fmt: skip
+                      dataset_dir=mednist, **folders, **short)  # fmt: skip
     assert "val_acc" in proc.stdout and "device: cpu" in proc.stdout and "cached 96 items" in proc.stdout
     evaluate = f"['{TRAIN}','{os.path.join(CONFIGS, 'evaluate.json')}']"
     run_bundle("run", "evaluating", "--config_file", evaluate, cwd=elsewhere, bundle_root=BUNDLE, dataset_dir=mednist,

@@ -11,9 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import EVALUATE, evaluate_bundle, run_bundle, write_mednist
-
-CLASSES = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
+from conftest import CLASSES, EVALUATE, bundle_error, evaluate, run_bundle, write_mednist
 
 
 def read_csv(path) -> list[dict]:
@@ -23,11 +21,11 @@ def read_csv(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def evaluated(trained, mednist, tmp_path_factory):
-    folder, _ = trained
     out = tmp_path_factory.mktemp("eval")
-    # the test split saved by training is found through the same output_dir; results go to a fresh one
-    proc = evaluate_bundle(folder, out, dataset_dir=mednist)
-    return out, proc, folder
+    # the test split saved by training, results to a fresh folder; from the command line, as a user runs it
+    proc = run_bundle("run", "evaluating", "--config_file", EVALUATE, dataset_dir=mednist, output_dir=out,
+                      split_file=trained / "out" / "split.json", ckpt_dir=trained / "models")  # fmt: skip
+    return out, proc, trained
 
 
 def test_metrics_agree_with_predictions(evaluated):
@@ -56,7 +54,7 @@ def test_metrics_agree_with_predictions(evaluated):
     assert metrics["macro_avg"]["f1"] == pytest.approx(np.mean([metrics["per_class"][c]["f1"] for c in CLASSES]))
     with open(out / "confusion_matrix.csv") as f:
         table = list(csv.reader(f))
-    assert table[0] == ["true/predicted", *CLASSES] and [r[0] for r in table[1:]] == CLASSES
+    assert table[0] == ["true/predicted", *CLASSES] and [r[0] for r in table[1:]] == list(CLASSES)
     cm = [[int(v) for v in r[1:]] for r in table[1:]]
     assert np.array_equal(np.array(cm), np.array(metrics["confusion_matrix"]))
     assert np.trace(np.array(cm)) == (pred == y).sum()
@@ -66,17 +64,8 @@ def test_metrics_agree_with_predictions(evaluated):
 
 
 def test_external_folder(trained, tmp_path):
-    folder, _ = trained
     external = write_mednist(str(tmp_path / "ext"), per_class=3, seed=7)
-    run_bundle(
-        "run",
-        "--config_file",
-        EVALUATE,
-        eval_dir=os.path.join(external, "MedNIST"),
-        output_dir=tmp_path / "out",
-        ckpt_dir=folder / "models",
-        dataset_dir=tmp_path / "no-such-dataset",
-    )
+    evaluate(trained, tmp_path / "out", eval_dir=os.path.join(external, "MedNIST"), dataset_dir=tmp_path / "none")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["num_images"] == 18
     assert all(metrics["per_class"][c]["support"] == 3 for c in CLASSES)
@@ -84,13 +73,12 @@ def test_external_folder(trained, tmp_path):
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "other_network"])
 def test_bad_checkpoint_is_named(damage, trained, mednist, tmp_path):
-    folder, _ = trained
     ckpt = tmp_path / "model.pt"
     if damage == "corrupt":
-        ckpt.write_bytes((folder / "models" / "model.pt").read_bytes()[:1000])
+        ckpt.write_bytes((trained / "models" / "model.pt").read_bytes()[:1000])
     elif damage == "other_network":
         torch.save(torch.nn.Linear(4, 2).state_dict(), ckpt)
-    proc = evaluate_bundle(folder, tmp_path / "out", dataset_dir=mednist, ckpt_path=ckpt, check=False)
-    assert proc.returncode != 0
     expected = {"missing": "does not exist", "corrupt": "cannot be read", "other_network": "does not hold DenseNet121"}
-    assert f"checkpoint {ckpt} {expected[damage]}" in proc.stderr and "Fix:" in proc.stderr
+    with bundle_error(f"checkpoint {ckpt} {expected[damage]}") as found:
+        evaluate(trained, tmp_path / "out", dataset_dir=mednist, ckpt_path=ckpt)
+    assert "train first" in found[0].fix and not os.path.exists(tmp_path / "out")

@@ -9,10 +9,9 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-from conftest import INFERENCE, evaluate_bundle, run_bundle
+from conftest import bundle_error, evaluate, infer
 
 COLUMNS = ["path", "label", "confidence", "AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT", "error"]
 
@@ -59,22 +58,14 @@ def mixed_folder(mednist, tmp_path_factory) -> dict:
     return {"dir": d, "bad": bad, "good": good}
 
 
-def test_mixed_folder_one_row_per_file(trained, mixed_folder, tmp_path):
-    folder, _ = trained
-    proc = run_bundle(
-        "run",
-        "inference",
-        "--config_file",
-        INFERENCE,
-        input=mixed_folder["dir"],
-        output_dir=tmp_path,
-        ckpt_dir=folder / "models",
-    )
+def test_mixed_folder_one_row_per_file(trained, mixed_folder, tmp_path, capsys):
+    infer(trained, tmp_path, mixed_folder["dir"])
+    logged = capsys.readouterr().out
     rows = {os.path.basename(r["path"]): r for r in read_rows(tmp_path / "predictions.csv")}
     assert set(rows) == set(mixed_folder["good"]) | set(mixed_folder["bad"])
     for name, error in mixed_folder["bad"].items():
         assert error in rows[name]["error"], (name, rows[name]["error"])
-        assert rows[name]["label"] == "" and name in proc.stdout + proc.stderr  # logged too
+        assert rows[name]["label"] == "" and name in logged  # logged too
     for name in mixed_folder["good"]:
         r = rows[name]
         probs = [float(r[c]) for c in COLUMNS[3:9]]
@@ -87,35 +78,17 @@ def test_mixed_folder_one_row_per_file(trained, mixed_folder, tmp_path):
     assert not os.path.exists(tmp_path / "visualizations")  # pictures only on request for many inputs
 
 
-def test_nothing_predictable_exits_nonzero(trained, mixed_folder, tmp_path):
-    folder, _ = trained
+def test_nothing_predictable_is_an_error(trained, mixed_folder, tmp_path):
     bad = [str(mixed_folder["dir"] / n) for n in mixed_folder["bad"]] + [str(tmp_path / "missing.png")]
-    proc = run_bundle(
-        "run",
-        "inference",
-        "--config_file",
-        INFERENCE,
-        input=str(bad),
-        output_dir=tmp_path / "out",
-        ckpt_dir=folder / "models",
-        check=False,
-    )
-    assert proc.returncode != 0 and "no image could be predicted" in proc.stderr
+    with bundle_error("no image could be predicted"):
+        infer(trained, tmp_path / "out", bad)
     rows = read_rows(tmp_path / "out" / "predictions.csv")
     assert len(rows) == len(bad) and all(r["error"] for r in rows)
     assert rows[-1]["error"] == "file does not exist"
 
 
 def test_single_image_gets_picture_with_gradcam(trained, mixed_folder, tmp_path):
-    folder, _ = trained
-    run_bundle(
-        "run",
-        "--config_file",
-        INFERENCE,
-        input=mixed_folder["dir"] / "hand.jpeg",
-        output_dir=tmp_path,
-        ckpt_dir=folder / "models",
-    )
+    infer(trained, tmp_path, mixed_folder["dir"] / "hand.jpeg")
     pictures = os.listdir(tmp_path / "visualizations")
     assert len(pictures) == 1
     with Image.open(tmp_path / "visualizations" / pictures[0]) as im:
@@ -125,17 +98,7 @@ def test_single_image_gets_picture_with_gradcam(trained, mixed_folder, tmp_path)
 
 
 def test_glob_and_visualize_flag(trained, mixed_folder, tmp_path):
-    folder, _ = trained
-    run_bundle(
-        "run",
-        "inference",
-        "--config_file",
-        INFERENCE,
-        input=f"{mixed_folder['dir']}/*.jp*g",
-        output_dir=tmp_path,
-        ckpt_dir=folder / "models",
-        visualize="true",
-    )
+    infer(trained, tmp_path, f"{mixed_folder['dir']}/*.jp*g", visualize="true")
     rows = read_rows(tmp_path / "predictions.csv")
     assert sorted(os.path.basename(r["path"]) for r in rows) == ["cxr.jpg", "hand.jpeg", "truncated.jpeg"]
     assert len(os.listdir(tmp_path / "visualizations")) == 2
@@ -143,29 +106,10 @@ def test_glob_and_visualize_flag(trained, mixed_folder, tmp_path):
 
 def test_inference_matches_evaluation(trained, mednist, tmp_path):
     """Inference preprocessing equals training's: the same file gets the same probabilities as in evaluation."""
-    folder, _ = trained
-    evaluate_bundle(folder, tmp_path / "eval", dataset_dir=mednist)
+    evaluate(trained, tmp_path / "eval", dataset_dir=mednist)
     with open(tmp_path / "eval" / "predictions.csv") as f:
         evaluated = {r["path"]: r for r in csv.DictReader(f)}
-    run_bundle(
-        "run",
-        "inference",
-        "--config_file",
-        INFERENCE,
-        input=str(sorted(evaluated)),
-        output_dir=tmp_path / "inf",
-        ckpt_dir=folder / "models",
-    )
+    infer(trained, tmp_path / "inf", sorted(evaluated))
     for r in read_rows(tmp_path / "inf" / "predictions.csv"):
         for c in COLUMNS[3:9]:
             assert float(r[c]) == pytest.approx(float(evaluated[r["path"]][c]), abs=1e-5)
-
-
-def test_inference_workflow_properties(monkeypatch, trained, mixed_folder):
-    folder, _ = trained
-    monkeypatch.chdir(os.path.dirname(INFERENCE) + "/..")
-    workflow = ConfigWorkflow(
-        config_file=INFERENCE, workflow_type="infer", input=str(mixed_folder["dir"]), ckpt_dir=str(folder / "models")
-    )
-    workflow.initialize()
-    assert workflow.check_properties() in (None, [])

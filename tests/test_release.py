@@ -30,7 +30,7 @@ def build_release(ckpt_dir, out_dir) -> str:
 
 
 def test_release_zip_is_reproducible_and_downloadable(trained, mednist, http_server, tmp_path):
-    folder, _ = trained
+    folder = trained
     served, base = http_server
     first = build_release(folder / "models", served)
     os.utime(os.path.join(BUNDLE, "configs", "train.json"))  # new timestamps must not change the bytes
@@ -51,6 +51,7 @@ def test_release_zip_is_reproducible_and_downloadable(trained, mednist, http_ser
     ):
         assert f"mednist_classification/{required}" in names
     assert not any(n.endswith("large_files.yml") or "/tests/" in n or "__pycache__" in n for n in names)
+    assert not any("/tools/" in n or "benchmark" in n or "time_to_accuracy" in n for n in names)  # developer tooling
 
     bundles = tmp_path / "bundles"
     run_bundle(
@@ -89,7 +90,7 @@ def _bundle_with_large_files(tmp_path, url: str, sha256: str):
 
 
 def test_download_large_files_checks_sha256(trained, http_server, tmp_path):
-    folder, _ = trained
+    folder = trained
     served, base = http_server
     shutil.copy(folder / "models" / "model.pt", served / "model.pt")
     good = hashlib.sha256((served / "model.pt").read_bytes()).hexdigest()
@@ -112,6 +113,9 @@ def test_large_files_yml_pins_the_model():
     assert entry["path"] == "models/model.pt" and entry["hash_type"] == "sha256"
     assert len(entry["hash_val"]) == 64 and int(entry["hash_val"], 16) >= 0
     assert entry["url"].startswith("https://")
+    with open(os.path.join(BUNDLE, "configs", "metadata.json")) as f:
+        version = json.load(f)["version"]
+    assert entry["url"].endswith(f"/mednist_classification_v{version}.pt")  # the weights of this version
 
 
 def test_release_without_model_says_so_and_writes_nothing(tmp_path):

@@ -11,7 +11,7 @@ import time
 import torch
 from monai.networks.nets import DenseNet121
 
-from conftest import BUNDLE, TRAIN, run_bundle, train_bundle
+from conftest import BUNDLE, TRAIN, bundle_error, run_bundle, train
 
 RUN = {"batch_size": 8, "accumulation_steps": 1, "learning_rate": 0.001, "early_stop_patience": 10}
 
@@ -43,7 +43,7 @@ def test_sigkill_then_resume(mednist, tmp_path):
     assert elapsed == sorted(elapsed)
     ckpt = torch.load(models / "checkpoint_epoch=4.pt", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 4 * ckpt["trainer"]["epoch_length"]
-    assert {"optimizer", "lr_scheduler", "early_stop", "best_model"} <= set(ckpt)
+    assert {"optimizer", "lr_scheduler", "early_stop", "best_model", "checkpointer"} <= set(ckpt)
     assert not (models / "checkpoint_epoch=1.pt").exists()  # only the last one is kept
     net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=6)
     net.load_state_dict(torch.load(models / "model.pt", weights_only=True))
@@ -51,5 +51,5 @@ def test_sigkill_then_resume(mednist, tmp_path):
 
 
 def test_resume_without_checkpoint_is_named(mednist, tmp_path):
-    proc = train_bundle(mednist, tmp_path, resume="true", check=False, **RUN)  # tmp_path/models does not exist
-    assert proc.returncode != 0 and "holds no checkpoint_epoch=N.pt to resume from" in proc.stderr
+    with bundle_error("holds no checkpoint_epoch=N.pt to resume from"):
+        train(mednist, tmp_path, resume="true", **RUN)  # tmp_path/models does not exist

@@ -144,7 +144,11 @@ def test_variant_trains(variant, epoch_length, mednist, tmp_path):
     load_model(tmp_path / "models" / "model.pt")
     loader = wf.parser.get_parsed_content("train#trainer").data_loader
     if variant == "original":  # MONAI's per-sample random transforms on each decoded image, batch 4
-        assert [type(t).__name__ for t in loader.dataset.transform.transforms[-3:]] == ["RandRotated", "RandFlipd", "RandZoomd"]
+        assert [type(t).__name__ for t in loader.dataset.transform.transforms[-3:]] == [
+            "RandRotated",
+            "RandFlipd",
+            "RandZoomd",
+        ]
         assert loader.batch_size == 4 and wf.parser.get_parsed_content("accumulation_steps") == 2
     else:
         assert type(loader).__name__ == "DeviceBatches"

@@ -1,18 +1,20 @@
 """Measure the bundle's training pipeline against the common per-sample pipeline, on this machine.
 
-    python -m scripts.benchmark --dataset_dir /path/holding/MedNIST [--num_images 2048] [--repeats 3]
+    python -m tools.benchmark --dataset_dir /path/holding/MedNIST [--num_images 2048] [--repeats 3]
                                 [--out outputs/benchmark.json] [--any_train_json_key value ...]
 
-Each pipeline runs in its own process (so peak memory is its own) from configs/train.json, for one epoch over
+Developer tooling, run from the repository root (not part of the bundle's release). Each pipeline runs in its
+own process (so peak memory is its own) from configs/train.json, for one epoch over
 the same ``num_images`` training images and one pass over ``num_images // 4`` validation images; the rounds
 alternate the pipelines and the table gives each figure's median:
 
 - ``bundle``: the defaults: deterministic preprocessing cached in memory (CacheDataset), augmentation on whole
   batches on the device, plain-tensor batches, channels_last, CPU bf16 autocast (CUDA: fp16 AMP), batch 64,
   fused Adam, gradients set to None rather than zeroed.
-- ``per_sample``: the original project's pipeline: MONAI ``Dataset`` decoding each JPEG from disk with
-  per-sample transforms (RandRotated/RandFlipd/RandZoomd), MONAI's default ``prepare_batch`` (MetaTensor
-  batches into the network), batch 4 with 2 accumulation steps, fp32, PyTorch's default Adam and zero_grad.
+- ``per_sample``: the original project's pipeline, configs/original.json: MONAI ``Dataset`` decoding each JPEG
+  from disk with per-sample transforms (RandRotated/RandFlipd/RandZoomd), MONAI's default ``prepare_batch``
+  (MetaTensor batches into the network), batch 4 with 2 accumulation steps, fp32, PyTorch's default Adam and
+  zero_grad.
 - ``model_only``: the bundle's network, loss, optimizer and autocast stepping on one fixed random batch, no data
   and no engine: the ceiling the bundle's pipeline can reach on this machine.
 
@@ -23,10 +25,12 @@ the original project's), so a lever can be measured against the same baseline: e
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,25 +40,9 @@ import time
 import fire
 
 BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PIPELINES = {
-    "bundle": {},
-    "per_sample": {
-        "batch_size": 4,
-        "accumulation_steps": 2,
-        "cpu_bf16": False,
-        "amp": False,
-        "channels_last": False,
-        "batch_augment": False,
-        "optimizer#fused": False,
-        "train#trainer#optim_set_to_none": False,
-        "train#dataset": {"_target_": "Dataset", "data": "@bench_train", "transform": "@train#preprocessing"},
-        "validate#dataset": {"_target_": "Dataset", "data": "@bench_val", "transform": "@validate#preprocessing"},
-        "validate#dataloader#batch_size": 4,
-        "train#prepare_batch": "$monai.engines.default_prepare_batch",
-        "validate#prepare_batch": "$monai.engines.default_prepare_batch",
-    },
-    "model_only": {},
-}
+PIPELINES = {"bundle": [], "per_sample": ["original.json"], "model_only": []}  # override files of train.json
+SUBSET = {"train#cache#data": "@bench_train", "validate#cache#data": "@bench_val"}
+PER_SAMPLE_SUBSET = {"train#dataset#data": "@bench_train", "validate#dataset#data": "@bench_val"}
 
 
 def _model_only(parser, device, num_images: int) -> dict:
@@ -115,8 +103,9 @@ def _measure(pipeline: str, dataset_dir: str, num_images: int, overrides: dict) 
     os.chdir(BUNDLE)
     sys.path.insert(0, BUNDLE)
     work = tempfile.mkdtemp(prefix="bench-")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
+    parser.read_config([os.path.join(BUNDLE, "configs", name) for name in ["train.json", *PIPELINES[pipeline]]])
     stride = f"max(1, len(@datalist['training']) // {num_images})"
     parser.update(
         {
@@ -126,13 +115,11 @@ def _measure(pipeline: str, dataset_dir: str, num_images: int, overrides: dict) 
             "epochs": 1,
             "bench_train": f"$@datalist['training'][::{stride}][:{num_images}]",
             "bench_val": f"$@datalist['validation'][::{stride}][:{num_images // 4}]",
-            "train#dataset#data": "@bench_train",
-            "validate#dataset#data": "@bench_val",
-            **PIPELINES[pipeline],
-            **({} if pipeline == "per_sample" else overrides),
+            **(PER_SAMPLE_SUBSET if pipeline == "per_sample" else {**SUBSET, **overrides}),
         }
     )
-    parser.get_parsed_content("initialize")  # checks and seeding, as the bundle's run does
+    parser.get_parsed_content("initialize")  # seeding, as the bundle's run does
+    parser.get_parsed_content("args")  # the checks of the bundle's run
     device = torch.device(parser.get_parsed_content("device"))
     result = {
         "pipeline": pipeline,
@@ -145,10 +132,9 @@ def _measure(pipeline: str, dataset_dir: str, num_images: int, overrides: dict) 
     start = time.perf_counter()
     train_ds, val_ds = parser.get_parsed_content("train#dataset"), parser.get_parsed_content("validate#dataset")
     cache_s = time.perf_counter() - start
-    trainer, evaluator = parser.get_parsed_content("train#trainer"), parser.get_parsed_content("validate#evaluator")
+    evaluator = parser.get_parsed_content("validate#evaluator")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    parser.get_parsed_content("early_stop").set_trainer(trainer)
     evaluator.run()  # warm-up, and evaluation speed
     start = time.perf_counter()
     evaluator.run()
@@ -177,7 +163,7 @@ def _peak_memory(device) -> dict:
 
 
 def _run_one(pipeline: str, dataset_dir: str, num_images: int, overrides: dict) -> dict:
-    cmd = [sys.executable, "-m", "scripts.benchmark", "--dataset_dir", dataset_dir, "--num_images", str(num_images)]
+    cmd = [sys.executable, "-m", "tools.benchmark", "--dataset_dir", dataset_dir, "--num_images", str(num_images)]
     # repr: fire reads each value back with ast.literal_eval, so strings, numbers, bools and lists survive as typed
     cmd += ["--_one", pipeline, *[x for k, v in overrides.items() for x in (f"--{k}", repr(v))]]
     proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True)

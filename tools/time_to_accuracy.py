@@ -1,9 +1,10 @@
 """Time a real training run of the bundle to a validation accuracy, then evaluate it on the test split.
 
-    python -m scripts.time_to_accuracy --dataset_dir /path/holding/MedNIST --work_dir /tmp/tta [--target 0.995]
+    python -m tools.time_to_accuracy --dataset_dir /path/holding/MedNIST --work_dir /tmp/tta [--target 0.995]
                                        [--any_train_json_key value ...]
 
-Runs ``monai.bundle run training`` and ``run evaluating`` as a user would (extra ``--key value`` pairs are passed
+Developer tooling, run from the repository root (not part of the bundle's release). Runs ``monai.bundle run
+training`` and ``run evaluating`` as a user would (extra ``--key value`` pairs are passed
 to training as overrides), and prints: the wall time of the whole training command (start-up, data split and
 cache build included), the training time from the first iteration, the first epoch whose validation accuracy
 reached ``target`` and the training time until then (from ``history.csv``), the test accuracy

@@ -1,66 +1,36 @@
-"""The helper CLIs: GPU check, data exploration and the pipeline benchmark."""
+"""Developer tooling (tools/, outside the bundle): the pipeline benchmark and time to accuracy."""
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 
-import torch
-from PIL import Image
-
 from conftest import BUNDLE
 
 
-def run_script(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=BUNDLE, capture_output=True, text=True, timeout=300)
-
-
-def test_check_gpu_reports_device():
-    proc = run_script("scripts.check_gpu", "--size", "256")
-    assert proc.returncode == 0, proc.stderr
-    assert f"torch {torch.__version__}" in proc.stdout and "MONAI 1.6.1" in proc.stdout
-    if torch.cuda.is_available():
-        assert "compute capability" in proc.stdout and "fp16 autocast: yes" in proc.stdout
-    else:
-        assert "No CUDA GPU is available" in proc.stdout and "install a CUDA build of torch" in proc.stdout
-        assert "GFLOP/s" in proc.stdout and "CPU bf16 autocast" in proc.stdout
-        required = run_script("scripts.check_gpu", "--size", "64", "--require_gpu", "true")
-        assert required.returncode != 0 and "no GPU is usable" in required.stderr
-
-
-def test_explore_data_table_and_grid(mednist, tmp_path):
-    out = tmp_path / "grid.png"
-    proc = run_script("scripts.explore_data", "--data_dir", mednist, "--out", str(out), "--per_class", "4")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    for cls in ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"):
-        row = next(line for line in lines if line.startswith(cls))
-        assert row.split()[1:3] == ["20", "64x64"]
-    assert next(line for line in lines if line.startswith("total")).split()[1] == "120"
-    with Image.open(out) as im:
-        assert im.size[0] > 200 and len(set(im.convert("L").getdata())) > 20
-
-
-def test_explore_data_bad_folders(mednist, tmp_path):
-    proc = run_script("scripts.explore_data", "--data_dir", str(tmp_path / "none"))
-    assert proc.returncode != 0 and "does not exist" in proc.stderr and "Fix:" in proc.stderr
-    shutil.copytree(mednist, tmp_path / "data")
-    shutil.rmtree(tmp_path / "data" / "MedNIST" / "CXR")
-    proc = run_script("scripts.explore_data", "--data_dir", str(tmp_path / "data"))
-    assert proc.returncode != 0 and "no images for class(es) CXR" in proc.stderr
+def run_tool(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=BUNDLE, capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_benchmark_runs_both_pipelines_and_reports_ratio(mednist, tmp_path):
     out = tmp_path / "bench.json"
-    proc = run_script(
-        "scripts.benchmark", "--dataset_dir", mednist, "--num_images", "32", "--repeats", "2", "--out", out,
+    scratch = tmp_path / "tmp"
+    os.makedirs(scratch)
+    proc = run_tool(
+        "tools.benchmark", "--dataset_dir", mednist, "--num_images", "32", "--repeats", "2", "--out", out,
         "--batch_size", "16",  # an override reaches bundle and model_only, not the original per-sample pipeline
+        env={**os.environ, "TMPDIR": str(scratch)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    assert not glob.glob(str(scratch / "bench-*"))  # its scratch folders are removed
     report = json.loads(out.read_text())
     bundle, per_sample, model_only = report["results"]
     assert [r["pipeline"] for r in report["results"]] == ["bundle", "per_sample", "model_only"]
@@ -82,14 +52,14 @@ def test_benchmark_runs_both_pipelines_and_reports_ratio(mednist, tmp_path):
 
 
 def test_benchmark_bad_arguments(mednist, tmp_path):
-    proc = run_script("scripts.benchmark", "--dataset_dir", mednist, "--repeats", "0", "--out", tmp_path / "b.json")
+    proc = run_tool("tools.benchmark", "--dataset_dir", mednist, "--repeats", "0", "--out", tmp_path / "b.json")
     assert proc.returncode != 0 and "--repeats must be at least 1" in proc.stderr
-    proc = run_script("scripts.benchmark", "--dataset_dir", mednist, "--batch_sise", "8", "--out", tmp_path / "b.json")
+    proc = run_tool("tools.benchmark", "--dataset_dir", mednist, "--batch_sise", "8", "--out", tmp_path / "b.json")
     assert proc.returncode != 0 and "no key batch_sise in configs/train.json" in proc.stderr
     shutil.copytree(mednist, tmp_path / "data")
     shutil.rmtree(tmp_path / "data" / "MedNIST" / "CXR")
-    proc = run_script(
-        "scripts.benchmark", "--dataset_dir", tmp_path / "data", "--repeats", "1", "--out", tmp_path / "b.json"
+    proc = run_tool(
+        "tools.benchmark", "--dataset_dir", tmp_path / "data", "--repeats", "1", "--out", tmp_path / "b.json"
     )
     assert proc.returncode != 0 and "the bundle benchmark failed" in proc.stderr
     assert "class(es) CXR" in proc.stderr and "Fix:" in proc.stderr and not (tmp_path / "b.json").exists()
@@ -97,8 +67,8 @@ def test_benchmark_bad_arguments(mednist, tmp_path):
 
 def test_time_to_accuracy_trains_evaluates_and_reports(mednist, tmp_path):
     work = tmp_path / "tta"
-    proc = run_script(
-        "scripts.time_to_accuracy", "--dataset_dir", mednist, "--work_dir", work, "--target", "0.5",
+    proc = run_tool(
+        "tools.time_to_accuracy", "--dataset_dir", mednist, "--work_dir", work, "--target", "0.5",
         "--epochs", "2", "--batch_size", "16", "--val_interval", "1",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -118,5 +88,5 @@ def test_time_to_accuracy_trains_evaluates_and_reports(mednist, tmp_path):
     assert report["target_epoch"] == first["epoch"] and report["training_s_to_target"] == round(first["elapsed_s"], 1)
     assert f"test_accuracy: {metrics['accuracy']}" in proc.stdout and (work / "training.log").stat().st_size > 0
     # a second run into the same folder would mix two models: refused
-    again = run_script("scripts.time_to_accuracy", "--dataset_dir", mednist, "--work_dir", work)
+    again = run_tool("tools.time_to_accuracy", "--dataset_dir", mednist, "--work_dir", work)
     assert again.returncode != 0 and "pass a new --work_dir" in again.stderr
