@@ -21,8 +21,11 @@ class BundleError(ValueError):
     """
 
     def __init__(self, problem: str, fix: str):
+        super().__init__(problem, fix)
         self.problem, self.fix = problem, fix
-        super().__init__(f"ERROR: {problem}\n  Fix: {fix}")
+
+    def __str__(self) -> str:
+        return f"ERROR: {self.problem}\n  Fix: {self.fix}"
 
 
 def report_bundle_error(exc_type, exc, tb) -> None:
