@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 EXPORT_SUFFIXES = (".ts", ".pt2", ".onnx")
 
 
-def load_network(ckpt_path: str) -> torch.nn.Module:
-    """``network_def`` of configs/inference.json with the checkpoint's weights, in eval mode, on the CPU."""
+def load_network(ckpt_path: str) -> tuple[torch.nn.Module, list[int]]:
+    """``network_def`` of configs/inference.json with the checkpoint's weights, in eval mode, on the CPU, and the
+    config's ``image_size``."""
     from monai.bundle import ConfigParser
 
     from .evaluate import check_checkpoint
@@ -34,18 +35,14 @@ def load_network(ckpt_path: str) -> torch.nn.Module:
     net = parser.get_parsed_content("network_def")
     check_checkpoint(ckpt_path, net)
     net.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True))
-    return net.eval()
-
-
-def _example(batch: int = 2) -> torch.Tensor:
-    return torch.rand(batch, 1, 64, 64)
+    return net.eval(), parser.get_parsed_content("image_size")
 
 
 def export_pt2(ckpt_path: str = "models/model.pt", out: str = "models/model.pt2") -> str:
     """Write a ``torch.export`` program with a dynamic batch dimension."""
-    net = load_network(ckpt_path)
+    net, size = load_network(ckpt_path)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.export.export(net, (_example(),), dynamic_shapes=({0: batch},))
+    program = torch.export.export(net, (torch.rand(2, 1, *size),), dynamic_shapes=({0: batch},))
     torch.export.save(program, out)
     logger.info(f"exported {ckpt_path} to {out}")
     return out
@@ -58,10 +55,10 @@ def export_onnx(ckpt_path: str = "models/model.pt", out: str = "models/model.onn
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise BundleError(f"ONNX export needs {e.name}.", "pip install onnx onnxscript onnxruntime") from e
-    net = load_network(ckpt_path)
+    net, size = load_network(ckpt_path)
     torch.onnx.export(
         net,
-        (_example(),),
+        (torch.rand(2, 1, *size),),
         out,
         input_names=["image"],
         output_names=["logits"],

@@ -39,7 +39,8 @@ import time
 
 import fire
 
-BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts.utils import BUNDLE_ROOT as BUNDLE
+
 PIPELINES = {"bundle": [], "per_sample": ["original.json"], "model_only": []}  # override files of train.json
 SUBSET = {"train#cache#data": "@bench_train", "validate#cache#data": "@bench_val"}
 PER_SAMPLE_SUBSET = {"train#dataset#data": "@bench_train", "validate#dataset#data": "@bench_val"}

@@ -27,7 +27,7 @@ from datetime import datetime
 
 import fire
 
-BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts.utils import BUNDLE_ROOT as BUNDLE
 
 
 def _run(args: list[str], log: str) -> tuple[float, float]:
