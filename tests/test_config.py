@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE, CONFIGS, FAST, INFERENCE, META, TRAIN, bundle_error, run_bundle, workflow
 
@@ -33,24 +32,6 @@ def elsewhere(tmp_path_factory):
     return tmp_path_factory.mktemp("elsewhere")
 
 
-def test_train_and_infer_properties_from_another_folder(monkeypatch, elsewhere, mednist, trained):
-    monkeypatch.chdir(elsewhere)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or ".") != BUNDLE])
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        monkeypatch.delitem(sys.modules, name)
-    kwargs = {"meta_file": META, "bundle_root": BUNDLE, "output_dir": str(elsewhere / "out")}
-    train = ConfigWorkflow(config_file=TRAIN, workflow_type="train", dataset_dir=mednist, **kwargs)
-    train.initialize()
-    assert train.check_properties() == []
-    assert train.max_epochs == 5 and train.train_dataset_data[0]["path"].startswith(mednist)
-    infer = ConfigWorkflow(
-        config_file=INFERENCE, workflow_type="infer", input=mednist, ckpt_dir=str(trained / "models"), **kwargs
-    )
-    infer.initialize()
-    assert infer.check_properties() == []
-    assert len(infer.dataset) == 120
-
-
 def test_cli_from_another_folder_without_pythonpath(elsewhere, mednist, trained):
     """`run training|evaluating|inference` with --bundle_root and absolute config paths, from a folder without
     `scripts`, with no PYTHONPATH set."""
@@ -69,23 +50,32 @@ def test_cli_from_another_folder_without_pythonpath(elsewhere, mednist, trained)
     assert "Hand" in (elsewhere / "inf" / "predictions.csv").read_text()
 
 
-def test_monai_bundle_load_from_another_folder(elsewhere, trained):
-    """`monai.bundle.load` of a downloaded copy, for the train and inference workflows, from another folder."""
+def test_python_api_from_another_folder(elsewhere, mednist, trained):
+    """From a folder without `scripts` and no PYTHONPATH: `ConfigWorkflow(...).check_properties()` for the train and
+    infer workflows, and `monai.bundle.load` of a downloaded copy (only its folder known) for both."""
     bundles = elsewhere / "bundles"
     copy = bundles / "mednist_classification"
     shutil.copytree(BUNDLE, copy, ignore=shutil.ignore_patterns(".*", "tests", "tools", "__pycache__", "models"))
     os.makedirs(copy / "models")
     shutil.copy(trained / "models" / "model.pt", copy / "models" / "model.pt")
-    code = (
-        "import monai.bundle, torch\n"
-        "for kind in ('train', 'inference'):\n"
-        f"    net = monai.bundle.load('mednist_classification', bundle_dir={str(bundles)!r}, workflow_type=kind,"
-        " device='cpu', progress=False)\n"
-        "    print(kind, type(net).__name__, tuple(net(torch.rand(2, 1, 64, 64)).shape))\n"
-    )
+    code = f"""
+import monai.bundle, torch
+from monai.bundle import ConfigWorkflow
+common = dict(bundle_root={BUNDLE!r}, output_dir={str(elsewhere / "api")!r})
+train = ConfigWorkflow(config_file={TRAIN!r}, workflow_type="train", dataset_dir={mednist!r}, **common)
+train.initialize()
+print("train properties missing:", train.check_properties(), train.max_epochs, len(train.train_dataset_data))
+infer = ConfigWorkflow(config_file={INFERENCE!r}, workflow_type="infer", input={mednist!r}, **common)
+infer.initialize()
+print("infer properties missing:", infer.check_properties(), len(infer.dataset))
+for kind in ("train", "inference"):
+    net = monai.bundle.load("mednist_classification", bundle_dir={str(bundles)!r}, workflow_type=kind, progress=False)
+    print(kind, type(net).__name__, tuple(net.cpu()(torch.rand(2, 1, 64, 64)).shape))
+"""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train properties missing: [] 5 96" in proc.stdout and "infer properties missing: [] 120" in proc.stdout
     assert "train DenseNet121 (2, 6)" in proc.stdout and "inference DenseNet121 (2, 6)" in proc.stdout
 
 
