@@ -76,7 +76,7 @@ def test_split_is_disjoint_stratified_and_reused(trained, mednist, tmp_path):
 
 # A learning rate of 1e-30 leaves the weights unchanged in float32, and instance norm keeps no running
 # statistics, so the validation loss is exactly flat: a plateau by construction, whatever the hardware.
-PLATEAU = {"learning_rate": 1e-30, "network_def#norm": "instance", **FAST, "train#trainer#epoch_length": 1}
+PLATEAU = {**FAST, "learning_rate": 1e-30, "network_def#norm": "instance", "train#trainer#epoch_length": 1}
 
 
 def test_early_stopping_ends_run_early(mednist, tmp_path):
