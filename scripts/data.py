@@ -241,7 +241,7 @@ def preload(data: list[dict], transform, num_workers: int = 1, chunk_size: int =
     start, workers = time.perf_counter(), max(1, int(num_workers))
     chunks = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
     bar = tqdm(total=len(data), desc="Loading dataset") if has_tqdm else None
-    items, failed = [], []
+    items, failed, pool = [], [], None
     try:
         if workers == 1 or not sys.platform.startswith("linux"):  # fork is safe on Linux only
             workers, results = 1, map(partial(_preprocess, transform), chunks)
@@ -262,7 +262,7 @@ def preload(data: list[dict], transform, num_workers: int = 1, chunk_size: int =
             f"pass a smaller --cache_num_workers (it was {workers}; 1 works in the training process).",
         ) from e
     finally:
-        if workers > 1:
+        if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
