@@ -21,7 +21,7 @@ from monai.apps.utils import check_hash, download_url, extractall
 from monai.data import partition_dataset_classes
 from monai.utils import convert_to_numpy, optional_import
 
-from .utils import BundleError, atomic_write
+from .utils import BundleError, atomic_write, root_cause
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -220,9 +220,8 @@ def _preprocess(transform, items: list[dict]) -> tuple:
         try:
             out = transform(dict(item))
         except Exception as e:
-            while e.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
-                e = e.__cause__
-            failed.append((str(item["image"]), f"{type(e).__name__}: {e}"))
+            cause = root_cause(e)
+            failed.append((str(item["image"]), f"{type(cause).__name__}: {cause}"))
             continue
         images.append(convert_to_numpy(out["image"], dtype=np.float32))
         rest.append({k: v for k, v in out.items() if k != "image"} | {"path": str(item["image"])})

@@ -1,7 +1,8 @@
 """Evaluation report: metrics.json, confusion matrix (CSV and PNG), predictions.csv and a printed table.
 
 The figures are the evaluator's metrics, declared in configs/evaluate.json (ignite's ``Accuracy``,
-``ConfusionMatrix``, ``Precision``, ``Recall`` and ``Fbeta``, MONAI's ``ROCAUC``); this module writes them out.
+``ConfusionMatrix``, ``Precision``, ``Recall`` and ``Fbeta``), and MONAI's ``compute_roc_auc`` on the collected
+probabilities; this module writes them out.
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ class ClassificationReport:
     def write(self, engine: Engine) -> None:
         if not self.probs:
             raise BundleError("no images were evaluated.", "check --eval_dir or the test split.")
-        metrics = classification_metrics(engine.state.metrics, torch.cat(self.probs), torch.cat(self.labels))
-        probs, labels = torch.cat(self.probs).numpy(), torch.cat(self.labels).numpy()
+        probs, labels = torch.cat(self.probs), torch.cat(self.labels)
+        metrics = classification_metrics(engine.state.metrics, probs, labels)
+        probs, labels = probs.numpy(), labels.numpy()
         os.makedirs(self.output_dir, exist_ok=True)
         atomic_write(
             os.path.join(self.output_dir, "metrics.json"), lambda f: json.dump(_json_safe(metrics), f, indent=2)

@@ -20,7 +20,7 @@ from monai.data import PILReader
 from monai.transforms import LoadImage, MapTransform
 
 from .data import CLASSES
-from .utils import BundleError, as_bool, atomic_write, pyplot, save_figure
+from .utils import BundleError, as_bool, atomic_write, pyplot, root_cause, save_figure
 
 logger = logging.getLogger(__name__)
 PIL_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -111,9 +111,8 @@ class LoadImageSafelyd(MapTransform):
         try:
             image = self.loader(path)
         except Exception as e:  # truncated or corrupt pixel data
-            while e.__cause__ is not None:
-                e = e.__cause__
-            raise ValueError(f"cannot read image: {type(e).__name__}: {e}") from e
+            cause = root_cause(e)
+            raise ValueError(f"cannot read image: {type(cause).__name__}: {cause}") from e
         image = image.squeeze()  # a NIfTI slice of shape (W, H, 1)
         if image.ndim != 2 or not torch.isfinite(image).all():
             raise ValueError("image is not one 2D channel of finite values")

@@ -28,6 +28,13 @@ class BundleError(ValueError):
         return f"ERROR: {self.problem}\n  Fix: {self.fix}"
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The first exception of ``error``'s chain of causes (MONAI wraps a reader's error in "applying transform")."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def report_bundle_error(exc_type, exc, tb) -> None:
     """``sys.excepthook``: an uncaught exception caused by a ``BundleError`` prints only that error's message.
 
