@@ -31,7 +31,7 @@ INTEGERS = {
     "cache_num_workers": 1,
     "seed": 0,
 }
-FLAGS = ("amp", "cpu_bf16", "channels_last", "augment", "download", "resume")
+FLAGS = ("amp", "cpu_bf16", "channels_last", "augment", "download", "resume", "skip_unreadable")
 
 
 def check_train_args(learning_rate, lr_factor, val_frac, test_frac, **args) -> dict:

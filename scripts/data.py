@@ -21,13 +21,14 @@ from monai.apps.utils import check_hash, download_url, extractall
 from monai.data import partition_dataset_classes
 from monai.utils import convert_to_numpy, optional_import
 
-from .utils import BundleError, atomic_write, root_cause
+from .utils import BundleError, as_bool, atomic_write, remove_stale, root_cause
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
 CLASSES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
 SPLITS = ("training", "validation", "test")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+DOWNLOAD_PREFIX, EXTRACT_PREFIX = ".MedNIST-download-", ".MedNIST-extract-"
 logger = logging.getLogger(__name__)
 
 
@@ -66,19 +67,21 @@ def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> tup
     if not download and not os.path.isfile(tarball):
         raise BundleError(f"no MedNIST data at {root} and download is false.", f"{manual}, or set --download true.")
     os.makedirs(dataset_dir, exist_ok=True)
+    for prefix in (DOWNLOAD_PREFIX, EXTRACT_PREFIX):  # what a killed download or extraction left
+        remove_stale(dataset_dir, prefix)
     if os.path.isfile(tarball) and not check_hash(tarball, md5, "md5"):
         raise BundleError(f"{tarball} does not match MD5 {md5} (corrupt or incomplete).", f"delete it, then {manual}.")
     if not os.path.isfile(tarball):
         logger.info(f"downloading MedNIST from {url} to {tarball}")
-        partial = tarball + ".partial"
+        part_file = os.path.join(dataset_dir, f"{DOWNLOAD_PREFIX}{os.getpid()}-MedNIST.tar.gz")
         try:
-            download_url(url, partial, hash_val=md5, hash_type="md5", progress=False)
+            download_url(url, part_file, hash_val=md5, hash_type="md5", progress=False)
         except Exception as e:  # network errors and checksum failures alike
-            if os.path.exists(partial):
-                os.remove(partial)
+            if os.path.exists(part_file):
+                os.remove(part_file)
             raise BundleError(f"could not download MedNIST from {url}: {e}", manual) from e
-        os.replace(partial, tarball)
-    staging = tempfile.mkdtemp(prefix=".MedNIST-extract-", dir=dataset_dir)
+        os.replace(part_file, tarball)
+    staging = tempfile.mkdtemp(prefix=f"{EXTRACT_PREFIX}{os.getpid()}-", dir=dataset_dir)
     try:
         extractall(tarball, staging, file_type="tar.gz", has_base=False)
         found = check_class_folders(os.path.join(staging, "MedNIST"), key="MedNIST.tar.gz")
@@ -181,6 +184,18 @@ def folder_datalist(folder: str) -> list[dict]:
     """Every image under ``folder/<class>/`` (searched recursively) for each of the six class names found."""
     if not os.path.isdir(folder):
         raise BundleError(f"--eval_dir {folder} is not a folder.", "pass a folder with one subfolder per class.")
+    others = [d for d in sorted(os.listdir(folder)) if d not in CLASSES and not d.startswith(".")]
+    others = [d for d in others if os.path.isdir(os.path.join(folder, d))]
+    if others:
+        named = {c.lower(): c for c in CLASSES}
+        listed = ", ".join(
+            os.path.join(folder, d) + (f" (did you mean {named[d.lower()]}?)" if d.lower() in named else "")
+            for d in others
+        )
+        raise BundleError(
+            f"--eval_dir {folder} has folder(s) that are not MedNIST class names: {listed}.",
+            f"rename them to one of {', '.join(CLASSES)} (case matters), or move them out of the folder.",
+        )
     data = []
     for label, cls in enumerate(CLASSES):
         for dirpath, _, files in sorted(os.walk(os.path.join(folder, cls))):
@@ -200,10 +215,24 @@ def folder_datalist(folder: str) -> list[dict]:
 _worker_transform = None  # set in each worker process by _start_worker
 
 
-def _start_worker(transform) -> None:
-    """A worker's initializer: one torch thread (a forked OpenMP pool must not be reused), and the transform,
-    inherited through ``fork`` rather than pickled."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel kill this process when its parent dies, so no orphan holds memory."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
+
+
+def _start_worker(transform, parent: int) -> None:
+    """A worker's initializer: killed with its parent, one torch thread (a forked OpenMP pool must not be
+    reused), and the transform, inherited through ``fork`` rather than pickled."""
     global _worker_transform
+    _die_with_parent(parent)
     torch.set_num_threads(1)
     _worker_transform = transform
 
@@ -228,33 +257,42 @@ def _preprocess(transform, items: list[dict]) -> tuple:
     return (np.stack(images) if images else None), rest, failed
 
 
-def preload(data: list[dict], transform, num_workers: int = 1, chunk_size: int = 256) -> list[dict]:
-    """Every item of ``data`` through ``transform`` (the deterministic preprocessing), held in memory as plain data.
+def preload(
+    data: dict[str, list[dict]], transform, num_workers: int = 1, skip_unreadable=False, chunk_size: int = 256
+) -> dict[str, list[dict]]:
+    """Every item of each list of ``data`` (e.g. ``{"training": [...], "validation": [...]}``) through
+    ``transform`` (the deterministic preprocessing), held in memory as plain data, under the same names.
 
     MONAI's ``CacheDataset`` builds its cache with threads, but LoadImage and the other transforms are
     Python-bound, so threads wait on each other (2 threads were 1.3x slower than 1 on 2 cores). Here
     ``num_workers`` forked processes (Linux; elsewhere, or with 1, this process) each take chunks and send them
-    back as one array. Each item comes back as ``{"image": float32 tensor, "path": its file, ...the other keys}``
-    for a plain ``monai.data.Dataset``. Every image that cannot be read is named in one message.
+    back as one array; they die with this process. Each item comes back as ``{"image": float32 tensor, "path":
+    its file, ...the other keys}`` for a plain ``monai.data.Dataset``. Every image of every list that cannot be
+    read is named in one message at the end; with ``skip_unreadable`` they are left out instead, and counted.
     """
-    start, workers = time.perf_counter(), max(1, int(num_workers))
-    chunks = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
-    bar = tqdm(total=len(data), desc="Loading dataset") if has_tqdm else None
-    items, failed, pool = [], [], None
+    workers = max(1, int(num_workers))
+    chunks = {name: [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)] for name, items in data.items()}
+    bar = tqdm(total=sum(map(len, data.values())), desc="Loading dataset") if has_tqdm else None
+    cached, failed, pool = {}, [], None
     try:
-        if workers == 1 or not sys.platform.startswith("linux"):  # fork is safe on Linux only
-            workers, results = 1, map(partial(_preprocess, transform), chunks)
-        else:
+        if workers > 1 and sys.platform.startswith("linux"):  # fork is safe on Linux only
             fork = multiprocessing.get_context("fork")
-            pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_start_worker, initargs=(transform,))
-            results = pool.map(_preprocess_in_worker, chunks)
-        for stacked, rest, bad in results:
-            failed += bad
-            if stacked is not None:
-                tensor = torch.from_numpy(stacked)
-                items += [{"image": tensor[i], **other} for i, other in enumerate(rest)]
-            if bar is not None:
-                bar.update(len(rest) + len(bad))
+            init = (transform, os.getpid())
+            pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_start_worker, initargs=init)
+        else:
+            workers = 1
+        for name, parts in chunks.items():
+            start, cached[name] = time.perf_counter(), []
+            results = pool.map(_preprocess_in_worker, parts) if pool else map(partial(_preprocess, transform), parts)
+            for stacked, rest, bad in results:
+                failed += bad
+                if stacked is not None:
+                    tensor = torch.from_numpy(stacked)
+                    cached[name] += [{"image": tensor[i], **other} for i, other in enumerate(rest)]
+                if bar is not None:
+                    bar.update(len(rest) + len(bad))
+            took = time.perf_counter() - start
+            logger.info(f"cached {len(cached[name])} items in {took:.1f} s ({workers} process(es)): {name}")
     except BrokenProcessPool as e:  # a worker was killed, e.g. by the out-of-memory killer
         raise BundleError(
             f"a process preprocessing the images died ({e}).",
@@ -267,12 +305,14 @@ def preload(data: list[dict], transform, num_workers: int = 1, chunk_size: int =
             bar.close()
     if failed:
         listed = "\n".join(f"    {path}: {reason}" for path, reason in failed)
-        raise BundleError(
-            f"cannot read {len(failed)} image(s):\n{listed}",
-            "replace them with readable images, or delete them and train with a new --output_dir (a new split).",
-        )
-    logger.info(f"cached {len(items)} items in {time.perf_counter() - start:.1f} s ({workers} process(es))")
-    return items
+        if not as_bool(skip_unreadable, "skip_unreadable"):
+            raise BundleError(
+                f"cannot read {len(failed)} image(s):\n{listed}",
+                "replace or delete them (and train with a new --output_dir, for a new split), "
+                "or pass --skip_unreadable true to leave them out.",
+            )
+        logger.warning(f"skipped {len(failed)} unreadable image(s) (--skip_unreadable true):\n{listed}")
+    return cached
 
 
 def eval_datalist(eval_dir: str | None, split_file: str, dataset_dir: str) -> list[dict]:

@@ -1,20 +1,17 @@
-"""Ignite handlers the bundle needs beyond MONAI's own (per-epoch history, device report, loss progress bar) and
-what training checkpoints hold and where a resumed run starts."""
+"""Ignite handlers the bundle needs beyond MONAI's own: per-epoch history, device report, loss progress bar."""
 
 from __future__ import annotations
 
 import csv
-import glob
 import logging
 import os
-import re
 import time
 
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
-from .utils import BundleError, as_bool, atomic_write, is_main_process, pyplot, save_figure
+from .utils import atomic_write, is_main_process, pyplot, save_figure
 
 logger = logging.getLogger(__name__)
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "elapsed_s")
@@ -154,39 +151,3 @@ class LossProgressBar(ProgressBar):
     def attach(self, engine: Engine, *args, **kwargs) -> None:
         kwargs.setdefault("output_transform", lambda output: {"loss": output["loss"].detach().item()})
         super().attach(engine, *args, **kwargs)
-
-
-def training_state(network, optimizer, lr_scheduler, trainer, early_stop, best_model_saver) -> dict:
-    """Everything a resumed run needs, for the last-epoch checkpoint and for ``CheckpointLoader``: besides the
-    network, optimizer, scheduler and trainer, ignite's ``EarlyStopping`` (its counter and best score) and the
-    ``Checkpoint`` writing ``model.pt`` (the best validation accuracy so far)."""
-    state = {
-        "model": network,
-        "optimizer": optimizer,
-        "lr_scheduler": lr_scheduler,
-        "trainer": trainer,
-        "early_stop": early_stop,
-        "best_model": best_model_saver,
-    }
-    if getattr(trainer, "scaler", None) is not None:
-        state["scaler"] = trainer.scaler  # CUDA AMP gradient scaler
-    return state
-
-
-def checkpoint_epoch(path: str) -> int:
-    """N of a ``checkpoint_epoch=N.pt`` path."""
-    return int(re.search(r"epoch=(\d+)\.pt$", path).group(1))
-
-
-def latest_checkpoint(ckpt_dir: str, resume=True) -> str:
-    """With ``resume``, the ``checkpoint_epoch=N.pt`` with the largest N in ``ckpt_dir``; otherwise ``""``."""
-    if not as_bool(resume, "resume"):
-        return ""
-    found = sorted(glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch=*.pt")), key=checkpoint_epoch)
-    if not found:
-        raise BundleError(
-            f"--resume true, but {ckpt_dir} holds no checkpoint_epoch=N.pt to resume from.",
-            "train without --resume, or pass the --ckpt_dir of the run to continue.",
-        )
-    logger.info(f"resuming from {found[-1]}")
-    return found[-1]

@@ -1,14 +1,19 @@
-"""Helpers shared by the bundle's scripts: the one error type, booleans from the command line, atomic writes,
-the distributed rank and matplotlib without a display."""
+"""Helpers shared by the bundle's scripts: the one error type, booleans from the command line, durable atomic
+writes, one run per folder, leftovers of killed processes, the distributed rank and matplotlib without a display."""
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
+import re
+import shutil
 import sys
 import tempfile
 
 import torch
 
+logger = logging.getLogger(__name__)
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TRUE, _FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
 
@@ -71,21 +76,137 @@ def is_main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+def fsync_folder(folder: str) -> None:
+    """Make a rename or removal in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str, write, mode: str = "w") -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(file)`` on a temporary file ``.tmp-*`` beside ``path``, flush it to disk, then rename it over
+    ``path``: at every instant ``path`` is either the old complete file or the new one, even across a power cut.
+    A temporary file left by a killed process is removed by the next run's :class:`FolderLock`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the permissions of a normal file
         os.replace(tmp, path)
+        fsync_folder(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+TMP_PREFIX = ".tmp-"
+IGNITE_TMP = re.compile(r"^tmp[a-z0-9_]{8}$")  # ignite DiskSaver(atomic=True)'s temporary files
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale(folder: str, prefix: str) -> list[str]:
+    """Remove ``folder/<prefix><pid>-*`` files and folders whose process ``pid`` is gone (left by a killed run).
+
+    Names without a process id (from older versions) count as stale. Returns what was removed.
+    """
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*")):
+        match = re.match(r"(\d+)-", os.path.basename(path)[len(prefix) :])
+        if match and pid_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        removed.append(path)
+    if removed:
+        logger.info(f"removed {len(removed)} leftover(s) of a killed run: {', '.join(removed)}")
+    return removed
+
+
+class FolderLock:
+    """One run per folder: an exclusive ``fcntl`` lock on ``<folder>/.mednist.lock`` for each of ``folders``.
+
+    The lock file holds the running process's id, named in the refusal a second run gets. The operating system
+    drops the lock when its process ends, however it ends, so the lock of a killed run is simply taken over.
+    Taking a folder also removes the temporary files a killed run left there (its writes are atomic, so nothing
+    else is half-written). Only the main process of a distributed run takes the lock. ``acquire`` is idempotent
+    within a process; ``release`` frees the folders (``finalize`` calls it).
+    """
+
+    NAME = ".mednist.lock"
+    _held: dict[str, object] = {}  # real folder path -> open lock file, for this process
+
+    def __init__(self, folders, key: str = "output_dir"):
+        self.folders = [folders] if isinstance(folders, str) else list(folders)
+        self.key = key
+
+    def acquire(self) -> FolderLock:
+        import fcntl
+
+        if not is_main_process():
+            return self
+        for folder in dict.fromkeys(os.path.realpath(str(f)) for f in self.folders):
+            if folder in self._held:
+                continue
+            path = os.path.join(folder, self.NAME)
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise BundleError(f"{folder} is a file, not a folder.", "pass a folder path for the outputs.")
+            try:
+                os.makedirs(folder, exist_ok=True)
+                f = open(path, "a+")
+            except OSError as e:
+                raise BundleError(
+                    f"cannot write to {folder} ({e.strerror or e}).",
+                    f"pass a writable folder (--{self.key} or --ckpt_dir), or fix its permissions.",
+                ) from e
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                f.seek(0)
+                owner = f.read().strip() or "unknown"
+                f.close()
+                raise BundleError(
+                    f"{folder} is in use by another run (process {owner}).",
+                    "wait for it to finish, stop it, or give this run other folders (--output_dir, --ckpt_dir).",
+                ) from e
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            self._held[folder] = f
+            for name in os.listdir(folder):
+                stale = name.startswith(TMP_PREFIX) or IGNITE_TMP.match(name)
+                if stale and os.path.isfile(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
+                    logger.info(f"removed {os.path.join(folder, name)}, left by a killed run")
+        return self
+
+    def release(self) -> None:
+        for folder in dict.fromkeys(os.path.realpath(str(f)) for f in self.folders):
+            f = self._held.pop(folder, None)
+            if f is not None:
+                f.close()  # closing drops the flock
 
 
 def pyplot():

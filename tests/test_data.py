@@ -15,6 +15,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import TRAIN, bundle_error, train, write_mednist
+from scripts.data import CLASSES, SPLITS, make_split
 
 FAST = {"epochs": 1, "batch_size": 16, "accumulation_steps": 1, "train#trainer#epoch_length": 1}
 
@@ -89,7 +90,7 @@ def _preload(mednist, workers: int, **kwargs):
     parser.read_config(TRAIN)
     files = sorted(glob.glob(os.path.join(mednist, "MedNIST", "*", "*.jpeg")))
     data = [{"image": f, "label": i % 6} for i, f in enumerate(files)]
-    return data, preload(data, parser.get_parsed_content("train#preprocessing"), workers, **kwargs)
+    return data, preload({"all": data}, parser.get_parsed_content("preprocessing"), workers, **kwargs)["all"]
 
 
 def test_preload_in_processes_equals_in_process(mednist):
@@ -103,21 +104,26 @@ def test_preload_in_processes_equals_in_process(mednist):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_every_unreadable_training_image_is_named(workers, mednist, tmp_path):
+def test_every_unreadable_image_is_named_then_skipped_on_request(workers, mednist, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(mednist, data)
-    bad = [f"CXR/{i:06d}.jpeg" for i in range(7)]  # of the 20 a class: 16 for training, 2 for validation
+    names = [f"CXR/{i:06d}.jpeg" for i in range(20)]
+    split = make_split({c: sorted(os.listdir(data / "MedNIST" / c)) for c in CLASSES}, 0.1, 0.1, 0)
+    kept = {d["image"] for part in ("training", "validation") for d in split[part]}
+    in_split = {part: [n for n in names if n in {d["image"] for d in split[part]}] for part in SPLITS}
+    bad = in_split["training"][:2] + in_split["validation"][:1]  # in both sets the run preprocesses
     for name in bad:
         (data / "MedNIST" / name).write_bytes(b"\xff\xd8 truncated")
-    with bundle_error("image(s):") as found:
+    with bundle_error("cannot read 3 image(s)") as found:
         train(data, tmp_path, cache_num_workers=workers, **FAST)
-    split = json.loads((tmp_path / "out" / "split.json").read_text())
-    named = [name for name in bad if str(data / "MedNIST" / name) in str(found[0])]
-    # the first set preprocessed (training or validation) stops the run, naming each of its bad images
-    assert named in ([n for n in bad if n in {d["image"] for d in split[part]}] for part in ("training", "validation"))
-    assert len(named) >= 2
-    assert f"cannot read {len(named)} image(s)" in str(found[0]) and "replace them" in found[0].fix
-    assert not os.path.exists(tmp_path / "models")
+    assert all(str(data / "MedNIST" / name) in str(found[0]) for name in bad)  # every one, in one message
+    assert "--skip_unreadable true" in found[0].fix
+    assert os.listdir(tmp_path / "models") == [".mednist.lock"]  # no model or checkpoint written
+
+    wf = train(data, tmp_path, cache_num_workers=workers, skip_unreadable=True, **FAST)
+    cached = wf.parser.get_parsed_content("cache")
+    assert sum(map(len, cached.values())) == len(kept) - 3
+    assert not {str(data / "MedNIST" / n) for n in bad} & {d["path"] for v in cached.values() for d in v}
 
 
 def test_dead_worker_is_reported():
@@ -127,7 +133,7 @@ def test_dead_worker_is_reported():
 
     data = [{"image": i} for i in range(40)]
     with bundle_error("a process preprocessing the images died") as found:
-        preload(data, Lambdad("image", lambda x: os._exit(9)), num_workers=2, chunk_size=4)
+        preload({"all": data}, Lambdad("image", lambda x: os._exit(9)), num_workers=2, chunk_size=4)
     assert "--cache_num_workers" in found[0].fix
 
 

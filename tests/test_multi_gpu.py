@@ -46,9 +46,9 @@ def test_two_processes_train_one_model(mednist, tmp_path):
     # validation metrics are reduced over both ranks' shards: both print the same figures
     pattern = r"Epoch\[1\] Metrics -- val_acc: ([\d.]+) val_loss: ([\d.]+)"
     assert re.findall(pattern, logs[0]) == re.findall(pattern, logs[1]) != []
-    assert sorted(os.listdir(tmp_path / "models")) == ["checkpoint_epoch=2.pt", "model.pt"]
+    assert sorted(os.listdir(tmp_path / "models")) == [".mednist.lock", "checkpoint_epoch=2.pt", "model.pt"]
     # each rank preprocessed its own half of the 96 training and 12 validation images
-    assert all(re.findall(r"cached (\d+) items", log) == ["6", "48"] for log in logs)
+    assert all(re.findall(r"cached (\d+) items", log) == ["48", "6"] for log in logs)
     net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=6)
     net.load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))  # no "module." prefix
     assert [int(r["epoch"]) for r in history(tmp_path)] == [1, 2]

@@ -32,7 +32,7 @@ def test_model_and_checkpoint(trained):
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]  # saved after epoch 2
     assert ckpt["checkpointer"]["_saved"] == [(2, "checkpoint_epoch=2.pt")]
     assert [name for _, name in ckpt["best_model"]["_saved"]] == ["model.pt"]
-    assert sorted(os.listdir(trained / "models")) == ["checkpoint_epoch=2.pt", "model.pt"]
+    assert sorted(os.listdir(trained / "models")) == [".mednist.lock", "checkpoint_epoch=2.pt", "model.pt"]
 
 
 def test_history_and_plot(trained):
@@ -66,7 +66,7 @@ def test_split_is_disjoint_stratified_and_reused(trained, mednist, tmp_path):
     # a second run with the same output_dir reuses exactly that split
     wf = train(mednist, tmp_path, epochs=1, output_dir=trained / "out", **FAST, **{"train#trainer#epoch_length": 1})
     assert split_file.read_bytes() == before
-    assert [d["path"] for d in wf.parser.get_parsed_content("train#cache")] == [
+    assert [d["path"] for d in wf.parser.get_parsed_content("cache")["training"]] == [
         os.path.join(mednist, "MedNIST", d["image"]) for d in split["training"]
     ]
     # a different fraction with the same output_dir is refused rather than silently re-split

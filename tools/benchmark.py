@@ -31,6 +31,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,9 +41,10 @@ import time
 import fire
 
 from scripts.utils import BUNDLE_ROOT as BUNDLE
+from scripts.utils import remove_stale
 
 PIPELINES = {"bundle": [], "per_sample": ["original.json"], "model_only": []}  # override files of train.json
-SUBSET = {"train#cache#data": "@bench_train", "validate#cache#data": "@bench_val"}
+SUBSET = {"cache#data#training": "@bench_train", "cache#data#validation": "@bench_val"}
 PER_SAMPLE_SUBSET = {"train#dataset#data": "@bench_train", "validate#dataset#data": "@bench_val"}
 
 
@@ -103,8 +105,10 @@ def _measure(pipeline: str, dataset_dir: str, num_images: int, overrides: dict) 
 
     os.chdir(BUNDLE)
     sys.path.insert(0, BUNDLE)
-    work = tempfile.mkdtemp(prefix="bench-")
+    remove_stale(tempfile.gettempdir(), "bench-")  # what a killed benchmark left
+    work = tempfile.mkdtemp(prefix=f"bench-{os.getpid()}-")
     atexit.register(shutil.rmtree, work, ignore_errors=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a plain kill still runs the clean-up
     parser = ConfigParser()
     parser.read_config([os.path.join(BUNDLE, "configs", name) for name in ["train.json", *PIPELINES[pipeline]]])
     stride = f"max(1, len(@datalist['training']) // {num_images})"
