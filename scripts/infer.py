@@ -20,7 +20,7 @@ from monai.data import PILReader
 from monai.transforms import LoadImage, MapTransform
 
 from .data import CLASSES
-from .utils import BundleError, as_bool, atomic_write, pyplot, root_cause, save_figure
+from .utils import BundleError, as_bool, pyplot, root_cause, save_figure
 
 logger = logging.getLogger(__name__)
 PIL_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -161,29 +161,73 @@ def _unit_range(cams: torch.Tensor) -> torch.Tensor:
     return (cams - low) / (high - low).clamp_min(1e-12)
 
 
-class PredictionWriter:
-    """Collect the evaluator's predictions; at the end write ``predictions.csv`` (atomically), then the pictures.
+def read_predictions(path: str) -> list[dict]:
+    """The complete rows of a ``predictions.csv`` (a last line cut short by a kill is left out)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    rows = list(csv.DictReader(lines))
+    return [r for r in rows if None not in r and None not in r.values()]  # every column, no extra field
 
-    ``visualize`` None means: pictures when there is exactly one input. Grad-CAM (``monai.visualize.GradCAM``
-    on ``target_layer``) needs the PyTorch network; with an exported model the pictures have no heat map.
+
+def skip_done(data: list[dict], output_dir: str, resume=False) -> list[dict]:
+    """``data`` without the inputs ``predictions.csv`` in ``output_dir`` already holds a row for, with
+    ``resume``; all of ``data`` without."""
+    if not as_bool(resume, "resume"):
+        return data
+    done = {r["path"] for r in read_predictions(os.path.join(output_dir, "predictions.csv"))}
+    todo = [d for d in data if d["path"] not in done]
+    logger.info(f"resuming: {len(data) - len(todo)} of {len(data)} input(s) already predicted")
+    return todo
+
+
+class PredictionWriter:
+    """Write each batch's predictions to ``predictions.csv`` as soon as it is predicted, and the pictures.
+
+    The file grows batch by batch and is flushed each time, so a killed run keeps every row written, and
+    ``resume`` appends to it (after dropping a last line cut short). Nothing is held across batches: memory
+    stays flat in the number of inputs. ``visualize`` None means: pictures when there is exactly one input
+    (``num_inputs``). Grad-CAM (``monai.visualize.GradCAM`` on ``target_layer``) needs the PyTorch network;
+    with an exported model the pictures have no heat map.
     """
 
-    def __init__(self, output_dir: str, visualize=None, network=None, target_layer: str = "class_layers.relu"):
-        self.output_dir, self.visualize, self.network, self.target_layer = output_dir, visualize, network, target_layer
-        self.rows: list[dict] = []
+    def __init__(
+        self,
+        output_dir: str,
+        visualize=None,
+        network=None,
+        num_inputs: int | None = None,
+        resume=False,
+        target_layer: str = "class_layers.relu",
+    ):
+        self.output_dir, self.network, self.target_layer = output_dir, network, target_layer
+        self.path = os.path.join(output_dir, "predictions.csv")
+        auto = visualize in (None, "", "auto")
+        self.pictures = num_inputs == 1 if auto else as_bool(visualize, "visualize")
+        self.resume = as_bool(resume, "resume")
+        self.rows = self.predicted = self.drawn = 0
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.STARTED, self.open)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-        engine.add_event_handler(Events.COMPLETED, self.write)
+        engine.add_event_handler(Events.COMPLETED, self.close)
 
-    def reset(self, engine: Engine) -> None:
-        self.rows, self.images = [], []
+    def open(self, engine: Engine | None = None) -> None:
+        kept = read_predictions(self.path) if self.resume else []
+        self.drawn = sum(not r["error"] for r in kept)  # pictures are numbered on across a resumed run
+        self.file = open(self.path, "w", newline="")
+        self.csv = csv.DictWriter(self.file, fieldnames=COLUMNS, extrasaction="ignore")
+        self.csv.writeheader()
+        self.csv.writerows(kept)
+        self.file.flush()
 
     def collect(self, engine: Engine) -> None:
         batch = engine.state.batch
         probs = torch.softmax(engine.state.output["pred"].float(), 1).detach().cpu().numpy()
-        images = engine.state.output["image"].detach().cpu()
+        rows, good = [], []
         for i, (path, error) in enumerate(zip(batch["path"], batch["error"])):
             row = {"path": path, "error": error}
             if error:
@@ -191,54 +235,45 @@ class PredictionWriter:
             else:
                 row.update({"label": CLASSES[probs[i].argmax()], "confidence": f"{probs[i].max():.6f}"})
                 row.update({c: f"{p:.6f}" for c, p in zip(CLASSES, probs[i])})
-                row["_probs"], row["_image"] = probs[i], images[i]
-            self.rows.append(row)
+                good.append(i)
+            rows.append(row)
+        self.csv.writerows(rows)
+        self.file.flush()
+        self.rows, self.predicted = self.rows + len(rows), self.predicted + len(good)
+        if self.pictures and good:
+            self.plot([rows[i] for i in good], engine.state.output["image"][good], probs[good])
 
-    @property
-    def num_predicted(self) -> int:
-        return sum(not r["error"] for r in self.rows)
+    def close(self, engine: Engine | None = None) -> None:
+        self.file.close()
+        logger.info(f"{self.predicted} of {self.rows} input(s) predicted; wrote {self.path}")
 
-    def write(self, engine: Engine | None = None) -> None:
-        def _csv(f):
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(self.rows)
-
-        path = os.path.join(self.output_dir, "predictions.csv")
-        atomic_write(path, _csv)
-        logger.info(f"{self.num_predicted} of {len(self.rows)} input(s) predicted; wrote {path}")
-
-    def plot(self) -> None:
-        good = [r for r in self.rows if not r["error"]]
-        if not good:
-            return
-        cams = [None] * len(good)
+    def plot(self, rows: list[dict], images: torch.Tensor, probs: np.ndarray) -> None:
+        cams = [None] * len(rows)
         if isinstance(self.network, torch.nn.Module):
             from monai.visualize import GradCAM
 
             self.network.eval()
             # cloned here, after the evaluator's no-grad/inference mode, so that Grad-CAM can backpropagate
-            x = torch.stack([r["_image"].clone() for r in good]).to(next(self.network.parameters()).device)
+            x = images.detach().clone().to(next(self.network.parameters()).device)
             # MONAI's default normaliser maps (min, max) to (1, 0), which flips the heat map; keep max = hot
             cam = GradCAM(nn_module=self.network, target_layers=self.target_layer, postprocessing=_unit_range)
             with torch.enable_grad():  # one image at a time: MONAI's GradCAM mixes classes across a batch
                 cams = [cam(x=x[i : i + 1]).detach().cpu().numpy()[0, 0] for i in range(len(x))]
         folder = os.path.join(self.output_dir, "visualizations")
         os.makedirs(folder, exist_ok=True)
-        for i, (r, c) in enumerate(zip(good, cams)):
+        for r, image, p, c in zip(rows, images.detach().cpu(), probs, cams):
             stem = os.path.basename(r["path"]).split(".")[0]
             title = f"{r['label']} ({float(r['confidence']):.1%})"
-            plot_prediction(r["_image"][0].numpy(), r["_probs"], c, title, os.path.join(folder, f"{i:04d}_{stem}.png"))
-        logger.info(f"wrote {len(good)} picture(s) to {folder}")
+            plot_prediction(image[0].numpy(), p, c, title, os.path.join(folder, f"{self.drawn:04d}_{stem}.png"))
+            self.drawn += 1
+        logger.info(f"wrote {len(rows)} picture(s) to {folder}")
 
-    def finish(self) -> int:
-        """After the evaluator's run: the pictures if asked for; stop with a non-zero exit if nothing was predicted."""
-        auto = self.visualize in (None, "", "auto")
-        if len(self.rows) == 1 if auto else as_bool(self.visualize, "visualize"):
-            self.plot()
-        if not self.rows or self.num_predicted == 0:
+    def finish(self, skipped: int = 0) -> int:
+        """After the evaluator's run: stop with a non-zero exit if nothing was predicted (and nothing was left to
+        predict by an earlier run, ``skipped``)."""
+        if self.predicted == 0 and not (skipped and self.rows == 0):
             raise BundleError(
-                f"no image could be predicted ({len(self.rows)} input(s), all failed).",
-                f"see the error column of {os.path.join(self.output_dir, 'predictions.csv')}.",
+                f"no image could be predicted ({self.rows} input(s), all failed).",
+                f"see the error column of {self.path}.",
             )
-        return self.num_predicted
+        return self.predicted

@@ -6,7 +6,8 @@ Writes ``dist/mednist_classification_v<version>.zip`` (version from configs/meta
 ``mednist_classification/`` with configs, docs, scripts, LICENSE and ``models/model.pt`` (plus model.ts,
 model.pt2 and model.onnx when present), as the Model Zoo packs a bundle: ``large_files.yml`` stays out, since
 the zip carries the weights. Entries are sorted and stamped with a fixed time and mode, so the same inputs
-give the same bytes. Prints the zip's size and SHA-256.
+give the same bytes. Every model file is checked first (complete, and loadable without running code: see
+``scripts.export.check_model_file``). Prints the zip's size and SHA-256.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import zipfile
 
 import fire
 
+from .export import check_model_file
 from .utils import BUNDLE_ROOT, BundleError, atomic_write
 
 NAME = "mednist_classification"
@@ -46,8 +48,10 @@ def release_files(ckpt_dir: str) -> dict[str, str]:
     if not os.path.isfile(os.path.join(ckpt_dir, "model.pt")):
         raise BundleError(f"no trained model at {ckpt_dir}/model.pt.", "train first, or pass --ckpt_dir.")
     for name in MODELS:
-        if os.path.isfile(os.path.join(ckpt_dir, name)):
-            files[f"models/{name}"] = os.path.join(ckpt_dir, name)
+        path = os.path.join(ckpt_dir, name)
+        if os.path.isfile(path):
+            check_model_file(path)  # complete, and loadable without running code
+            files[f"models/{name}"] = path
     return files
 
 

@@ -55,3 +55,74 @@ def test_bad_model_file_is_named(trained, tmp_path, mednist):
     bad.write_bytes(b"garbage")
     with bundle_error(f"cannot load exported model {bad}"):
         infer(trained, tmp_path / "out", mednist, model_file=bad)
+
+
+class Payload:
+    """Unpickling this creates ``path``: the side effect a tampered model file must never get to cause."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def rewrite_zip(src, dst, edit) -> None:
+    """Copy the zip archive ``src`` to ``dst`` with each entry's bytes passed through ``edit(name, data)``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, edit(info.filename, zin.read(info.filename)))
+
+
+def tampered_pt2(src, dst, kind: str, flag) -> None:
+    """A copy of the export ``src`` whose loading by ``torch.export.load`` would create ``flag``."""
+    import json
+    import pickle
+
+    def edit(name, data):
+        if kind == "pickled weight" and name.endswith("weights_config.json"):
+            config = json.loads(data)
+            next(iter(config["config"].values()))["use_pickle"] = True
+            return json.dumps(config).encode()
+        if (kind == "pickled weight" and name.endswith("/weight_0")) or (
+            kind == "sample inputs" and name.endswith("sample_inputs/model.pt")
+        ):
+            return pickle.dumps(Payload(flag))
+        if kind == "shape expression" and name.endswith("models/model.json"):
+            return data.replace(b"Symbol(", f"open('{flag}', 'w') and Symbol(".encode())
+        return data
+
+    rewrite_zip(src, dst, edit)
+
+
+@pytest.mark.parametrize("kind", ["pickled weight", "sample inputs", "shape expression"])
+def test_tampered_pt2_is_refused_without_side_effect(exported, trained, mednist, tmp_path, kind):
+    import subprocess
+    import sys
+
+    out, _ = exported
+    bad, flag = tmp_path / "model.pt2", tmp_path / "payload-ran"
+    tampered_pt2(out / "model.pt2", bad, kind, flag)
+    with bundle_error(f"refused to load {bad}") as found:
+        infer(trained, tmp_path / "out", mednist, model_file=bad)
+    assert "from a source you trust" in found[0].fix
+    assert not flag.exists() and not (tmp_path / "out").exists()  # refused before any file was written
+    # the threat is real: torch's own loader runs the payload
+    subprocess.run([sys.executable, "-c", f"import torch; torch.export.load({str(bad)!r})"], capture_output=True)
+    assert flag.exists()
+
+
+def test_tampered_torchscript_and_checkpoint_are_refused(exported, trained, mednist, tmp_path):
+    import pickle
+
+    out, _ = exported
+    flag = tmp_path / "payload-ran"
+    bad_ts = tmp_path / "model.ts"
+    rewrite_zip(out / "model.ts", bad_ts, lambda n, d: pickle.dumps(Payload(flag)) if n.endswith("data.pkl") else d)
+    with bundle_error(f"cannot load exported model {bad_ts}"):
+        infer(trained, tmp_path / "out", mednist, model_file=bad_ts)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(pickle.dumps(Payload(flag)))
+    with bundle_error("cannot be read"):
+        infer(tmp_path, tmp_path / "out", mednist)  # ckpt_dir tmp_path/models
+    assert not flag.exists() and not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ import zipfile
 
 import yaml
 
-from conftest import BUNDLE, run_bundle
+from conftest import BUNDLE, bundle_error, run_bundle
 
 
 def build_release(ckpt_dir, out_dir) -> str:
@@ -128,3 +128,22 @@ def test_release_without_model_says_so_and_writes_nothing(tmp_path):
     )
     assert proc.returncode != 0 and f"no trained model at {tmp_path / 'none'}/model.pt" in proc.stderr
     assert "Fix: train first" in proc.stderr and not out.exists()
+
+
+def test_release_refuses_truncated_or_tampered_models(trained, tmp_path):
+    from scripts.release import release
+    from test_export import tampered_pt2
+
+    from scripts.export import export_pt2
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model.pt").write_bytes((trained / "models" / "model.pt").read_bytes()[:-1000])  # cut short
+    with bundle_error(f"checkpoint {models / 'model.pt'} cannot be read"):
+        release(str(models), str(tmp_path / "dist"))
+    shutil.copy(trained / "models" / "model.pt", models / "model.pt")
+    export_pt2(str(models / "model.pt"), str(tmp_path / "good.pt2"))
+    tampered_pt2(tmp_path / "good.pt2", models / "model.pt2", "pickled weight", tmp_path / "payload-ran")
+    with bundle_error(f"refused to load {models / 'model.pt2'}"):
+        release(str(models), str(tmp_path / "dist"))
+    assert not (tmp_path / "dist").exists() and not (tmp_path / "payload-ran").exists()
