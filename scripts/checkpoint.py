@@ -112,7 +112,9 @@ def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         trainer = ckpt["trainer"]
-        done = int(trainer["epoch"]) if "epoch" in trainer else int(trainer["iteration"]) // int(trainer["epoch_length"])
+        done = (
+            int(trainer["epoch"]) if "epoch" in trainer else int(trainer["iteration"]) // int(trainer["epoch_length"])
+        )
     except Exception as e:
         raise BundleError(
             f"cannot read the checkpoint {path} ({type(e).__name__}: {e}).",

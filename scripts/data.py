@@ -271,7 +271,9 @@ def preload(
     read is named in one message at the end; with ``skip_unreadable`` they are left out instead, and counted.
     """
     workers = max(1, int(num_workers))
-    chunks = {name: [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)] for name, items in data.items()}
+    chunks = {
+        name: [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)] for name, items in data.items()
+    }
     bar = tqdm(total=sum(map(len, data.values())), desc="Loading dataset") if has_tqdm else None
     cached, failed, pool = {}, [], None
     try:

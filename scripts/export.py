@@ -145,7 +145,9 @@ def check_program(path: str) -> None:
             for name, entry in rel.items():
                 if entry.endswith("_config.json"):
                     for key, meta in json.loads(zf.read(name)).get("config", {}).items():
-                        if meta.get("use_pickle") or not re.fullmatch(r"(weight|tensor)_\w+", meta.get("path_name", "")):
+                        if meta.get("use_pickle") or not re.fullmatch(
+                            r"(weight|tensor)_\w+", meta.get("path_name", "")
+                        ):
                             problems.append(f"pickled payload {key!r}")
                 elif entry.startswith("data/sample_inputs/"):
                     try:

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
+import time
 
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from conftest import TRAIN, bundle_error, train, write_mednist
+from conftest import BUNDLE, TRAIN, bundle_error, train, write_mednist
 from scripts.data import CLASSES, SPLITS, make_split
 
 FAST = {"epochs": 1, "batch_size": 16, "accumulation_steps": 1, "train#trainer#epoch_length": 1}
@@ -162,3 +164,68 @@ def test_device_batches_cover_the_data_once_an_epoch(mednist):
     assert first != second and first != list(range(120))  # shuffled, anew each epoch
     assert epoch(DeviceBatches(items, batch_size=16, seed=3)) == first  # reproducible from the seed
     assert epoch(DeviceBatches(items, batch_size=16, shuffle=False)) == list(range(120))
+
+
+def _process_gone(pid: int) -> bool:
+    """No such process, or a zombie waiting for a parent to collect its exit status."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="worker processes are forked on Linux only")
+def test_cache_workers_die_with_their_parent(tmp_path):
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {BUNDLE!r})
+from scripts.data import preload
+
+def block(item):  # each worker reports its process id, then works forever
+    open(os.path.join({str(tmp_path)!r}, str(os.getpid())), "w").close()
+    time.sleep(600)
+
+preload({{"x": [{{"image": i}} for i in range(8)]}}, block, num_workers=2, chunk_size=1)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 120
+    while len(os.listdir(tmp_path)) < 2 and parent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [int(p) for p in os.listdir(tmp_path)]
+    assert len(workers) == 2 and parent.poll() is None
+    parent.kill()  # SIGKILL: no clean-up code of the parent runs
+    parent.wait()
+    deadline = time.monotonic() + 2
+    while not all(map(_process_gone, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(map(_process_gone, workers))
+
+
+def test_killed_extraction_is_cleaned_by_the_next_run(tmp_path):
+    src = write_mednist(str(tmp_path / "src"), per_class=3)
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "MedNIST.tar.gz", "w:gz") as tar:
+        tar.add(os.path.join(src, "MedNIST"), arcname="MedNIST")
+    md5 = hashlib.md5((data / "MedNIST.tar.gz").read_bytes()).hexdigest()
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {BUNDLE!r})
+import scripts.data as d
+real = d.extractall
+def extract_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+d.extractall = extract_then_die
+d.prepare_mednist({str(data)!r}, False, "", {md5!r})
+"""
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -9
+    left = glob.glob(str(data / ".MedNIST-extract-*"))
+    assert len(left) == 1 and not (data / "MedNIST").exists()
+
+    from scripts.data import prepare_mednist
+
+    root, found = prepare_mednist(str(data), False, "", md5)
+    assert sorted(os.listdir(data)) == ["MedNIST", "MedNIST.tar.gz"]  # the leftover is gone
+    assert all(len(files) == 3 for files in found.values())

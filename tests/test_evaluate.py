@@ -82,3 +82,14 @@ def test_bad_checkpoint_is_named(damage, trained, mednist, tmp_path):
     with bundle_error(f"checkpoint {ckpt} {expected[damage]}") as found:
         evaluate(trained, tmp_path / "out", dataset_dir=mednist, ckpt_path=ckpt)
     assert "train first" in found[0].fix and not os.path.exists(tmp_path / "out")
+
+
+def test_eval_dir_folders_that_are_not_classes_are_named(trained, tmp_path):
+    external = os.path.join(write_mednist(str(tmp_path / "ext"), per_class=2), "MedNIST")
+    os.rename(os.path.join(external, "Hand"), os.path.join(external, "hand"))
+    os.makedirs(os.path.join(external, "Knee"))
+    with bundle_error("has folder(s) that are not MedNIST class names") as found:
+        evaluate(trained, tmp_path / "out", eval_dir=external, dataset_dir=tmp_path / "none")
+    assert f"{os.path.join(external, 'hand')} (did you mean Hand?)" in str(found[0])
+    assert os.path.join(external, "Knee") in str(found[0]) and "case matters" in found[0].fix
+    assert not os.path.exists(tmp_path / "out")

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import bundle_error, evaluate, infer
+from scripts.infer import find_inputs
 
 COLUMNS = ["path", "label", "confidence", "AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT", "error"]
 
@@ -113,3 +114,53 @@ def test_inference_matches_evaluation(trained, mednist, tmp_path):
     for r in read_rows(tmp_path / "inf" / "predictions.csv"):
         for c in COLUMNS[3:9]:
             assert float(r[c]) == pytest.approx(float(evaluated[r["path"]][c]), abs=1e-5)
+
+
+# Runs inference with the prediction writer's per-batch hook patched to SIGKILL the process after n batches.
+KILL_AFTER_BATCHES = """
+import os, runpy, signal, sys
+sys.path.insert(0, os.getcwd())
+from scripts.infer import PredictionWriter
+real, done, batches = PredictionWriter.collect, [], int(sys.argv[1])
+def collect(self, engine):
+    real(self, engine)
+    done.append(1)
+    if len(done) == batches:
+        os.kill(os.getpid(), signal.SIGKILL)
+PredictionWriter.collect = collect
+sys.argv = ["monai.bundle", *sys.argv[2:]]
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
+
+
+def test_killed_inference_keeps_its_rows_and_resumes(trained, mednist, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import BUNDLE, INFERENCE
+
+    images = os.path.join(mednist, "MedNIST")  # 120 images, 8 a batch
+    args = ["run", "inference", "--config_file", INFERENCE, "--input", images, "--output_dir", str(tmp_path)]
+    args += ["--ckpt_dir", str(trained / "models"), "--batch_size", "8"]
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_BATCHES, "3", *args], cwd=BUNDLE, capture_output=True)
+    assert proc.returncode == -9
+    with open(tmp_path / "predictions.csv", "a") as f:
+        f.write(f"{images}/Hand/000019.jpeg,Ha")  # a row cut short, as a kill in the middle of a write leaves
+    kept = read_rows(tmp_path / "predictions.csv")
+    assert len(kept) == 25 and all(r["label"] for r in kept[:24])  # three whole batches were written
+
+    infer(trained, tmp_path, images, resume="true", batch_size=8)
+    rows = read_rows(tmp_path / "predictions.csv")
+    assert [r["path"] for r in rows[:24]] == [r["path"] for r in kept[:24]]  # kept, not predicted again
+    assert sorted(r["path"] for r in rows) == sorted(d["path"] for d in find_inputs(images))  # each once
+    assert all(r["label"] and not r["error"] for r in rows)
+
+
+@pytest.mark.parametrize("output", ["a file", "under a file"])
+def test_unusable_output_dir_is_refused_before_predicting(trained, mednist, tmp_path, output):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" if output == "a file" else tmp_path / "file" / "sub"
+    message = "is a file, not a folder" if output == "a file" else "cannot write to"
+    with bundle_error(message) as found:
+        infer(trained, out, mednist)
+    assert found[0].fix and (tmp_path / "file").read_text() == "not a folder"

@@ -131,10 +131,10 @@ def test_release_without_model_says_so_and_writes_nothing(tmp_path):
 
 
 def test_release_refuses_truncated_or_tampered_models(trained, tmp_path):
-    from scripts.release import release
     from test_export import tampered_pt2
 
     from scripts.export import export_pt2
+    from scripts.release import release
 
     models = tmp_path / "models"
     models.mkdir()

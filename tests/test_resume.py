@@ -1,55 +1,128 @@
-"""Resume: a run killed with SIGKILL after its first checkpoint continues to the planned epoch."""
+"""Checkpoints and resume: a kill at any save loses nothing, a resumed run is checked before any work, and one
+run owns its folders."""
 
 from __future__ import annotations
 
 import csv
-import signal
+import os
+import shutil
 import subprocess
 import sys
-import time
 
+import pytest
 import torch
 from monai.networks.nets import DenseNet121
 
-from conftest import BUNDLE, TRAIN, bundle_error, run_bundle, train
+from conftest import BUNDLE, TRAIN, bundle_error, train
 
-RUN = {"batch_size": 8, "accumulation_steps": 1, "learning_rate": 0.001, "early_stop_patience": 10}
+RUN = {"batch_size": 16, "accumulation_steps": 1, "learning_rate": 0.001, "early_stop_patience": 10}
+# Runs the bundle's CLI with os.replace patched to SIGKILL the process at the n-th rename onto a chosen file name,
+# right before it (the new file is complete on disk under its temporary name) or right after.
+KILL_AT_RENAME = """
+import os, runpy, signal, sys
+when, target, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
+real_replace, seen = os.replace, []
+def replace(src, dst, *args, **kwargs):
+    hit = os.path.basename(str(dst)) == target and len(seen) == nth - 1
+    seen.extend([1] if os.path.basename(str(dst)) == target else [])
+    if hit and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst, *args, **kwargs)
+    if hit and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+sys.argv = ["monai.bundle", *sys.argv[4:]]
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
 
 
-def test_sigkill_then_resume(mednist, tmp_path):
+def loads_as_densenet(path) -> bool:
+    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=6)
+    net.load_state_dict(torch.load(path, weights_only=True))
+    return True
+
+
+@pytest.mark.parametrize(
+    "when, target, nth",
+    [("before", "checkpoint_epoch=2.pt", 1), ("after", "checkpoint_epoch=2.pt", 1), ("before", "model.pt", 2)],
+)
+def test_kill_at_a_save_loses_nothing_and_resume_finishes(mednist, tmp_path, when, target, nth):
     out, models = tmp_path / "out", tmp_path / "models"
-    args = ["run", "training", "--config_file", TRAIN, "--dataset_dir", mednist, "--output_dir", str(out)]
-    args += ["--ckpt_dir", str(models), "--epochs", "4"] + [f"--{k}={v}" for k, v in RUN.items()]
-    proc = subprocess.Popen([sys.executable, "-m", "monai.bundle", *args], cwd=BUNDLE, stdout=subprocess.DEVNULL)
-    first = models / "checkpoint_epoch=1.pt"
-    deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert first.exists() or (models / "checkpoint_epoch=2.pt").exists()
-    with open(out / "history.csv") as f:
-        done = [int(r["epoch"]) for r in csv.DictReader(f)]
-    assert done and done[-1] < 4  # killed before the end
-    before = {k: v.clone() for k, v in torch.load(models / "model.pt", weights_only=True).items()}
+    args = ["run", "training", "--config_file", TRAIN, "--dataset_dir", mednist, "--output_dir", out]
+    short = {**RUN, "train#trainer#epoch_length": 2}  # two iterations an epoch: this is about the saves
+    args += ["--ckpt_dir", models, "--epochs", "2"] + [f"--{k}={v}" for k, v in short.items()]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-c", KILL_AT_RENAME, when, target, str(nth), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]  # killed where asked
+    files = os.listdir(models)
+    temporary = [f for f in files if f.startswith(".tmp-")]
+    assert len(temporary) == (1 if when == "before" else 0)  # the complete new file, not yet renamed
+    assert loads_as_densenet(models / "model.pt")  # the best model so far is always there
+    newest = max(int(f[len("checkpoint_epoch=") : -3]) for f in files if f.startswith("checkpoint_epoch="))
+    assert newest == (2 if (when, target) == ("after", "checkpoint_epoch=2.pt") else 1)
 
-    result = run_bundle(*args[:2], *args[2:], "--resume", "true")
-    assert "resuming from" in result.stdout and "Engine run resuming from iteration" in result.stdout
+    train(mednist, tmp_path, resume="true", epochs=3, **short)  # one epoch more than planned, to see it go on
+    assert sorted(os.listdir(models)) == [".mednist.lock", "checkpoint_epoch=3.pt", "model.pt"]  # no leftovers
+    assert loads_as_densenet(models / "model.pt")
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # continuous, nothing repeated or lost
-    assert all(r["val_acc"] for r in rows)
-    elapsed = [float(r["elapsed_s"]) for r in rows]
-    assert elapsed == sorted(elapsed)
-    ckpt = torch.load(models / "checkpoint_epoch=4.pt", weights_only=True)
-    assert ckpt["trainer"]["iteration"] == 4 * ckpt["trainer"]["epoch_length"]
-    assert {"optimizer", "lr_scheduler", "early_stop", "best_model", "checkpointer"} <= set(ckpt)
-    assert not (models / "checkpoint_epoch=1.pt").exists()  # only the last one is kept
-    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=6)
-    net.load_state_dict(torch.load(models / "model.pt", weights_only=True))
-    assert set(before) == set(net.state_dict())
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and all(r["val_acc"] for r in rows)
+    ckpt = torch.load(models / "checkpoint_epoch=3.pt", weights_only=True)
+    assert ckpt["trainer"]["iteration"] == 3 * ckpt["trainer"]["epoch_length"] == 6
+    assert ckpt["settings"] == {"batch_size": 16}
 
 
-def test_resume_without_checkpoint_is_named(mednist, tmp_path):
+@pytest.fixture
+def resumable(trained, tmp_path):
+    """A copy of the shared 2-epoch run (batch size 16), to resume."""
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def unchanged(folder) -> dict:
+    return {p: os.stat(os.path.join(d, p)).st_mtime_ns for d, _, files in os.walk(folder) for p in files}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"epochs": 1}, "--epochs 1 is less than the 2 epochs"),
+        ({"epochs": 4, "batch_size": 8}, "--batch_size 8 differs from the 16 that"),
+    ],
+)
+def test_resume_that_cannot_work_is_refused_before_any_work(mednist, resumable, overrides, message):
+    before = unchanged(resumable)
+    with bundle_error(message) as found:
+        train(mednist, resumable, resume="true", **{**RUN, **overrides})
+    assert found[0].fix and unchanged(resumable) == before
+
+
+def test_resume_without_model_pt_writes_a_new_one(mednist, resumable):
+    os.remove(resumable / "models" / "model.pt")
+    train(mednist, resumable, resume="true", epochs=3, **RUN)
+    assert loads_as_densenet(resumable / "models" / "model.pt")
+
+
+def test_resume_without_checkpoint_is_refused_and_writes_nothing(mednist, tmp_path):
     with bundle_error("holds no checkpoint_epoch=N.pt to resume from"):
-        train(mednist, tmp_path, resume="true", **RUN)  # tmp_path/models does not exist
+        train(mednist, tmp_path, resume="true", **RUN)
+    assert os.listdir(tmp_path) == []  # no split.json, event files or empty ckpt_dir
+
+
+def test_second_run_in_a_folder_is_refused_until_the_first_dies(mednist, tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from scripts.utils import FolderLock; "
+         f"FolderLock([{str(tmp_path / 'models')!r}]).acquire(); print('held', flush=True); sys.stdin.read()"],
+        cwd=BUNDLE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with bundle_error(f"{tmp_path / 'models'} is in use by another run (process {holder.pid})") as found:
+            train(mednist, tmp_path, epochs=1, **RUN)  # same ckpt_dir, its own output_dir is free
+        assert "--output_dir" in found[0].fix
+    finally:
+        holder.kill()
+        holder.wait()
+    train(mednist, tmp_path, epochs=1, **RUN)  # the killed holder's lock is taken over
+    assert (tmp_path / "models" / ".mednist.lock").read_text().strip() == str(os.getpid())

@@ -25,14 +25,16 @@ def run_tool(*args, env=None) -> subprocess.CompletedProcess:
 def test_benchmark_runs_both_pipelines_and_reports_ratio(mednist, tmp_path):
     out = tmp_path / "bench.json"
     scratch = tmp_path / "tmp"
-    os.makedirs(scratch)
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    os.makedirs(scratch / f"bench-{dead.pid}-left" / "out")  # left by a killed benchmark
     proc = run_tool(
         "tools.benchmark", "--dataset_dir", mednist, "--num_images", "32", "--repeats", "1", "--out", out,
         "--batch_size", "16",  # an override reaches bundle and model_only, not the original per-sample pipeline
         env={**os.environ, "TMPDIR": str(scratch)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert not glob.glob(str(scratch / "bench-*"))  # its scratch folders are removed
+    assert not glob.glob(str(scratch / "bench-*"))  # its scratch folders, and a killed run's, are removed
     report = json.loads(out.read_text())
     bundle, per_sample, model_only = report["results"]
     assert [r["pipeline"] for r in report["results"]] == ["bundle", "per_sample", "model_only"]
