@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import BUNDLE
+from conftest import BUNDLE, bundle_error
 
 
 def run_tool(*args, env=None) -> subprocess.CompletedProcess:
@@ -96,3 +96,10 @@ def test_time_to_accuracy_trains_evaluates_and_reports(mednist, tmp_path):
     # a second run into the same folder would mix two models: refused
     again = run_tool("tools.time_to_accuracy", "--dataset_dir", mednist, "--work_dir", work)
     assert again.returncode != 0 and "pass a new --work_dir" in again.stderr
+
+
+def test_inference_memory_needs_enough_images(mednist):
+    from tools.inference_memory import inference_memory
+
+    with bundle_error("holds 120 images, fewer than 500"):
+        inference_memory(images=os.path.join(mednist, "MedNIST"), counts="5,500")
