@@ -50,12 +50,17 @@ class SafeDiskSaver(BaseSaveHandler):
             self._replaced.append(filename)
 
 
+def world_size() -> int:
+    """The number of processes training together (1 without ``torchrun``)."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 class RunSettings:
-    """The settings a resumed run must share with its checkpoint, saved in it (``state_dict``) and checked by
-    :func:`check_resume` before any work."""
+    """The settings a resumed run must share with its checkpoint (together they set the epoch length), saved in
+    it (``state_dict``) and checked by :func:`check_resume` before any work."""
 
     def __init__(self, batch_size: int):
-        self.settings = {"batch_size": int(batch_size)}
+        self.settings = {"batch_size": int(batch_size), "processes": world_size()}
 
     def state_dict(self) -> dict:
         return dict(self.settings)
@@ -97,8 +102,8 @@ def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path
     work or file is written; without, ``""``.
 
     Refused in one message: no checkpoint, an unreadable one, ``epochs`` below the epochs it already trained, a
-    ``batch_size`` other than the one it was trained with (ignite would keep the old epoch length and train on
-    part of the data). A missing ``model.pt`` is only warned about: the next validation writes a new one.
+    ``batch_size`` or number of processes other than the checkpoint's (ignite would keep the old epoch length and
+    train on part of the data). A missing ``model.pt`` is only warned about: the next validation writes a new one.
     """
     if not as_bool(resume, "resume"):
         return ""
@@ -125,11 +130,16 @@ def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path
             f"--epochs {epochs} is less than the {done} epochs {path} has already trained.",
             f"pass --epochs {done + 1} or more to train further ({model_path} is the best model so far).",
         )
-    saved = ckpt.get("settings", {}).get("batch_size")
-    if saved is not None and saved != batch_size:
+    saved = ckpt.get("settings", {})
+    if saved.get("batch_size", batch_size) != batch_size:
         raise BundleError(
-            f"--batch_size {batch_size} differs from the {saved} that {path} was trained with.",
-            f"resume with --batch_size {saved}, or train a new run without --resume.",
+            f"--batch_size {batch_size} differs from the {saved['batch_size']} that {path} was trained with.",
+            f"resume with --batch_size {saved['batch_size']}, or train a new run without --resume.",
+        )
+    if saved.get("processes", world_size()) != world_size():
+        raise BundleError(
+            f"this run has {world_size()} process(es); {path} was trained by {saved['processes']}.",
+            f"resume with {saved['processes']} process(es) (torchrun --nproc_per_node), or train a new run.",
         )
     if not os.path.isfile(model_path):
         logger.warning(f"{model_path} is missing: the next validation of the resumed run writes a new one")

@@ -70,7 +70,7 @@ def test_kill_at_a_save_loses_nothing_and_resume_finishes(mednist, tmp_path, whe
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and all(r["val_acc"] for r in rows)
     ckpt = torch.load(models / "checkpoint_epoch=3.pt", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 3 * ckpt["trainer"]["epoch_length"] == 6
-    assert ckpt["settings"] == {"batch_size": 16}
+    assert ckpt["settings"] == {"batch_size": 16, "processes": 1}
 
 
 @pytest.fixture
