@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import ast
+import difflib
+import os
+import sys
+
+import torch
+
 from .utils import BundleError, as_bool
+
+# the options of `python -m monai.bundle run` itself, and the keys MONAI's experiment tracking adds
+RUN_OPTIONS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
+TRACKING_KEYS = {"tracking_uri", "experiment_name", "run_name", "save_execute_config", "output_dir"}
 
 
 def _integer(key: str, value, minimum: int) -> int:
@@ -17,6 +28,90 @@ def _number(key: str, value, low: float, high: float | None = None) -> float:
         bounds = f"in ({low}, {high})" if high is not None else f"> {low}"
         raise BundleError(f"--{key} {value!r} is not a number {bounds}.", f"pass a value {bounds}.")
     return float(value)
+
+
+def config_ids(config, prefix: str = "") -> set[str]:
+    """Every id of a config, nested ones as ``a#b#0``."""
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
+    ids = set()
+    for key, value in items:
+        ids |= {f"{prefix}{key}"} | config_ids(value, f"{prefix}{key}#")
+    return ids
+
+
+def check_command_line(argv: list[str] | None = None) -> None:
+    """Refuse a ``--key`` of ``python -m monai.bundle run`` that none of its config files declares (nor, for
+    ``a#b#c``, its parent ``a#b``), naming the closest known key (``--epoch`` -> ``--epochs``): MONAI would add it
+    to the config and ignore it."""
+    from monai.bundle import ConfigParser
+
+    argv = sys.argv if argv is None else argv
+    if not argv or not argv[0].endswith(os.path.join("monai", "bundle", "__main__.py")) or "run" not in argv[1:2]:
+        return  # not the command line (ConfigWorkflow, tests, the Model Zoo's CI)
+    options = {}  # --key value and --key=value, as fire reads them
+    for i, arg in enumerate(argv[2:], 2):
+        if arg.startswith("--") and len(arg) > 2:
+            key, _, value = arg[2:].partition("=")
+            options[key.replace("-", "_")] = value or (argv[i + 1] if i + 1 < len(argv) else "")
+    files = options.get("config_file")
+    if not files:
+        return
+    try:
+        files = ast.literal_eval(files) if files.strip().startswith("[") else files
+        known = config_ids(ConfigParser.load_config_files(files)) | RUN_OPTIONS
+    except Exception:
+        return  # MONAI reports a config file it cannot read
+    if "tracking" in options:
+        known |= TRACKING_KEYS
+    for key in options:  # a nested key may add an argument to a component the configs declare
+        if key not in known and key.rpartition("#")[0] not in known:
+            close = difflib.get_close_matches(key, sorted(k for k in known if "#" not in k), n=1, cutoff=0.6)
+            hint = f"did you mean --{close[0]}? " if close else ""
+            raise BundleError(
+                f"--{key} is not a key of {files}.",
+                f"{hint}The keys are those of the config files (README lists them).",
+            )
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise BundleError(f"--device {device!r} is not a device ({e}).", "pass --device cpu or --device cuda:0.") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise BundleError(f"--device {device} asks for CUDA, but no CUDA GPU is usable here.", "pass --device cpu.")
+        if (device.index or 0) >= count:
+            raise BundleError(
+                f"--device {device}: this machine has {count} CUDA GPU(s).",
+                f"pass --device cuda:0 .. cuda:{count - 1}.",
+            )
+    elif device.type != "cpu":
+        raise BundleError(f"--device {device} is not supported.", "pass --device cpu or --device cuda:N.")
+    return device
+
+
+def check_image_size(image_size) -> list[int]:
+    """``image_size`` as two integers of at least 32 (DenseNet121 halves the image five times)."""
+    ok = isinstance(image_size, (list, tuple)) and len(image_size) == 2
+    if not ok or any(isinstance(s, bool) or not isinstance(s, int) or s < 32 for s in image_size):
+        raise BundleError(
+            f"--image_size {image_size!r} is not two integers of at least 32.",
+            "pass --image_size [64,64] (the size the model was trained at).",
+        )
+    return list(image_size)
+
+
+def check_inference_args(device, batch_size, image_size) -> dict:
+    """The inference keys, checked (with the command line's keys) before any work."""
+    check_command_line()
+    return {
+        "device": check_device(device),
+        "batch_size": _integer("batch_size", batch_size, 1),
+        "image_size": check_image_size(image_size),
+    }
 
 
 INTEGERS = {
@@ -34,12 +129,14 @@ INTEGERS = {
 FLAGS = ("amp", "cpu_bf16", "channels_last", "augment", "download", "resume", "skip_unreadable")
 
 
-def check_train_args(learning_rate, lr_factor, val_frac, test_frac, **args) -> dict:
-    """The training keys, checked: stop with a message naming the key and the fix if one is out of range.
+def check_train_args(learning_rate, lr_factor, val_frac, test_frac, device, image_size, **args) -> dict:
+    """The training keys, checked: stop with a message naming the key and the fix if one is out of range, or if
+    the command line names a key the configs do not have.
 
     ``args`` holds the integer keys of :data:`INTEGERS` and the boolean keys of :data:`FLAGS`; the result maps
     every key to its value, the booleans parsed (``--amp false`` arrives as a string).
     """
+    check_command_line()
     unknown = set(args) - set(INTEGERS) - set(FLAGS)
     if unknown:
         raise TypeError(f"check_train_args got unexpected keys {sorted(unknown)}")
@@ -49,6 +146,13 @@ def check_train_args(learning_rate, lr_factor, val_frac, test_frac, **args) -> d
     checked["lr_factor"] = _number("lr_factor", lr_factor, 0.0, 1.0)
     checked["val_frac"] = _number("val_frac", val_frac, 0.0, 1.0)
     checked["test_frac"] = _number("test_frac", test_frac, 0.0, 1.0)
+    checked["device"], checked["image_size"] = check_device(device), check_image_size(image_size)
+    if "epochs" in args and "val_interval" in args and checked["val_interval"] > checked["epochs"]:
+        raise BundleError(
+            f"--val_interval {checked['val_interval']} is more than --epochs {checked['epochs']}: the run would "
+            "never validate, so it would write no model.pt.",
+            f"pass --val_interval {checked['epochs']} or less, or more --epochs.",
+        )
     if val_frac + test_frac >= 1:
         raise BundleError(
             f"--val_frac {val_frac} and --test_frac {test_frac} sum to {val_frac + test_frac:g}, "

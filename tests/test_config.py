@@ -23,6 +23,10 @@ BAD = [
     ({"val_frac": 0.5, "test_frac": 0.5}, "sum to 1, leaving no training data"),
     ({"amp": "maybe"}, "--amp 'maybe' is not a boolean"),
     ({"cache_num_workers": 0}, "--cache_num_workers 0 is not an integer >= 1"),
+    ({"device": "cuda:7"}, "--device cuda:7"),  # no machine running the tests has 8 GPUs
+    ({"device": "tpu"}, "--device 'tpu' is not a device"),
+    ({"image_size": [1, 1]}, "--image_size [1, 1] is not two integers of at least 32"),
+    ({"val_interval": 2, "epochs": 1}, "the run would never validate, so it would write no model.pt"),
 ]
 
 
@@ -129,3 +133,48 @@ def test_bundle_error_is_an_exception():
     from scripts.utils import BundleError
 
     assert issubclass(BundleError, Exception) and not issubclass(BundleError, SystemExit)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"batch_size": 0}, "--batch_size 0 is not an integer >= 1"),
+        ({"device": "cuda:7"}, "--device cuda:7"),
+        ({"image_size": [1, 1]}, "--image_size [1, 1] is not two integers of at least 32"),
+    ],
+)
+def test_bad_inference_override_is_named(overrides, message, tmp_path, trained, mednist):
+    wf = workflow(("inference",), "inference", input=mednist, output_dir=tmp_path / "out", **overrides)
+    with bundle_error(message):
+        wf.run()
+    assert not os.listdir(tmp_path)
+
+
+MAIN = os.path.join("site-packages", "monai", "bundle", "__main__.py")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config_file", TRAIN, "--epoch", "1"], "did you mean --epochs?"),
+        (["--config_file", TRAIN, "--train#trainr#max_epochs", "1"], "The keys are those of the config files"),
+        ([f"--config_file={INFERENCE}", "--bach_size=4"], "did you mean --batch_size?"),
+        (["--config_file", f"['{TRAIN}','{os.path.join(CONFIGS, 'evaluate.json')}']", "--eval_dri", "x"], "--eval_dir"),
+    ],
+)
+def test_unknown_command_line_key_is_refused_with_the_closest(args, message):
+    from scripts.checks import check_command_line
+
+    with bundle_error("is not a key of") as found:
+        check_command_line([MAIN, "run", "training", *args])
+    assert message in found[0].fix
+
+
+def test_known_command_line_keys_pass():
+    from scripts.checks import check_command_line
+
+    nested = ["--train#trainer#epoch_length", "2", "--tracking", "mlflow", "--tracking_uri", "sqlite:///m.db"]
+    check_command_line(
+        [MAIN, "run", "training", "--config_file", TRAIN, "--epochs", "1", "--bundle_root", ".", *nested]
+    )
+    check_command_line(["pytest", "--epoch", "1"])  # not monai.bundle's command line: nothing to check

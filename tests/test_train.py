@@ -49,6 +49,21 @@ def test_history_and_plot(trained):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(trained / "out"))
 
 
+def test_tensorboard_has_one_value_per_step_and_tag(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = {}
+    for name in sorted(os.listdir(trained / "out")):
+        if name.startswith("events.out.tfevents"):
+            events = EventAccumulator(str(trained / "out" / name))
+            events.Reload()
+            for tag in events.Tags()["scalars"]:
+                steps.setdefault(tag, []).extend(e.step for e in events.Scalars(tag))
+    for tag in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert sorted(steps[tag]) == [1, 2], tag  # one value an epoch
+    assert sorted(steps["train_loss_iteration"]) == list(range(1, 13))  # 2 epochs of 6 iterations
+
+
 def test_split_is_disjoint_stratified_and_reused(trained, mednist, tmp_path):
     split_file = trained / "out" / "split.json"
     split = json.loads(split_file.read_text())
