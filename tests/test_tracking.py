@@ -1,0 +1,41 @@
+"""Experiment tracking: MONAI's ``--tracking mlflow`` records params, one value an epoch per metric, and the files."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import FAST, evaluate, train
+
+mlflow = pytest.importorskip("mlflow")
+
+
+def runs(uri) -> tuple:
+    client = mlflow.MlflowClient(uri)
+    found = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    return client, sorted(found, key=lambda r: r.info.start_time)
+
+
+def test_mlflow_records_training_and_evaluation(mednist, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    train(mednist, tmp_path, epochs=2, tracking="mlflow", tracking_uri=uri, **FAST)
+    evaluate(tmp_path, tmp_path / "eval", dataset_dir=mednist, tracking="mlflow", tracking_uri=uri)
+    client, (trained, evaluated) = runs(uri)
+
+    assert trained.info.status == evaluated.info.status == "FINISHED"
+    params = trained.data.params
+    assert (params["epochs"], params["batch_size"], params["learning_rate"]) == ("2", "16", "0.001")
+    assert params["dataset_dir"] == str(mednist) and params["zoom_range"] == "[0.9, 1.1]"
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        assert [m.step for m in client.get_metric_history(trained.info.run_id, key)] == [1, 2], key
+    with open(tmp_path / "out" / "history.csv") as f:
+        last = f.read().splitlines()[-1].split(",")
+    assert client.get_metric_history(trained.info.run_id, "val_acc")[-1].value == pytest.approx(float(last[4]))
+    files = [a.path for a in client.list_artifacts(trained.info.run_id)]
+    assert {"model.pt", "history.csv", "training_history.png"} <= set(files)
+    assert any(f.startswith("config_") and f.endswith(".json") for f in files)  # the executed config
+
+    metrics = evaluated.data.metrics
+    assert 0 <= metrics["val_acc"] <= 1 and {"precision_Hand", "recall_CXR", "f1_HeadCT"} <= set(metrics)
+    assert {"metrics.json", "confusion_matrix.png", "predictions.csv"} <= {
+        a.path for a in client.list_artifacts(evaluated.info.run_id)
+    }
