@@ -20,6 +20,7 @@ from ignite.engine import Engine, Events
 from monai.metrics import compute_roc_auc
 from monai.networks import one_hot
 
+from .calibration import Calibration, expected_calibration_error, negative_log_likelihood
 from .data import CLASSES
 from .utils import BundleError, atomic_write, pyplot, save_figure
 
@@ -120,10 +121,12 @@ def _json_safe(obj):
 
 
 class ClassificationReport:
-    """Collect each image's probabilities during evaluation; at the end write the report files to ``output_dir``."""
+    """Collect each image's logits during evaluation; at the end write the report files to ``output_dir``, with
+    the probabilities calibrated by ``calibration_path`` (see ``scripts.calibration``) and the expected
+    calibration error and negative log-likelihood before and after calibration."""
 
-    def __init__(self, output_dir: str):
-        self.output_dir = output_dir
+    def __init__(self, output_dir: str, calibration_path: str | None = None):
+        self.output_dir, self.calibration_path = output_dir, calibration_path
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.reset)
@@ -131,19 +134,31 @@ class ClassificationReport:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def reset(self, engine: Engine) -> None:
-        self.paths, self.labels, self.probs = [], [], []
+        self.paths, self.labels, self.logits = [], [], []
 
     def collect(self, engine: Engine) -> None:
         out = engine.state.output
-        self.probs.append(torch.softmax(out["pred"].float(), 1).detach().cpu())
+        self.logits.append(out["pred"].detach().float().cpu())
         self.labels.append(torch.as_tensor(out["label"]).detach().cpu().long().view(-1))
         self.paths += list(engine.state.batch["path"])
 
     def write(self, engine: Engine) -> None:
-        if not self.probs:
+        if not self.logits:
             raise BundleError("no images were evaluated.", "check --eval_dir or the test split.")
-        probs, labels = torch.cat(self.probs), torch.cat(self.labels)
+        logits, labels = torch.cat(self.logits), torch.cat(self.labels)
+        calibration = Calibration.load(self.calibration_path)
+        raw, probs = torch.softmax(logits, 1), calibration.probabilities(logits)
         metrics = classification_metrics(engine.state.metrics, probs, labels)
+        metrics["calibration"] = {
+            "temperature": calibration.temperature,
+            "ece": {"uncalibrated": expected_calibration_error(raw, labels)},
+            "nll": {"uncalibrated": negative_log_likelihood(raw, labels)},
+        }
+        metrics["calibration"]["ece"]["calibrated"] = expected_calibration_error(probs, labels)
+        metrics["calibration"]["nll"]["calibrated"] = negative_log_likelihood(probs, labels)
+        scores = calibration.ood_score(logits).numpy()
+        flagged = scores > calibration.ood_threshold if calibration.ood_threshold is not None else None
+        metrics["out_of_distribution_flagged"] = None if flagged is None else float(flagged.mean())
         probs, labels = probs.numpy(), labels.numpy()
         os.makedirs(self.output_dir, exist_ok=True)
         atomic_write(
@@ -161,9 +176,10 @@ class ClassificationReport:
 
         def _preds(f):
             w = csv.writer(f)
-            w.writerow(["path", "true_label", "label", "confidence", *CLASSES])
-            for path, y, p in zip(self.paths, labels, probs):
-                w.writerow([path, CLASSES[y], CLASSES[p.argmax()], f"{p.max():.6f}", *(f"{v:.6f}" for v in p)])
+            w.writerow(["path", "true_label", "label", "confidence", *CLASSES, "ood_score"])
+            for path, y, p, e in zip(self.paths, labels, probs, scores):
+                probabilities = (f"{v:.6f}" for v in p)
+                w.writerow([path, CLASSES[y], CLASSES[p.argmax()], f"{p.max():.6f}", *probabilities, f"{e:.4f}"])
 
         atomic_write(os.path.join(self.output_dir, "predictions.csv"), _preds)
         engine.state.report = metrics

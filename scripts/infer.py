@@ -19,13 +19,15 @@ from ignite.engine import Engine, Events
 from monai.data import PILReader
 from monai.transforms import LoadImage, MapTransform
 
+from .calibration import Calibration
 from .data import CLASSES
-from .utils import BundleError, as_bool, pyplot, root_cause, save_figure
+from .utils import BundleError, as_bool, atomic_write, pyplot, root_cause
 
 logger = logging.getLogger(__name__)
 PIL_SUFFIXES = (".jpeg", ".jpg", ".png")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-COLUMNS = ("path", "label", "confidence", *CLASSES, "error")
+COLUMNS = ("path", "label", "confidence", *CLASSES, "error", "ood_score", "flag")
+MIN_SIDE = 32  # pixels: smaller images are flagged (MedNIST's are 64 x 64)
 
 
 def find_inputs(input) -> list[dict]:
@@ -97,8 +99,8 @@ def check_file(path: str, max_pixels: int) -> None:
 
 class LoadImageSafelyd(MapTransform):
     """Load ``keys`` with MONAI's ``LoadImage`` as a (1, W, H) image, as training's ``LoadImaged`` and
-    ``EnsureChannelFirstd`` do; a file that cannot be used becomes zeros of ``image_size`` with the reason under
-    ``error``."""
+    ``EnsureChannelFirstd`` do, its smaller side under ``min_side``; a file that cannot be used becomes zeros of
+    ``image_size`` with the reason under ``error``."""
 
     def __init__(self, keys="image", image_size=(64, 64), max_pixels: int = 25_000_000, error_key: str = "error"):
         super().__init__(keys)
@@ -120,38 +122,62 @@ class LoadImageSafelyd(MapTransform):
 
     def __call__(self, data):
         d = dict(data)
-        d[self.error_key] = ""
+        d[self.error_key], d["min_side"] = "", 0
         for key in self.keys:
             try:
                 d[key] = self.load(str(d[key]))
+                d["min_side"] = min(d[key].shape[1:])
             except ValueError as e:
                 d[key], d[self.error_key] = torch.zeros(1, *self.image_size), str(e)
         return d
 
 
-def plot_prediction(image: np.ndarray, probs: np.ndarray, cam: np.ndarray | None, title: str, path: str) -> None:
-    """The image, its class-probability bars and, if given, the Grad-CAM heat map over it, in one PNG."""
-    panels = 3 if cam is not None else 2
-    fig, axes = pyplot().subplots(1, panels, figsize=(4.2 * panels, 4))
-    axes[0].imshow(image.T, cmap="gray")
-    axes[0].set_title(title)
-    axes[0].axis("off")
-    colors = ["tab:gray"] * len(CLASSES)
-    colors[int(probs.argmax())] = "tab:blue"
-    axes[1].barh(CLASSES, probs, color=colors)
-    axes[1].set_xlim(0, 1)
-    axes[1].invert_yaxis()
-    axes[1].set_xlabel("probability")
-    axes[1].set_title("class probabilities")
-    for i, p in enumerate(probs):
-        axes[1].text(min(p + 0.02, 0.8), i, f"{p:.3f}", va="center")
-    if cam is not None:
-        axes[2].imshow(image.T, cmap="gray")
-        axes[2].imshow(cam.T, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        axes[2].set_title("Grad-CAM")
-        axes[2].axis("off")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=90)
+class PredictionPicture:
+    """One figure, drawn once and updated for every picture: the image, its class-probability bars and, when
+    given, the Grad-CAM heat map over the image with its colour bar. Reusing the figure spares matplotlib
+    building a new one for every picture."""
+
+    def __init__(self):
+        plt = pyplot()
+        self.fig, axes = plt.subplots(1, 3, figsize=(12.6, 4), gridspec_kw={"width_ratios": [1, 1.15, 1.15]})
+        self.ax_image, self.ax_bars, self.ax_cam = axes
+        blank = np.zeros((64, 64))
+        self.image = self.ax_image.imshow(blank, cmap="gray")
+        self.ax_image.axis("off")
+        self.bars = self.ax_bars.barh(CLASSES, np.zeros(len(CLASSES)))
+        self.ax_bars.set_xlim(0, 1)
+        self.ax_bars.invert_yaxis()
+        self.ax_bars.set_xlabel("probability")
+        self.ax_bars.set_title("class probabilities")
+        self.texts = [self.ax_bars.text(0, i, "", va="center") for i in range(len(CLASSES))]
+        self.under = self.ax_cam.imshow(blank, cmap="gray")
+        self.cam = self.ax_cam.imshow(blank, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        self.ax_cam.axis("off")
+        self.fig.colorbar(self.cam, ax=self.ax_cam, fraction=0.046, pad=0.04, label="Grad-CAM (max = 1)")
+        self.fig.tight_layout()
+
+    def draw(self, image: np.ndarray, probs: np.ndarray, cam: np.ndarray | None, title: str, path: str) -> None:
+        """Write the picture of one image (W, H), its probabilities and its heat map (W, H) or None to ``path``."""
+        shown = image.T
+        self.image.set_data(shown)
+        self.image.set_clim(shown.min(), shown.max())
+        self.ax_image.set_title(title)
+        for i, (bar, text, p) in enumerate(zip(self.bars, self.texts, probs)):
+            bar.set_width(p)
+            bar.set_color("tab:blue" if i == int(probs.argmax()) else "tab:gray")
+            text.set_x(min(p + 0.02, 0.8))
+            text.set_text(f"{p:.3f}")
+        self.ax_cam.set_visible(cam is not None)
+        self.cam.colorbar.ax.set_visible(cam is not None)
+        if cam is not None:
+            self.under.set_data(shown)
+            self.under.set_clim(shown.min(), shown.max())
+            self.cam.set_data(cam.T)
+            self.ax_cam.set_title("Grad-CAM")
+        atomic_write(path, lambda f: self.fig.savefig(f, format="png", dpi=90), mode="wb")
+
+    def close(self) -> None:
+        pyplot().close(self.fig)
 
 
 def _unit_range(cams: torch.Tensor) -> torch.Tensor:
@@ -192,6 +218,11 @@ class PredictionWriter:
     stays flat in the number of inputs. ``visualize`` None means: pictures when there is exactly one input
     (``num_inputs``). Grad-CAM (``monai.visualize.GradCAM`` on ``target_layer``) needs the PyTorch network;
     with an exported model the pictures have no heat map.
+
+    Probabilities are calibrated by ``calibration_path`` (``scripts.calibration``); ``ood_score`` is the energy
+    score and ``flag`` says why not to trust a prediction: ``constant image``, ``small image`` (a side under
+    32 pixels), ``out-of-distribution`` (score above the threshold fitted on the validation split) or ``low
+    confidence`` (calibrated confidence under ``low_confidence``); empty for a confident in-distribution one.
     """
 
     def __init__(
@@ -201,9 +232,13 @@ class PredictionWriter:
         network=None,
         num_inputs: int | None = None,
         resume=False,
-        target_layer: str = "class_layers.relu",
+        calibration_path: str | None = None,
+        low_confidence: float = 0.5,
+        target_layer: str = "features.transition2.relu",
     ):
         self.output_dir, self.network, self.target_layer = output_dir, network, target_layer
+        self.calibration, self.low_confidence = Calibration.load(calibration_path), float(low_confidence)
+        self.picture = None
         self.path = os.path.join(output_dir, "predictions.csv")
         auto = visualize in (None, "", "auto")
         self.pictures = num_inputs == 1 if auto else as_bool(visualize, "visualize")
@@ -225,8 +260,10 @@ class PredictionWriter:
         self.file.flush()
 
     def collect(self, engine: Engine) -> None:
-        batch = engine.state.batch
-        probs = torch.softmax(engine.state.output["pred"].float(), 1).detach().cpu().numpy()
+        batch, logits = engine.state.batch, engine.state.output["pred"].detach().float().cpu()
+        probs = self.calibration.probabilities(logits).numpy()
+        scores = self.calibration.ood_score(logits).numpy()
+        flat = engine.state.output["image"].detach().flatten(1).std(1).cpu().numpy() == 0
         rows, good = [], []
         for i, (path, error) in enumerate(zip(batch["path"], batch["error"])):
             row = {"path": path, "error": error}
@@ -235,6 +272,7 @@ class PredictionWriter:
             else:
                 row.update({"label": CLASSES[probs[i].argmax()], "confidence": f"{probs[i].max():.6f}"})
                 row.update({c: f"{p:.6f}" for c, p in zip(CLASSES, probs[i])})
+                row.update(ood_score=f"{scores[i]:.4f}", flag=self.flag(probs[i], scores[i], flat[i], batch, i))
                 good.append(i)
             rows.append(row)
         self.csv.writerows(rows)
@@ -243,8 +281,22 @@ class PredictionWriter:
         if self.pictures and good:
             self.plot([rows[i] for i in good], engine.state.output["image"][good], probs[good])
 
+    def flag(self, probs: np.ndarray, score: float, constant: bool, batch: dict, i: int) -> str:
+        """Why not to trust one prediction, or ``""``."""
+        if constant:
+            return "constant image"
+        if int(batch["min_side"][i]) < MIN_SIDE:
+            return "small image"
+        threshold = self.calibration.ood_threshold
+        if threshold is not None and score > threshold:
+            return "out-of-distribution"
+        return "low confidence" if probs.max() < self.low_confidence else ""
+
     def close(self, engine: Engine | None = None) -> None:
         self.file.close()
+        if self.picture is not None:
+            self.picture.close()
+            self.picture = None
         logger.info(f"{self.predicted} of {self.rows} input(s) predicted; wrote {self.path}")
 
     def plot(self, rows: list[dict], images: torch.Tensor, probs: np.ndarray) -> None:
@@ -261,10 +313,11 @@ class PredictionWriter:
                 cams = [cam(x=x[i : i + 1]).detach().cpu().numpy()[0, 0] for i in range(len(x))]
         folder = os.path.join(self.output_dir, "visualizations")
         os.makedirs(folder, exist_ok=True)
+        self.picture = self.picture or PredictionPicture()
         for r, image, p, c in zip(rows, images.detach().cpu(), probs, cams):
             stem = os.path.basename(r["path"]).split(".")[0]
             title = f"{r['label']} ({float(r['confidence']):.1%})"
-            plot_prediction(image[0].numpy(), p, c, title, os.path.join(folder, f"{self.drawn:04d}_{stem}.png"))
+            self.picture.draw(image[0].numpy(), p, c, title, os.path.join(folder, f"{self.drawn:04d}_{stem}.png"))
             self.drawn += 1
         logger.info(f"wrote {len(rows)} picture(s) to {folder}")
 

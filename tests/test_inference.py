@@ -15,6 +15,7 @@ from conftest import bundle_error, evaluate, infer
 from scripts.infer import find_inputs
 
 COLUMNS = ["path", "label", "confidence", "AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT", "error"]
+COLUMNS += ["ood_score", "flag"]
 
 
 def read_rows(path) -> list[dict]:

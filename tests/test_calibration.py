@@ -1,0 +1,86 @@
+"""Calibrated confidence and the out-of-distribution flag: the fit, the figures, and their use in evaluation and
+inference."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.calibration import Calibration, energy, expected_calibration_error, fit_temperature
+
+
+def sampled_logits(temperature: float, n: int = 4000, seed: int = 0):
+    """Labels drawn from softmax(z / temperature): ``z`` is over-confident by exactly that temperature."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 6, generator=g, dtype=torch.float64) * 4
+    labels = torch.multinomial(torch.softmax(z / temperature, 1), 1, generator=g).view(-1)
+    return z, labels
+
+
+def test_fitted_temperature_recovers_the_true_one_and_lowers_ece():
+    z, labels = sampled_logits(2.5)
+    t = fit_temperature(z, labels)
+    assert t == pytest.approx(2.5, rel=0.1)
+    before = expected_calibration_error(torch.softmax(z, 1), labels)
+    after = expected_calibration_error(torch.softmax(z / t, 1), labels)
+    assert after < 0.03 < before
+
+
+def test_ece_of_a_calibrated_and_an_overconfident_model():
+    confident = torch.tensor([[0.9, 0.1]] * 10, dtype=torch.float64)
+    labels = torch.tensor([0] * 9 + [1])  # right 9 times in 10 at confidence 0.9: calibrated
+    assert expected_calibration_error(confident, labels) == pytest.approx(0.0, abs=1e-12)
+    assert expected_calibration_error(confident, torch.tensor([0] * 5 + [1] * 5)) == pytest.approx(0.4)
+
+
+def test_energy_threshold_passes_95_percent_of_validation_and_round_trips_as_json(tmp_path):
+    z, labels = sampled_logits(1.0)
+    calibration = Calibration.fit(z, labels)
+    passed = (energy(z, calibration.temperature) <= calibration.ood_threshold).double().mean()
+    assert passed == pytest.approx(0.95, abs=0.002)
+    assert energy(torch.zeros(1, 6)) > energy(torch.tensor([[20.0, 0, 0, 0, 0, 0]]))  # flat logits: less familiar
+    calibration.save(str(tmp_path / "calibration.json"))
+    saved = json.loads((tmp_path / "calibration.json").read_text())  # plain JSON, nothing to unpickle
+    loaded = Calibration.load(str(tmp_path / "calibration.json"))
+    assert (loaded.temperature, loaded.ood_threshold) == (saved["temperature"], saved["ood_threshold"])
+    assert Calibration.load(str(tmp_path / "none.json")).temperature == 1.0
+
+
+def test_training_saves_calibration_and_evaluation_reports_it(trained, mednist, tmp_path):
+    from conftest import evaluate
+
+    saved = json.loads((trained / "models" / "calibration.json").read_text())
+    assert saved["temperature"] > 0 and saved["fitted_on_validation_images"] == 12
+    evaluate(trained, tmp_path, dataset_dir=mednist)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["calibration"]
+    assert metrics["temperature"] == saved["temperature"]
+    assert set(metrics["ece"]) == set(metrics["nll"]) == {"uncalibrated", "calibrated"}
+    assert all(0 <= v <= 1 for v in metrics["ece"].values()) and all(v > 0 for v in metrics["nll"].values())
+
+
+def test_inference_flags_what_not_to_trust(trained, mednist, tmp_path):
+    import os
+
+    from PIL import Image
+
+    from conftest import infer
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("L", (64, 64), 128).save(folder / "constant.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8), dtype=np.uint8)).save(folder / "tiny.png")
+    for name in ("000000.jpeg", "000001.jpeg"):
+        os.link(os.path.join(mednist, "MedNIST", "Hand", name), folder / name)
+    infer(trained, tmp_path / "out", folder)
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        rows = {os.path.basename(r["path"]): r for r in csv.DictReader(f)}
+    assert rows["constant.png"]["flag"] == "constant image" and rows["tiny.png"]["flag"] == "small image"
+    threshold = json.loads((trained / "models" / "calibration.json").read_text())["ood_threshold"]
+    for name in ("000000.jpeg", "000001.jpeg"):
+        ood = float(rows[name]["ood_score"]) > threshold
+        expected = ("out-of-distribution",) if ood else ("", "low confidence")
+        assert rows[name]["flag"] in expected
