@@ -128,3 +128,30 @@ def fit_calibration(network: torch.nn.Module, model_path: str, loader, device, o
         f"out-of-distribution threshold {calibration.ood_threshold:.3f}; wrote {out_path}"
     )
     return calibration
+
+
+def calibrate(config_file: str = "configs/train.json", **overrides) -> str:
+    """Fit and save the calibration of an already trained model (e.g. one trained before calibration existed):
+    the validation split of ``<output_dir>/split.json`` through ``<ckpt_dir>/model.pt``, as training's last step
+    does. ``overrides`` are training keys (``--dataset_dir``, ``--output_dir``, ``--ckpt_dir``, ...)."""
+    from monai.bundle import ConfigParser
+
+    from .utils import BUNDLE_ROOT, BundleError
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLE_ROOT, config_file) if not os.path.isabs(config_file) else config_file)
+    parser.update({"bundle_root": BUNDLE_ROOT, "download": False, **overrides})
+    parser["cache#data"] = {"validation": "$@datalist['validation']"}  # the training images are not needed
+    split_file, model_path = parser.get_parsed_content("split_file"), parser.get_parsed_content("ckpt_path")
+    for path in (split_file, model_path):
+        if not os.path.isfile(path):
+            raise BundleError(f"{path} does not exist.", "pass the --output_dir and --ckpt_dir of a training run.")
+    parser.get_parsed_content("calibrate")
+    return parser.get_parsed_content("calibration_path")
+
+
+if __name__ == "__main__":
+    import fire
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    fire.Fire(calibrate)

@@ -219,13 +219,22 @@ def load_exported(path: str | None, device="cpu") -> torch.nn.Module | None:
 
 def check_model_file(path: str) -> None:
     """Stop with a message naming ``path`` unless it is a complete model this bundle can load without running
-    code: a ``model.pt`` of weights for ``network_def`` (``torch.load(weights_only=True)``), a safe .pt2 archive,
-    a TorchScript file, or an ONNX model (checked when ``onnx`` is installed)."""
+    code: a ``model.pt`` of weights for ``network_def`` (``torch.load(weights_only=True)``), its
+    ``calibration.json``, a safe .pt2 archive, a TorchScript file, or an ONNX model (checked when ``onnx`` is
+    installed)."""
     from monai.bundle import ConfigParser
 
     from .evaluate import check_checkpoint
 
     suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".json":  # calibration.json
+        try:
+            with open(path) as f:
+                temperature = json.load(f)["temperature"]
+            assert isinstance(temperature, (int, float)) and temperature > 0
+        except Exception as e:
+            raise BundleError(f"{path} is not a calibration saved by training ({e!r}).", "train again.") from e
+        return
     if suffix == ".pt":
         parser = ConfigParser()
         parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))

@@ -84,3 +84,15 @@ def test_inference_flags_what_not_to_trust(trained, mednist, tmp_path):
         ood = float(rows[name]["ood_score"]) > threshold
         expected = ("out-of-distribution",) if ood else ("", "low confidence")
         assert rows[name]["flag"] in expected
+
+
+def test_calibrate_an_already_trained_model(trained, mednist, tmp_path):
+    import shutil
+
+    from scripts.calibration import calibrate
+
+    shutil.copytree(trained / "models", tmp_path / "models", ignore=shutil.ignore_patterns("calibration.json"))
+    path = calibrate(dataset_dir=mednist, output_dir=str(trained / "out"), ckpt_dir=str(tmp_path / "models"))
+    fitted = json.loads(open(path).read())
+    original = json.loads((trained / "models" / "calibration.json").read_text())
+    assert fitted["temperature"] == pytest.approx(original["temperature"], rel=1e-4)  # what training's last step fits

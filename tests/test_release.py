@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -17,15 +19,14 @@ from conftest import BUNDLE, bundle_error, run_bundle
 
 
 def build_release(ckpt_dir, out_dir) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "scripts.release", "--ckpt_dir", str(ckpt_dir), "--out_dir", str(out_dir)],
-        cwd=BUNDLE,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    path = proc.stdout.split()[0]
-    assert f"sha256 {hashlib.sha256(open(path, 'rb').read()).hexdigest()}" in proc.stdout
+    """``python -m scripts.release`` as fire calls it; checks the printed SHA-256; returns the zip's path."""
+    from scripts.release import release
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        release(str(ckpt_dir), str(out_dir))
+    path = printed.getvalue().split()[0]
+    assert f"sha256 {hashlib.sha256(open(path, 'rb').read()).hexdigest()}" in printed.getvalue()
     return path
 
 
@@ -48,6 +49,7 @@ def test_release_zip_is_reproducible_and_downloadable(trained, mednist, http_ser
         "docs/images/training_history.png",  # the model card's pictures travel with it
         "LICENSE",
         "models/model.pt",
+        "models/calibration.json",
     ):
         assert f"mednist_classification/{required}" in names
     assert not any(n.endswith("large_files.yml") or "/tests/" in n or "__pycache__" in n for n in names)

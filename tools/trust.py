@@ -1,0 +1,177 @@
+"""Measure what tells a user when to trust a prediction: the out-of-distribution flag on the test split and on
+images that are not MedNIST, calibration, and where Grad-CAM points.
+
+    python -m tools.trust --dataset_dir /tmp/mednist --output_dir outputs --ckpt_dir models --work_dir /tmp/trust
+
+``output_dir`` is the training run's (its split.json names the test split), ``ckpt_dir`` holds model.pt and
+calibration.json. Runs the bundle's inference command on the test split and on a set of images that are not
+MedNIST (the photographs that ship with scikit-image and scikit-learn, each also cut in four; uniform and
+Gaussian noise; constant images; checkerboards; tiny images), then prints the share of each set flagged, the
+AUROC of ``ood_score`` between them, and, for Grad-CAM on each of ``layers``, the share of the heat map's mass on
+the foreground (pixels above the image's Otsu threshold) against the foreground's share of the image, per class,
+and the time per picture. Needs scikit-image and scikit-learn (requirements-dev.txt).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import fire
+import numpy as np
+
+from scripts.utils import BUNDLE_ROOT, BundleError
+
+LAYERS = "features.transition2.relu,features.denseblock2,features.transition3.relu,class_layers.relu"
+
+
+def not_mednist(folder: str, seed: int = 0) -> dict[str, str]:
+    """Write the non-MedNIST images to ``folder``; file name -> kind."""
+    import skimage.data
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    kinds = {}
+
+    def save(name: str, kind: str, image: np.ndarray) -> None:
+        Image.fromarray(image).save(os.path.join(folder, f"{name}.png"))
+        kinds[f"{name}.png"] = kind
+
+    photos = {}
+    for name in ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
+                 "horse", "hubble_deep_field", "immunohistochemistry", "moon", "page", "text", "rocket", "retina"):  # fmt: skip
+        photos[name] = getattr(skimage.data, name)()
+    for name, image in zip(("china", "flower"), load_sample_images().images):
+        photos[name] = image
+    for name, image in photos.items():
+        gray = np.asarray(Image.fromarray(np.asarray(image)).convert("L"))
+        save(f"photo_{name}", "photograph", gray)
+        h, w = gray.shape
+        for i, (y, x) in enumerate(((0, 0), (0, w // 2), (h // 2, 0), (h // 2, w // 2))):
+            save(f"photo_{name}_part{i}", "photograph", gray[y : y + h // 2, x : x + w // 2])
+    for i in range(10):
+        save(f"noise_uniform_{i}", "noise", rng.integers(0, 256, (64, 64), dtype=np.uint8))
+        save(f"noise_gaussian_{i}", "noise", np.clip(rng.normal(128, 40, (64, 64)), 0, 255).astype(np.uint8))
+        save(f"constant_{i}", "constant", np.full((64, 64), 25 * i, np.uint8))
+        square = 2 + 3 * i
+        board = ((np.arange(64)[:, None] // square + np.arange(64)[None] // square) % 2 * 255).astype(np.uint8)
+        save(f"checkerboard_{square}", "checkerboard", board)
+        side = 2 + i
+        save(f"tiny_{side}x{side}", "tiny", rng.integers(0, 256, (side, side), dtype=np.uint8))
+    return kinds
+
+
+def _infer(input_dir: str, out: str, ckpt_dir: str) -> list[dict]:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json"]
+    cmd += ["--input", input_dir, "--output_dir", out, "--ckpt_dir", ckpt_dir]
+    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"inference failed:\n{proc.stderr[-3000:]}")
+    with open(os.path.join(out, "predictions.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def otsu(image: np.ndarray) -> float:
+    """Otsu's threshold of an image (the level that best separates two classes of pixel values)."""
+    hist, edges = np.histogram(image, bins=256)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0, w1 = np.cumsum(hist), np.cumsum(hist[::-1])[::-1]
+    m0 = np.cumsum(hist * centers) / np.maximum(w0, 1)
+    m1 = (np.cumsum((hist * centers)[::-1]) / np.maximum(np.cumsum(hist[::-1]), 1))[::-1]
+    between = w0[:-1] * w1[1:] * (m0[:-1] - m1[1:]) ** 2
+    return float(centers[:-1][np.argmax(between)])
+
+
+def foreground_share(image: np.ndarray, cam: np.ndarray) -> tuple[float, float]:
+    """The share of the heat map's mass on the foreground, and the foreground's share of the image."""
+    foreground = image > otsu(image)
+    return float((cam * foreground).sum() / max(cam.sum(), 1e-12)), float(foreground.mean())
+
+
+def gradcam_figures(test: list[dict], ckpt_dir: str, layers: list[str], per_class: int, work: str) -> dict:
+    """Foreground share of Grad-CAM per layer and class on ``per_class`` test images a class, and seconds per
+    picture (Grad-CAM and the PNG) for the first layer."""
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.visualize import GradCAM
+
+    from scripts.data import CLASSES
+    from scripts.infer import PredictionPicture, _unit_range
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
+    parser.update({"input": [d["image"] for d in test[:1]], "ckpt_dir": ckpt_dir})
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(os.path.join(ckpt_dir, "model.pt"), map_location="cpu", weights_only=True))
+    net.eval()
+    preprocessing = parser.get_parsed_content("preprocessing")
+    chosen = [d for c in range(len(CLASSES)) for d in [x for x in test if x["label"] == c][:per_class]]
+    images = torch.stack([preprocessing({"image": d["image"], "path": d["image"]})["image"] for d in chosen])
+    figures = {}
+    for layer in layers:
+        cam = GradCAM(nn_module=net, target_layers=layer, postprocessing=_unit_range)
+        shares = {c: [] for c in CLASSES}
+        for d, x in zip(chosen, images):
+            heat = cam(x=x[None].clone()).detach().numpy()[0, 0]
+            shares[CLASSES[d["label"]]].append(foreground_share(x[0].numpy(), heat))
+        figures[layer] = {
+            c: {"heat_on_foreground": float(np.mean([s[0] for s in v])), "foreground_area": float(np.mean([s[1] for s in v]))}
+            for c, v in shares.items()
+        }  # fmt: skip
+    cam, picture = GradCAM(nn_module=net, target_layers=layers[0], postprocessing=_unit_range), PredictionPicture()
+    start = time.perf_counter()
+    for i, x in enumerate(images[:30]):
+        heat = cam(x=x[None].clone()).detach().numpy()[0, 0]
+        with torch.no_grad():
+            probs = torch.softmax(net(x[None]), 1)[0].numpy()
+        picture.draw(x[0].numpy(), probs, heat, "test", os.path.join(work, f"picture_{i}.png"))
+    picture.close()
+    figures["seconds_per_picture"] = (time.perf_counter() - start) / min(30, len(images))
+    return figures
+
+
+def trust(dataset_dir: str, output_dir: str, ckpt_dir: str, work_dir: str, layers: str = LAYERS, per_class: int = 20):
+    """Measure and print; writes ``trust.json`` to ``work_dir``."""
+    from sklearn.metrics import roc_auc_score
+
+    split_file = os.path.join(output_dir, "split.json")
+    if not os.path.isfile(split_file) or not os.path.isfile(os.path.join(ckpt_dir, "calibration.json")):
+        raise BundleError(f"need {split_file} and {ckpt_dir}/calibration.json.", "train first (it writes both).")
+    os.makedirs(work_dir, exist_ok=True)
+    with open(split_file) as f:
+        root = os.path.join(dataset_dir, "MedNIST")
+        test = [{"image": os.path.join(root, d["image"]), "label": d["label"]} for d in json.load(f)["test"]]
+    test_dir, other_dir = os.path.join(work_dir, "test"), os.path.join(work_dir, "not_mednist")
+    shutil.rmtree(test_dir, ignore_errors=True)
+    os.makedirs(test_dir)
+    for i, d in enumerate(test):
+        os.symlink(d["image"], os.path.join(test_dir, f"{i:05d}_{os.path.basename(d['image'])}"))
+    kinds = not_mednist(other_dir)
+    rows_in = _infer(test_dir, os.path.join(work_dir, "pred_test"), ckpt_dir)
+    rows_out = _infer(other_dir, os.path.join(work_dir, "pred_not_mednist"), ckpt_dir)
+    report = {"test_images": len(rows_in), "not_mednist_images": len(rows_out)}
+    report["test_flagged"] = float(np.mean([bool(r["flag"]) for r in rows_in]))
+    report["test_flags"] = {f: sum(r["flag"] == f for r in rows_in) for f in sorted({r["flag"] for r in rows_in})}
+    report["not_mednist_flagged"] = float(np.mean([bool(r["flag"]) for r in rows_out]))
+    by_kind = {}
+    for r in rows_out:
+        by_kind.setdefault(kinds[os.path.basename(r["path"])], []).append(bool(r["flag"]))
+    report["not_mednist_flagged_by_kind"] = {k: f"{sum(v)}/{len(v)}" for k, v in by_kind.items()}
+    scores = [float(r["ood_score"]) for r in rows_in + rows_out]
+    report["ood_score_auroc"] = float(roc_auc_score([0] * len(rows_in) + [1] * len(rows_out), scores))
+    report["gradcam"] = gradcam_figures(test, ckpt_dir, layers.split(","), per_class, work_dir)
+    with open(os.path.join(work_dir, "trust.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    fire.Fire(trust)
