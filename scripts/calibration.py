@@ -1,11 +1,16 @@
 """Calibrated confidence and the out-of-distribution flag, fitted on the validation split after training.
 
 Temperature scaling (Guo et al., 2017): one temperature ``T`` divides the logits so that the validation split's
-negative log-likelihood is smallest; accuracy is unchanged, probabilities become honest. The energy score
-(Liu et al., 2020), ``-T * logsumexp(logits / T)``, is low for images like the training data and high for
-others; its threshold is the validation split's 95th percentile, so about 95% of in-distribution images pass.
-Both are saved to ``calibration.json`` beside ``model.pt`` (plain JSON: nothing to unpickle) and applied by
-evaluation and inference.
+negative log-likelihood is smallest; accuracy is unchanged, probabilities become honest.
+
+The out-of-distribution score is the Mahalanobis distance (Lee et al., 2018) of an image's pooled features
+(the 1,024 inputs of the classifier, ``class_layers.flatten``) to the nearest class mean of the validation
+split, under their shared within-class covariance: large for images unlike the training data. Where the
+features cannot be read (an exported model), it is the energy score (Liu et al., 2020),
+``-T * logsumexp(logits / T)``. Each threshold is the validation split's 97th percentile, so about 97% of
+in-distribution images pass. The temperature and thresholds are saved to ``calibration.json`` beside
+``model.pt`` (plain JSON), the class means and precision matrix to ``calibration.npz`` (read with
+``allow_pickle=False``): nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 from .utils import atomic_write, is_main_process
 
 logger = logging.getLogger(__name__)
-UNFLAGGED = 0.95  # share of validation images below the out-of-distribution threshold
+UNFLAGGED = 0.97  # share of validation images below the out-of-distribution thresholds
+FEATURE_LAYER = "class_layers.flatten"
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -63,33 +69,59 @@ def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(-torch.log(probs.double().gather(1, labels.long().view(-1, 1)).clamp_min(1e-12)).mean())
 
 
-class Calibration:
-    """A fitted temperature and out-of-distribution threshold; identity (T = 1, no threshold) when not fitted."""
+def mahalanobis(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis distance of each row of ``features`` to the nearest of ``means``."""
+    diff = features.double()[:, None, :] - means.double()[None]
+    return torch.einsum("nkd,de,nke->nk", diff, precision.double(), diff).min(1).values
 
-    def __init__(self, temperature: float = 1.0, ood_threshold: float | None = None, fitted_on: int = 0):
-        self.temperature, self.ood_threshold, self.fitted_on = float(temperature), ood_threshold, fitted_on
+
+class Calibration:
+    """A fitted temperature and out-of-distribution statistics; the identity (T = 1, no threshold) when not
+    fitted."""
+
+    def __init__(self, temperature=1.0, energy_threshold=None, means=None, precision=None, feature_threshold=None):
+        self.temperature, self.energy_threshold = float(temperature), energy_threshold
+        self.means, self.precision, self.feature_threshold = means, precision, feature_threshold
+        self.fitted_on = 0
 
     @classmethod
-    def fit(cls, logits: torch.Tensor, labels: torch.Tensor) -> Calibration:
+    def fit(cls, logits: torch.Tensor, labels: torch.Tensor, features: torch.Tensor | None = None) -> Calibration:
         temperature = fit_temperature(logits, labels)
-        threshold = float(np.quantile(energy(logits, temperature).numpy(), UNFLAGGED))
-        return cls(temperature, threshold, len(labels))
+        calibration = cls(temperature, float(np.quantile(energy(logits, temperature).numpy(), UNFLAGGED)))
+        if features is not None:
+            features, labels = features.double(), labels.long()
+            classes = sorted(set(labels.tolist()))
+            means = torch.stack([features[labels == c].mean(0) for c in classes])
+            centred = torch.cat([features[labels == c] - means[i] for i, c in enumerate(classes)])
+            covariance = torch.cov(centred.T) + 1e-3 * torch.eye(features.shape[1], dtype=torch.float64)
+            calibration.means, calibration.precision = means, torch.linalg.inv(covariance)
+            scores = mahalanobis(features, calibration.means, calibration.precision)
+            calibration.feature_threshold = float(np.quantile(scores.numpy(), UNFLAGGED))
+        calibration.fitted_on = len(labels)
+        return calibration
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float() / self.temperature, dim=1)
 
-    def ood_score(self, logits: torch.Tensor) -> torch.Tensor:
-        return energy(logits, self.temperature)
+    def ood_score(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """The out-of-distribution score of each image and its threshold (None when not fitted)."""
+        if features is not None and self.means is not None:
+            return mahalanobis(features, self.means, self.precision), self.feature_threshold
+        return energy(logits, self.temperature), self.energy_threshold
 
     def save(self, path: str) -> None:
         content = {
             "temperature": self.temperature,
-            "ood_score": "energy: -T * logsumexp(logits / T)",
-            "ood_threshold": self.ood_threshold,
+            "energy_threshold": self.energy_threshold,
+            "feature_threshold": self.feature_threshold,
+            "feature_layer": FEATURE_LAYER,
             "unflagged_validation_share": UNFLAGGED,
             "fitted_on_validation_images": self.fitted_on,
         }
         atomic_write(path, lambda f: json.dump(content, f, indent=1))
+        if self.means is not None:
+            arrays = {"means": self.means.float().numpy(), "precision": self.precision.float().numpy()}
+            atomic_write(os.path.splitext(path)[0] + ".npz", lambda f: np.savez(f, **arrays), mode="wb")
 
     @classmethod
     def load(cls, path: str | None) -> Calibration:
@@ -102,7 +134,37 @@ class Calibration:
         if not math.isfinite(saved.get("temperature", float("nan"))) or saved["temperature"] <= 0:
             logger.warning(f"{path} holds no valid temperature: probabilities are not calibrated")
             return cls()
-        return cls(saved["temperature"], saved.get("ood_threshold"), saved.get("fitted_on_validation_images", 0))
+        calibration = cls(saved["temperature"], saved.get("energy_threshold"))
+        calibration.fitted_on = saved.get("fitted_on_validation_images", 0)
+        arrays = os.path.splitext(path)[0] + ".npz"
+        if saved.get("feature_threshold") is not None and os.path.isfile(arrays):
+            with np.load(arrays, allow_pickle=False) as npz:
+                calibration.means, calibration.precision = torch.from_numpy(npz["means"]), torch.from_numpy(
+                    npz["precision"]
+                )
+            calibration.feature_threshold = saved["feature_threshold"]
+        return calibration
+
+
+class FeatureHook:
+    """The pooled features of a PyTorch network's last forward pass (a forward hook on ``FEATURE_LAYER``);
+    ``features`` is None for a network without that layer (an exported model)."""
+
+    def __init__(self, network):
+        self.features, self.handle = None, None
+        if isinstance(network, torch.nn.Module):
+            try:
+                layer = network.get_submodule(FEATURE_LAYER)
+            except AttributeError:
+                return
+            self.handle = layer.register_forward_hook(self.keep)
+
+    def keep(self, module, inputs, output) -> None:
+        self.features = output.detach().float().cpu()
+
+    def take(self) -> torch.Tensor | None:
+        features, self.features = self.features, None
+        return features
 
 
 def fit_calibration(network: torch.nn.Module, model_path: str, loader, device, out_path: str) -> Calibration | None:
@@ -112,20 +174,23 @@ def fit_calibration(network: torch.nn.Module, model_path: str, loader, device, o
         return None
     network.load_state_dict(torch.load(model_path, map_location=device, weights_only=True))
     network.eval()
-    logits, labels = [], []
+    hook, logits, labels, features = FeatureHook(network), [], [], []
     with torch.no_grad():
         for batch in loader:
             logits.append(network(batch["image"].to(device)).float().cpu())
             labels.append(torch.as_tensor(batch["label"]).long().view(-1))
-    logits, labels = torch.cat(logits), torch.cat(labels)
-    calibration = Calibration.fit(logits, labels)
+            features.append(hook.take())
+    hook.handle.remove()
+    logits, labels, features = torch.cat(logits), torch.cat(labels), torch.cat(features)
+    calibration = Calibration.fit(logits, labels, features)
     calibration.save(out_path)
     raw, calibrated = torch.softmax(logits, 1), calibration.probabilities(logits)
     logger.info(
         f"calibration on {len(labels)} validation images: temperature {calibration.temperature:.3f}, ECE "
         f"{expected_calibration_error(raw, labels):.4f} -> {expected_calibration_error(calibrated, labels):.4f}, "
         f"NLL {negative_log_likelihood(raw, labels):.4f} -> {negative_log_likelihood(calibrated, labels):.4f}, "
-        f"out-of-distribution threshold {calibration.ood_threshold:.3f}; wrote {out_path}"
+        f"out-of-distribution thresholds {calibration.feature_threshold:.1f} (features), "
+        f"{calibration.energy_threshold:.3f} (energy); wrote {out_path}"
     )
     return calibration
 

@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 from monai.metrics import compute_roc_auc
 from monai.networks import one_hot
 
-from .calibration import Calibration, expected_calibration_error, negative_log_likelihood
+from .calibration import Calibration, FeatureHook, expected_calibration_error, negative_log_likelihood
 from .data import CLASSES
 from .utils import BundleError, atomic_write, pyplot, save_figure
 
@@ -125,8 +125,9 @@ class ClassificationReport:
     the probabilities calibrated by ``calibration_path`` (see ``scripts.calibration``) and the expected
     calibration error and negative log-likelihood before and after calibration."""
 
-    def __init__(self, output_dir: str, calibration_path: str | None = None):
+    def __init__(self, output_dir: str, calibration_path: str | None = None, network=None):
         self.output_dir, self.calibration_path = output_dir, calibration_path
+        self.hook = FeatureHook(network)  # the features of the evaluator's forward pass, for the ood_score
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.reset)
@@ -134,11 +135,12 @@ class ClassificationReport:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def reset(self, engine: Engine) -> None:
-        self.paths, self.labels, self.logits = [], [], []
+        self.paths, self.labels, self.logits, self.features = [], [], [], []
 
     def collect(self, engine: Engine) -> None:
         out = engine.state.output
         self.logits.append(out["pred"].detach().float().cpu())
+        self.features.append(self.hook.take())
         self.labels.append(torch.as_tensor(out["label"]).detach().cpu().long().view(-1))
         self.paths += list(engine.state.batch["path"])
 
@@ -156,8 +158,10 @@ class ClassificationReport:
         }
         metrics["calibration"]["ece"]["calibrated"] = expected_calibration_error(probs, labels)
         metrics["calibration"]["nll"]["calibrated"] = negative_log_likelihood(probs, labels)
-        scores = calibration.ood_score(logits).numpy()
-        flagged = scores > calibration.ood_threshold if calibration.ood_threshold is not None else None
+        features = torch.cat(self.features) if all(f is not None for f in self.features) else None
+        scores, threshold = calibration.ood_score(logits, features)
+        scores = scores.numpy()
+        flagged = scores > threshold if threshold is not None else None
         metrics["out_of_distribution_flagged"] = None if flagged is None else float(flagged.mean())
         probs, labels = probs.numpy(), labels.numpy()
         os.makedirs(self.output_dir, exist_ok=True)

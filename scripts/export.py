@@ -21,6 +21,7 @@ import warnings
 import zipfile
 
 import fire
+import numpy as np
 import torch
 
 from .utils import BUNDLE_ROOT, BundleError
@@ -232,6 +233,13 @@ def check_model_file(path: str) -> None:
             with open(path) as f:
                 temperature = json.load(f)["temperature"]
             assert isinstance(temperature, (int, float)) and temperature > 0
+        except Exception as e:
+            raise BundleError(f"{path} is not a calibration saved by training ({e!r}).", "train again.") from e
+        return
+    if suffix == ".npz":  # calibration.npz: arrays only
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                assert {"means", "precision"} <= set(npz.files)
         except Exception as e:
             raise BundleError(f"{path} is not a calibration saved by training ({e!r}).", "train again.") from e
         return

@@ -19,7 +19,7 @@ from ignite.engine import Engine, Events
 from monai.data import PILReader
 from monai.transforms import LoadImage, MapTransform
 
-from .calibration import Calibration
+from .calibration import Calibration, FeatureHook
 from .data import CLASSES
 from .utils import BundleError, as_bool, atomic_write, pyplot, root_cause
 
@@ -174,7 +174,7 @@ class PredictionPicture:
             self.under.set_clim(shown.min(), shown.max())
             self.cam.set_data(cam.T)
             self.ax_cam.set_title("Grad-CAM")
-        atomic_write(path, lambda f: self.fig.savefig(f, format="png", dpi=90), mode="wb")
+        atomic_write(path, lambda f: self.fig.savefig(f, format="png", dpi=72), mode="wb")
 
     def close(self) -> None:
         pyplot().close(self.fig)
@@ -219,10 +219,11 @@ class PredictionWriter:
     (``num_inputs``). Grad-CAM (``monai.visualize.GradCAM`` on ``target_layer``) needs the PyTorch network;
     with an exported model the pictures have no heat map.
 
-    Probabilities are calibrated by ``calibration_path`` (``scripts.calibration``); ``ood_score`` is the energy
-    score and ``flag`` says why not to trust a prediction: ``constant image``, ``small image`` (a side under
-    32 pixels), ``out-of-distribution`` (score above the threshold fitted on the validation split) or ``low
-    confidence`` (calibrated confidence under ``low_confidence``); empty for a confident in-distribution one.
+    Probabilities are calibrated by ``calibration_path`` (``scripts.calibration``); ``ood_score`` is the feature
+    distance (the energy score with an exported model) and ``flag`` says why not to trust a prediction:
+    ``constant image``, ``small image`` (a side under 32 pixels), ``out-of-distribution`` (score above the
+    threshold fitted on the validation split) or ``low confidence`` (calibrated confidence under
+    ``low_confidence``); empty for a confident in-distribution one.
     """
 
     def __init__(
@@ -238,6 +239,7 @@ class PredictionWriter:
     ):
         self.output_dir, self.network, self.target_layer = output_dir, network, target_layer
         self.calibration, self.low_confidence = Calibration.load(calibration_path), float(low_confidence)
+        self.hook = FeatureHook(network)  # the features of the evaluator's forward pass, for the ood_score
         self.picture = None
         self.path = os.path.join(output_dir, "predictions.csv")
         auto = visualize in (None, "", "auto")
@@ -262,7 +264,8 @@ class PredictionWriter:
     def collect(self, engine: Engine) -> None:
         batch, logits = engine.state.batch, engine.state.output["pred"].detach().float().cpu()
         probs = self.calibration.probabilities(logits).numpy()
-        scores = self.calibration.ood_score(logits).numpy()
+        scores, threshold = self.calibration.ood_score(logits, self.hook.take())
+        scores = scores.numpy()
         flat = engine.state.output["image"].detach().flatten(1).std(1).cpu().numpy() == 0
         rows, good = [], []
         for i, (path, error) in enumerate(zip(batch["path"], batch["error"])):
@@ -272,7 +275,8 @@ class PredictionWriter:
             else:
                 row.update({"label": CLASSES[probs[i].argmax()], "confidence": f"{probs[i].max():.6f}"})
                 row.update({c: f"{p:.6f}" for c, p in zip(CLASSES, probs[i])})
-                row.update(ood_score=f"{scores[i]:.4f}", flag=self.flag(probs[i], scores[i], flat[i], batch, i))
+                flag = self.flag(probs[i], scores[i], threshold, flat[i], int(batch["min_side"][i]))
+                row.update(ood_score=f"{scores[i]:.4f}", flag=flag)
                 good.append(i)
             rows.append(row)
         self.csv.writerows(rows)
@@ -281,13 +285,12 @@ class PredictionWriter:
         if self.pictures and good:
             self.plot([rows[i] for i in good], engine.state.output["image"][good], probs[good])
 
-    def flag(self, probs: np.ndarray, score: float, constant: bool, batch: dict, i: int) -> str:
+    def flag(self, probs: np.ndarray, score: float, threshold: float | None, constant: bool, min_side: int) -> str:
         """Why not to trust one prediction, or ``""``."""
         if constant:
             return "constant image"
-        if int(batch["min_side"][i]) < MIN_SIDE:
+        if min_side < MIN_SIDE:
             return "small image"
-        threshold = self.calibration.ood_threshold
         if threshold is not None and score > threshold:
             return "out-of-distribution"
         return "low confidence" if probs.max() < self.low_confidence else ""

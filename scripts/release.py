@@ -4,7 +4,7 @@
 
 Writes ``dist/mednist_classification_v<version>.zip`` (version from configs/metadata.json) holding the folder
 ``mednist_classification/`` with configs, docs, scripts, LICENSE and ``models/model.pt`` (plus
-calibration.json, model.ts, model.pt2 and model.onnx when present), as the Model Zoo packs a bundle:
+calibration.json/.npz, model.ts, model.pt2 and model.onnx when present), as the Model Zoo packs a bundle:
 ``large_files.yml`` stays out, since the zip carries the weights. Entries are sorted and stamped with a fixed
 time and mode, so the same inputs give the same bytes. Every model file is checked first (complete, and
 loadable without running code: see ``scripts.export.check_model_file``). Prints the zip's size and SHA-256.
@@ -24,7 +24,7 @@ from .utils import BUNDLE_ROOT, BundleError, atomic_write
 
 NAME = "mednist_classification"
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
-MODELS = ("model.pt", "calibration.json", "model.ts", "model.pt2", "model.onnx")
+MODELS = ("model.pt", "calibration.json", "calibration.npz", "model.ts", "model.pt2", "model.onnx")
 
 
 def sha256(path: str) -> str:

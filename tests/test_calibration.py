@@ -37,16 +37,24 @@ def test_ece_of_a_calibrated_and_an_overconfident_model():
     assert expected_calibration_error(confident, torch.tensor([0] * 5 + [1] * 5)) == pytest.approx(0.4)
 
 
-def test_energy_threshold_passes_95_percent_of_validation_and_round_trips_as_json(tmp_path):
+def test_thresholds_pass_97_percent_of_validation_and_round_trip_without_pickle(tmp_path):
     z, labels = sampled_logits(1.0)
-    calibration = Calibration.fit(z, labels)
-    passed = (energy(z, calibration.temperature) <= calibration.ood_threshold).double().mean()
-    assert passed == pytest.approx(0.95, abs=0.002)
+    features = z @ torch.randn(6, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    features += torch.randn(len(z), 16, dtype=torch.float64) * 0.1
+    calibration = Calibration.fit(z, labels, features)
+    passed = (energy(z, calibration.temperature) <= calibration.energy_threshold).double().mean()
+    assert passed == pytest.approx(0.97, abs=0.002)
+    scores, threshold = calibration.ood_score(z, features)
+    assert (scores <= threshold).double().mean() == pytest.approx(0.97, abs=0.002)
+    far = calibration.ood_score(z[:10], features[:10] + 100)[0]
+    assert (far > threshold).all()  # features far from every class mean
     assert energy(torch.zeros(1, 6)) > energy(torch.tensor([[20.0, 0, 0, 0, 0, 0]]))  # flat logits: less familiar
     calibration.save(str(tmp_path / "calibration.json"))
-    saved = json.loads((tmp_path / "calibration.json").read_text())  # plain JSON, nothing to unpickle
+    saved = json.loads((tmp_path / "calibration.json").read_text())  # plain JSON, and arrays: nothing to unpickle
     loaded = Calibration.load(str(tmp_path / "calibration.json"))
-    assert (loaded.temperature, loaded.ood_threshold) == (saved["temperature"], saved["ood_threshold"])
+    assert (loaded.temperature, loaded.energy_threshold) == (saved["temperature"], saved["energy_threshold"])
+    assert loaded.feature_threshold == saved["feature_threshold"]
+    assert torch.allclose(loaded.ood_score(z, features)[0], scores, rtol=1e-3)  # stored as float32
     assert Calibration.load(str(tmp_path / "none.json")).temperature == 1.0
 
 
@@ -79,7 +87,7 @@ def test_inference_flags_what_not_to_trust(trained, mednist, tmp_path):
     with open(tmp_path / "out" / "predictions.csv") as f:
         rows = {os.path.basename(r["path"]): r for r in csv.DictReader(f)}
     assert rows["constant.png"]["flag"] == "constant image" and rows["tiny.png"]["flag"] == "small image"
-    threshold = json.loads((trained / "models" / "calibration.json").read_text())["ood_threshold"]
+    threshold = json.loads((trained / "models" / "calibration.json").read_text())["feature_threshold"]
     for name in ("000000.jpeg", "000001.jpeg"):
         ood = float(rows[name]["ood_score"]) > threshold
         expected = ("out-of-distribution",) if ood else ("", "low confidence")

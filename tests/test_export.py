@@ -38,7 +38,9 @@ def exported(trained, mednist, tmp_path_factory):
 def test_exported_model_matches_checkpoint(exported, trained, suffix):
     out, images = exported
     assert os.path.getsize(out / f"model.{suffix}") > 10_000_000
-    infer(trained, out / suffix, images, model_file=out / f"model.{suffix}", ckpt_dir=out / "no-checkpoint-needed")
+    calibration = trained / "models" / "calibration.json"  # the checkpoint's, so that probabilities agree
+    infer(trained, out / suffix, images, model_file=out / f"model.{suffix}", ckpt_dir=out / "no-checkpoint-needed",
+          calibration_path=calibration)  # fmt: skip
     reference, got = probabilities(out / "ckpt" / "predictions.csv"), probabilities(out / suffix / "predictions.csv")
     assert len(got) == len(reference) == 120
     for path, probs in reference.items():
