@@ -9,7 +9,7 @@ MedNIST (the photographs that ship with scikit-image and scikit-learn, each also
 Gaussian noise; constant images; checkerboards; tiny images), then prints the share of each set flagged, the
 AUROC of ``ood_score`` between them, and, for Grad-CAM on each of ``layers``, the share of the heat map's mass on
 the foreground (pixels above the image's background level) against the foreground's share of the image, per class,
-and the time per picture. Needs scikit-image and scikit-learn (requirements-dev.txt).
+and the time per picture. Needs `pip install scikit-image scikit-learn` (tested with 0.26.0 and 1.9.1).
 """
 
 from __future__ import annotations
