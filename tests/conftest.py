@@ -22,6 +22,7 @@ INFERENCE = os.path.join(CONFIGS, "inference.json")
 META = os.path.join(CONFIGS, "metadata.json")
 CLASSES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
 FAST = {"batch_size": 16, "accumulation_steps": 1, "learning_rate": 0.001}
+CALIBRATION = ("calibration.json", "calibration.npz")  # written to ckpt_dir at the end of training
 
 
 @contextlib.contextmanager

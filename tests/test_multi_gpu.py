@@ -12,7 +12,7 @@ import sys
 import torch
 from monai.networks.nets import DenseNet121
 
-from conftest import BUNDLE, TRAIN
+from conftest import BUNDLE, CALIBRATION, TRAIN
 
 MULTI = f"['{TRAIN}','{os.path.join(BUNDLE, 'configs', 'multi_gpu_train.json')}']"
 
@@ -46,7 +46,12 @@ def test_two_processes_train_one_model(mednist, tmp_path):
     # validation metrics are reduced over both ranks' shards: both print the same figures
     pattern = r"Epoch\[1\] Metrics -- val_acc: ([\d.]+) val_loss: ([\d.]+)"
     assert re.findall(pattern, logs[0]) == re.findall(pattern, logs[1]) != []
-    assert sorted(os.listdir(tmp_path / "models")) == [".mednist.lock", "checkpoint_epoch=2.pt", "model.pt"]
+    assert sorted(os.listdir(tmp_path / "models")) == [
+        ".mednist.lock",
+        *CALIBRATION,
+        "checkpoint_epoch=2.pt",
+        "model.pt",
+    ]
     # each rank preprocessed its own half of the 96 training and 12 validation images
     assert all(re.findall(r"cached (\d+) items", log) == ["48", "6"] for log in logs)
     net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=6)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.networks.nets import DenseNet121
 
-from conftest import BUNDLE, TRAIN, bundle_error, train
+from conftest import BUNDLE, CALIBRATION, TRAIN, bundle_error, train
 
 RUN = {"batch_size": 16, "accumulation_steps": 1, "learning_rate": 0.001, "early_stop_patience": 10}
 # Runs the bundle's CLI with os.replace patched to SIGKILL the process at the n-th rename onto a chosen file name,
@@ -59,7 +59,12 @@ def test_kill_at_a_save_loses_nothing_and_resume_finishes(mednist, tmp_path, whe
     assert [f for f in files if f.startswith("checkpoint_epoch=")] == ["checkpoint_epoch=1.pt"]  # not removed
 
     train(mednist, tmp_path, resume="true", epochs=3, **short)  # one epoch more than planned, to see it go on
-    assert sorted(os.listdir(models)) == [".mednist.lock", "checkpoint_epoch=3.pt", "model.pt"]  # no leftovers
+    assert sorted(os.listdir(models)) == [
+        ".mednist.lock",
+        *CALIBRATION,
+        "checkpoint_epoch=3.pt",
+        "model.pt",
+    ]  # no leftovers
     assert loads_as_densenet(models / "model.pt")
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
@@ -81,7 +86,7 @@ def test_kill_after_a_rename_then_resume_keeps_the_newest(mednist, tmp_path):
     assert subprocess.run(cmd, cwd=BUNDLE, capture_output=True, env=env, timeout=300).returncode == -9
     assert {"checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"} <= set(os.listdir(models))
     train(mednist, tmp_path, resume="true", epochs=3, **short)
-    assert sorted(os.listdir(models)) == [".mednist.lock", "checkpoint_epoch=3.pt", "model.pt"]
+    assert sorted(os.listdir(models)) == [".mednist.lock", *CALIBRATION, "checkpoint_epoch=3.pt", "model.pt"]
     with open(out / "history.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]  # resumed from epoch 2, not 1
 

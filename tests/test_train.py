@@ -11,7 +11,7 @@ import torch
 from monai.networks.nets import DenseNet121
 from PIL import Image
 
-from conftest import FAST, bundle_error, train
+from conftest import CALIBRATION, FAST, bundle_error, train
 
 
 def read_history(output_dir) -> list[dict]:
@@ -32,7 +32,12 @@ def test_model_and_checkpoint(trained):
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]  # saved after epoch 2
     assert ckpt["checkpointer"]["_saved"] == [(2, "checkpoint_epoch=2.pt")]
     assert [name for _, name in ckpt["best_model"]["_saved"]] == ["model.pt"]
-    assert sorted(os.listdir(trained / "models")) == [".mednist.lock", "checkpoint_epoch=2.pt", "model.pt"]
+    assert sorted(os.listdir(trained / "models")) == [
+        ".mednist.lock",
+        *CALIBRATION,
+        "checkpoint_epoch=2.pt",
+        "model.pt",
+    ]
 
 
 def test_history_and_plot(trained):
