@@ -69,6 +69,17 @@ def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(-torch.log(probs.double().gather(1, labels.long().view(-1, 1)).clamp_min(1e-12)).mean())
 
 
+def calibration_figures(logits: torch.Tensor, labels: torch.Tensor, calibration: Calibration) -> dict:
+    """The temperature, and the expected calibration error and negative log-likelihood of ``labels`` before and
+    after calibration."""
+    probs = {"uncalibrated": torch.softmax(logits.float(), 1), "calibrated": calibration.probabilities(logits)}
+    return {
+        "temperature": calibration.temperature,
+        "ece": {name: expected_calibration_error(p, labels) for name, p in probs.items()},
+        "nll": {name: negative_log_likelihood(p, labels) for name, p in probs.items()},
+    }
+
+
 def mahalanobis(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """Squared Mahalanobis distance of each row of ``features`` to the nearest of ``means``."""
     diff = features.double()[:, None, :] - means.double()[None]
@@ -184,11 +195,12 @@ def fit_calibration(network: torch.nn.Module, model_path: str, loader, device, o
     logits, labels, features = torch.cat(logits), torch.cat(labels), torch.cat(features)
     calibration = Calibration.fit(logits, labels, features)
     calibration.save(out_path)
-    raw, calibrated = torch.softmax(logits, 1), calibration.probabilities(logits)
+    figures = calibration_figures(logits, labels, calibration)
+    ece, nll = figures["ece"], figures["nll"]
     logger.info(
-        f"calibration on {len(labels)} validation images: temperature {calibration.temperature:.3f}, ECE "
-        f"{expected_calibration_error(raw, labels):.4f} -> {expected_calibration_error(calibrated, labels):.4f}, "
-        f"NLL {negative_log_likelihood(raw, labels):.4f} -> {negative_log_likelihood(calibrated, labels):.4f}, "
+        f"calibration on {len(labels)} validation images: temperature {calibration.temperature:.3f}, "
+        f"ECE {ece['uncalibrated']:.4f} -> {ece['calibrated']:.4f}, NLL {nll['uncalibrated']:.4f} -> "
+        f"{nll['calibrated']:.4f}, "
         f"out-of-distribution thresholds {calibration.feature_threshold:.1f} (features), "
         f"{calibration.energy_threshold:.3f} (energy); wrote {out_path}"
     )

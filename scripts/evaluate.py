@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 from monai.metrics import compute_roc_auc
 from monai.networks import one_hot
 
-from .calibration import Calibration, FeatureHook, expected_calibration_error, negative_log_likelihood
+from .calibration import Calibration, FeatureHook, calibration_figures
 from .data import CLASSES
 from .utils import BundleError, atomic_write, pyplot, save_figure
 
@@ -149,15 +149,9 @@ class ClassificationReport:
             raise BundleError("no images were evaluated.", "check --eval_dir or the test split.")
         logits, labels = torch.cat(self.logits), torch.cat(self.labels)
         calibration = Calibration.load(self.calibration_path)
-        raw, probs = torch.softmax(logits, 1), calibration.probabilities(logits)
+        probs = calibration.probabilities(logits)
         metrics = classification_metrics(engine.state.metrics, probs, labels)
-        metrics["calibration"] = {
-            "temperature": calibration.temperature,
-            "ece": {"uncalibrated": expected_calibration_error(raw, labels)},
-            "nll": {"uncalibrated": negative_log_likelihood(raw, labels)},
-        }
-        metrics["calibration"]["ece"]["calibrated"] = expected_calibration_error(probs, labels)
-        metrics["calibration"]["nll"]["calibrated"] = negative_log_likelihood(probs, labels)
+        metrics["calibration"] = calibration_figures(logits, labels, calibration)
         features = torch.cat(self.features) if all(f is not None for f in self.features) else None
         scores, threshold = calibration.ood_score(logits, features)
         scores = scores.numpy()
