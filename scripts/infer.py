@@ -132,6 +132,19 @@ class LoadImageSafelyd(MapTransform):
         return d
 
 
+def gradcam_maps(network: torch.nn.Module, images: torch.Tensor, target_layer: str) -> list[np.ndarray]:
+    """The Grad-CAM heat map of each image (N x 1 x H x W) for its predicted class, H x W in [0, 1], 1 = hot."""
+    from monai.visualize import GradCAM
+
+    network.eval()
+    # cloned here, after the evaluator's no-grad/inference mode, so that Grad-CAM can backpropagate
+    x = images.detach().clone().to(next(network.parameters()).device)
+    # MONAI's default normaliser maps (min, max) to (1, 0), which flips the heat map; keep max = hot
+    cam = GradCAM(nn_module=network, target_layers=target_layer, postprocessing=_unit_range)
+    with torch.enable_grad():  # one image at a time: MONAI's GradCAM mixes classes across a batch
+        return [cam(x=x[i : i + 1]).detach().cpu().numpy()[0, 0] for i in range(len(x))]
+
+
 class PredictionPicture:
     """One figure, drawn once and updated for every picture: the image, its class-probability bars and, when
     given, the Grad-CAM heat map over the image with its colour bar. Reusing the figure spares matplotlib
@@ -305,15 +318,7 @@ class PredictionWriter:
     def plot(self, rows: list[dict], images: torch.Tensor, probs: np.ndarray) -> None:
         cams = [None] * len(rows)
         if isinstance(self.network, torch.nn.Module):
-            from monai.visualize import GradCAM
-
-            self.network.eval()
-            # cloned here, after the evaluator's no-grad/inference mode, so that Grad-CAM can backpropagate
-            x = images.detach().clone().to(next(self.network.parameters()).device)
-            # MONAI's default normaliser maps (min, max) to (1, 0), which flips the heat map; keep max = hot
-            cam = GradCAM(nn_module=self.network, target_layers=self.target_layer, postprocessing=_unit_range)
-            with torch.enable_grad():  # one image at a time: MONAI's GradCAM mixes classes across a batch
-                cams = [cam(x=x[i : i + 1]).detach().cpu().numpy()[0, 0] for i in range(len(x))]
+            cams = gradcam_maps(self.network, images, self.target_layer)
         folder = os.path.join(self.output_dir, "visualizations")
         os.makedirs(folder, exist_ok=True)
         self.picture = self.picture or PredictionPicture()

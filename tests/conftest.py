@@ -86,8 +86,9 @@ def infer(trained_folder, output_dir, input, **overrides) -> ConfigWorkflow:
     return run_workflow(("inference",), "inference", input=input, **{**folders, **overrides})
 
 
-def class_image(label: int, rng: np.random.Generator, size: int = 64) -> np.ndarray:
-    """A 64x64 uint8 image whose pattern tells its class apart, with random jitter and noise."""
+def class_image(label: int, rng: np.random.Generator, size: int = 64, body: bool = False) -> np.ndarray:
+    """A 64x64 uint8 image whose pattern tells its class apart, with random jitter and noise; with ``body``, the
+    pattern fills only a body-like ellipse at a random place on a dark background, as MedNIST's anatomy does."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     cx, cy = 0.5 + rng.uniform(-0.1, 0.1, 2)
     r = np.hypot(xx - cx, yy - cy)
@@ -101,16 +102,23 @@ def class_image(label: int, rng: np.random.Generator, size: int = 64) -> np.ndar
         (r > 0.2) & (r < 0.35),  # ring
     ][label]
     img = 40 + 170 * pattern.astype(float) + rng.normal(0, 12, (size, size))
+    if body:
+        (ex, ey), (ax, ay) = rng.uniform(0.35, 0.65, 2), rng.uniform(0.2, 0.28, 2)
+        inside = ((xx - ex) / ax) ** 2 + ((yy - ey) / ay) ** 2 < 1
+        img = np.where(inside, 70 + 140 * pattern, 10) + rng.normal(0, 5, (size, size))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_mednist(root: str, per_class: int = 20, seed: int = 0) -> str:
-    """Write ``root/MedNIST/<class>/NNNNNN.jpeg`` like MedNIST's layout; returns ``root``."""
+def write_mednist(root: str, per_class: int = 20, seed: int = 0, body: bool = False) -> str:
+    """Write ``root/MedNIST/<class>/NNNNNN.jpeg`` like MedNIST's layout (images of :func:`class_image`); returns
+    ``root``."""
     rng = np.random.default_rng(seed)
     for label, cls in enumerate(CLASSES):
         os.makedirs(os.path.join(root, "MedNIST", cls), exist_ok=True)
         for i in range(per_class):
-            Image.fromarray(class_image(label, rng)).save(os.path.join(root, "MedNIST", cls, f"{i:06d}.jpeg"))
+            Image.fromarray(class_image(label, rng, body=body)).save(
+                os.path.join(root, "MedNIST", cls, f"{i:06d}.jpeg")
+            )
     return root
 
 

@@ -91,10 +91,9 @@ def gradcam_figures(test: list[dict], ckpt_dir: str, layers: list[str], per_clas
     picture (Grad-CAM and the PNG) for the first layer."""
     import torch
     from monai.bundle import ConfigParser
-    from monai.visualize import GradCAM
 
     from scripts.data import CLASSES
-    from scripts.infer import PredictionPicture, _unit_range
+    from scripts.infer import PredictionPicture, gradcam_maps
 
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
@@ -107,19 +106,16 @@ def gradcam_figures(test: list[dict], ckpt_dir: str, layers: list[str], per_clas
     images = torch.stack([preprocessing({"image": d["image"], "path": d["image"]})["image"] for d in chosen])
     figures = {}
     for layer in layers:
-        cam = GradCAM(nn_module=net, target_layers=layer, postprocessing=_unit_range)
         shares = {c: [] for c in CLASSES}
-        for d, x in zip(chosen, images):
-            heat = cam(x=x[None].clone()).detach().numpy()[0, 0]
+        for d, x, heat in zip(chosen, images, gradcam_maps(net, images, layer)):
             shares[CLASSES[d["label"]]].append(foreground_share(x[0].numpy(), heat))
         figures[layer] = {
             c: {"heat_on_foreground": float(np.mean([s[0] for s in v])), "foreground_area": float(np.mean([s[1] for s in v]))}
             for c, v in shares.items()
         }  # fmt: skip
-    cam, picture = GradCAM(nn_module=net, target_layers=layers[0], postprocessing=_unit_range), PredictionPicture()
-    start = time.perf_counter()
+    picture, start = PredictionPicture(), time.perf_counter()
     for i, x in enumerate(images[:30]):
-        heat = cam(x=x[None].clone()).detach().numpy()[0, 0]
+        (heat,) = gradcam_maps(net, x[None], layers[0])
         with torch.no_grad():
             probs = torch.softmax(net(x[None]), 1)[0].numpy()
         picture.draw(x[0].numpy(), probs, heat, "test", os.path.join(work, f"picture_{i}.png"))
