@@ -43,7 +43,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -81,9 +81,11 @@ def calibration_figures(logits: torch.Tensor, labels: torch.Tensor, calibration:
 
 
 def mahalanobis(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """Squared Mahalanobis distance of each row of ``features`` to the nearest of ``means``."""
-    diff = features.double()[:, None, :] - means.double()[None]
-    return torch.einsum("nkd,de,nke->nk", diff, precision.double(), diff).min(1).values
+    """Squared Mahalanobis distance of each row of ``features`` to the nearest of ``means`` (one shared
+    ``precision`` matrix): (x - m)' P (x - m) = x'Px - 2 m'Px + m'Pm, so one product by P per image for all means."""
+    x, m, p = features.double(), means.double(), precision.double()
+    px = x @ p
+    return ((px * x).sum(1, keepdim=True) - 2 * px @ m.T + ((m @ p) * m).sum(1)).min(1).values
 
 
 class Calibration:
