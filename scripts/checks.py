@@ -22,10 +22,16 @@ def _integer(key: str, value, minimum: int) -> int:
     return value
 
 
-def _number(key: str, value, low: float, high: float | None = None) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > low
-    if not ok or (high is not None and value >= high):
-        bounds = f"in ({low}, {high})" if high is not None else f"> {low}"
+def _number(key: str, value, low: float, high: float | None = None, closed: bool = False) -> float:
+    """``value`` as a float in (low, high), or in [low, high] with ``closed``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = (
+        ok
+        and (low <= value if closed else low < value)
+        and (high is None or (value <= high if closed else value < high))
+    )
+    if not ok:
+        bounds = f"in [{low}, {high}]" if closed else f"in ({low}, {high})" if high is not None else f"> {low}"
         raise BundleError(f"--{key} {value!r} is not a number {bounds}.", f"pass a value {bounds}.")
     return float(value)
 
@@ -119,9 +125,9 @@ INTEGERS = {
     "batch_size": 1,
     "accumulation_steps": 1,
     "val_interval": 1,
+    "val_per_epoch": 1,
     "val_batch_size": 1,
     "early_stop_patience": 1,
-    "lr_patience": 0,
     "num_workers": 0,
     "cache_num_workers": 1,
     "seed": 0,
@@ -129,7 +135,18 @@ INTEGERS = {
 FLAGS = ("amp", "cpu_bf16", "channels_last", "augment", "download", "resume", "skip_unreadable")
 
 
-def check_train_args(learning_rate, lr_factor, val_frac, test_frac, device, image_size, **args) -> dict:
+def check_train_args(
+    learning_rate,
+    val_frac,
+    test_frac,
+    device,
+    image_size,
+    lr_warmup=0.05,
+    epoch_length=None,
+    target_accuracy=0,
+    half_res_fraction=0,
+    **args,
+) -> dict:
     """The training keys, checked: stop with a message naming the key and the fix if one is out of range, or if
     the command line names a key the configs do not have.
 
@@ -143,10 +160,19 @@ def check_train_args(learning_rate, lr_factor, val_frac, test_frac, device, imag
     checked = {key: as_bool(args[key], key) for key in FLAGS if key in args}
     checked.update({key: _integer(key, args[key], low) for key, low in INTEGERS.items() if key in args})
     checked["learning_rate"] = _number("learning_rate", learning_rate, 0.0)
-    checked["lr_factor"] = _number("lr_factor", lr_factor, 0.0, 1.0)
+    checked["lr_warmup"] = _number("lr_warmup", lr_warmup, 0, 1, closed=True)
+    checked["epoch_length"] = None if epoch_length is None else _integer("epoch_length", epoch_length, 1)
     checked["val_frac"] = _number("val_frac", val_frac, 0.0, 1.0)
     checked["test_frac"] = _number("test_frac", test_frac, 0.0, 1.0)
+    checked["target_accuracy"] = _number("target_accuracy", target_accuracy, 0, 1, closed=True)
+    checked["half_res_fraction"] = _number("half_res_fraction", half_res_fraction, 0, 1, closed=True)
     checked["device"], checked["image_size"] = check_device(device), check_image_size(image_size)
+    if checked.get("val_interval", 1) > 1 and checked.get("val_per_epoch", 1) > 1:
+        raise BundleError(
+            f"--val_interval {checked['val_interval']} and --val_per_epoch {checked['val_per_epoch']} are both "
+            "above 1: validate either every N epochs or N times an epoch.",
+            "leave one of them at 1.",
+        )
     if "epochs" in args and "val_interval" in args and checked["val_interval"] > checked["epochs"]:
         raise BundleError(
             f"--val_interval {checked['val_interval']} is more than --epochs {checked['epochs']}: the run would "

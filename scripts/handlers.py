@@ -1,4 +1,5 @@
-"""Ignite handlers the bundle needs beyond MONAI's own: per-epoch history, device report, loss progress bar."""
+"""Ignite handlers the bundle needs beyond MONAI's own: per-epoch history, device report, loss progress bar,
+progressive resizing and a stop at a target accuracy."""
 
 from __future__ import annotations
 
@@ -151,3 +152,49 @@ class LossProgressBar(ProgressBar):
     def attach(self, engine: Engine, *args, **kwargs) -> None:
         kwargs.setdefault("output_transform", lambda output: {"loss": output["loss"].detach().item()})
         super().attach(engine, *args, **kwargs)
+
+
+class ProgressiveResize:
+    """Train the first ``fraction`` of the first epoch's iterations at ``size`` (e.g. 32x32), then at full size.
+
+    Sets ``prepare_batch.size`` (a ``scripts.pipeline.PrepareBatch``) before each iteration. On a CPU a 32x32
+    image costs about half the time of a 64x64 one; validation and inference always see the full size.
+    ``fraction`` 0 turns it off.
+    """
+
+    def __init__(self, prepare_batch, size, fraction: float):
+        self.prepare_batch, self.size, self.fraction = prepare_batch, tuple(int(s) for s in size), float(fraction)
+
+    def attach(self, engine: Engine) -> None:
+        if self.fraction > 0:
+            engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        low = engine.state.iteration <= self.fraction * engine.state.epoch_length
+        self.prepare_batch.size = self.size if low else None
+
+
+class StopAtAccuracy:
+    """End training once a validation reaches ``target`` accuracy (``val_acc``); ``None`` or 0 never stops.
+
+    A validation in the middle of an epoch ends that epoch early, so its history row, checkpoint and model.pt
+    are written as at any epoch's end; then the run completes (calibration included).
+    """
+
+    def __init__(self, trainer: Engine, target: float | None):
+        self.trainer, self.target, self.reached = trainer, float(target or 0), False
+
+    def attach(self, evaluator: Engine) -> None:
+        evaluator.add_event_handler(Events.COMPLETED, self.validated)
+        self.trainer.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def validated(self, evaluator: Engine) -> None:
+        accuracy = evaluator.state.metrics.get("val_acc", 0.0)
+        if self.target and accuracy >= self.target:
+            logger.info(f"validation accuracy {accuracy:.4f} reached the target {self.target}: training ends")
+            self.reached = True
+            self.trainer.terminate_epoch()
+
+    def epoch_completed(self, trainer: Engine) -> None:
+        if self.reached:
+            trainer.terminate()

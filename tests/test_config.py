@@ -27,6 +27,11 @@ BAD = [
     ({"device": "tpu"}, "--device 'tpu' is not a device"),
     ({"image_size": [1, 1]}, "--image_size [1, 1] is not two integers of at least 32"),
     ({"val_interval": 2, "epochs": 1}, "the run would never validate, so it would write no model.pt"),
+    ({"val_interval": 2, "val_per_epoch": 3, "epochs": 4}, "validate either every N epochs or N times an epoch"),
+    ({"target_accuracy": 99}, "--target_accuracy 99 is not a number in [0, 1]"),
+    ({"half_res_fraction": -0.5}, "--half_res_fraction -0.5 is not a number in [0, 1]"),
+    ({"lr_warmup": 2}, "--lr_warmup 2 is not a number in [0, 1]"),
+    ({"epoch_length": 0}, "--epoch_length 0 is not an integer >= 1"),
 ]
 
 
@@ -40,7 +45,7 @@ def test_cli_from_another_folder_without_pythonpath(elsewhere, mednist, trained)
     """`run training|evaluating|inference` with --bundle_root and absolute config paths, from a folder without
     `scripts`, with no PYTHONPATH set."""
     folders = {"output_dir": elsewhere / "cli", "ckpt_dir": elsewhere / "cli-models"}
-    short = {"epochs": 1, "train#trainer#epoch_length": 2, **FAST}
+    short = {"epochs": 1, "epoch_length": 2, **FAST}
     proc = run_bundle("run", "training", "--config_file", TRAIN, cwd=elsewhere, bundle_root=BUNDLE,
                       dataset_dir=mednist, **folders, **short)  # fmt: skip
     assert "val_acc" in proc.stdout and "device: cpu" in proc.stdout and "cached 96 items" in proc.stdout
@@ -173,7 +178,7 @@ def test_unknown_command_line_key_is_refused_with_the_closest(args, message):
 def test_known_command_line_keys_pass():
     from scripts.checks import check_command_line
 
-    nested = ["--train#trainer#epoch_length", "2", "--tracking", "mlflow", "--tracking_uri", "sqlite:///m.db"]
+    nested = ["--epoch_length", "2", "--tracking", "mlflow", "--tracking_uri", "sqlite:///m.db"]
     check_command_line(
         [MAIN, "run", "training", "--config_file", TRAIN, "--epochs", "1", "--bundle_root", ".", *nested]
     )

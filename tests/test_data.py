@@ -19,7 +19,7 @@ from monai.bundle import ConfigParser
 from conftest import BUNDLE, TRAIN, bundle_error, train, write_mednist
 from scripts.data import CLASSES, SPLITS, make_split
 
-FAST = {"epochs": 1, "batch_size": 16, "accumulation_steps": 1, "train#trainer#epoch_length": 1}
+FAST = {"epochs": 1, "batch_size": 16, "accumulation_steps": 1, "epoch_length": 1}
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ def test_forced_early_stop_ends_both_ranks_together(mednist, tmp_path):
         batch_size=8,
         accumulation_steps=1,
         learning_rate=1e-30,
-        **{"network_def#norm": "instance", "train#trainer#epoch_length": 1},
+        **{"network_def#norm": "instance", "epoch_length": 1},
     )
     for log in logs:  # each rank validated epochs 1-3, then its trainer stopped and the run finished
         assert re.findall(r"Epoch\[(\d+)\] Metrics -- val_acc", log) == ["1", "2", "3"]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
 import yaml
 
 from conftest import BUNDLE, bundle_error, run_bundle
@@ -104,20 +105,26 @@ def test_download_large_files_checks_sha256(trained, http_server, tmp_path):
     tampered[-100] ^= 0xFF
     (served / "tampered.pt").write_bytes(bytes(tampered))
     bundle = _bundle_with_large_files(tmp_path / "bad", f"{base}/tampered.pt", good)
-    proc = run_bundle("download_large_files", "--bundle_path", str(bundle), check=False)
-    assert proc.returncode != 0 and "check of downloaded file failed" in proc.stderr
+    from monai.bundle import download_large_files  # what the command above runs, here in this process
+
+    with pytest.raises(RuntimeError, match="check of downloaded file failed"):
+        download_large_files(bundle_path=str(bundle))
     assert not (bundle / "models" / "model.pt").exists()
 
 
-def test_large_files_yml_pins_the_model():
+def test_large_files_yml_pins_the_model_and_its_calibration():
     with open(os.path.join(BUNDLE, "large_files.yml")) as f:
-        (entry,) = yaml.safe_load(f)["large_files"]
-    assert entry["path"] == "models/model.pt" and entry["hash_type"] == "sha256"
-    assert len(entry["hash_val"]) == 64 and int(entry["hash_val"], 16) >= 0
-    assert entry["url"].startswith("https://")
+        entries = yaml.safe_load(f)["large_files"]
     with open(os.path.join(BUNDLE, "configs", "metadata.json")) as f:
         version = json.load(f)["version"]
-    assert entry["url"].endswith(f"/mednist_classification_v{version}.pt")  # the weights of this version
+    names = {"models/model.pt": ".pt", "models/calibration.json": "_calibration.json"}
+    names["models/calibration.npz"] = "_calibration.npz"
+    assert [entry["path"] for entry in entries] == list(names)
+    for entry in entries:
+        assert entry["hash_type"] == "sha256" and len(entry["hash_val"]) == 64 and int(entry["hash_val"], 16) >= 0
+        assert entry["url"].startswith("https://")
+        # the files of this version
+        assert entry["url"].endswith(f"/mednist_classification_v{version}{names[entry['path']]}")
 
 
 def test_release_without_model_says_so_and_writes_nothing(tmp_path):

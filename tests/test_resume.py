@@ -46,7 +46,7 @@ def loads_as_densenet(path) -> bool:
 def test_kill_at_a_save_loses_nothing_and_resume_finishes(mednist, tmp_path, when, target, nth):
     out, models = tmp_path / "out", tmp_path / "models"
     args = ["run", "training", "--config_file", TRAIN, "--dataset_dir", mednist, "--output_dir", out]
-    short = {**RUN, "train#trainer#epoch_length": 2}  # two iterations an epoch: this is about the saves
+    short = {**RUN, "epoch_length": 2}  # two iterations an epoch: this is about the saves
     args += ["--ckpt_dir", models, "--epochs", "2"] + [f"--{k}={v}" for k, v in short.items()]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = [sys.executable, "-c", KILL_AT_RENAME, when, target, str(nth), *map(str, args)]
@@ -79,7 +79,7 @@ def test_kill_after_a_rename_then_resume_keeps_the_newest(mednist, tmp_path):
     run continues from the newer and removes the older."""
     out, models = tmp_path / "out", tmp_path / "models"
     args = ["run", "training", "--config_file", TRAIN, "--dataset_dir", mednist, "--output_dir", out]
-    short = {**RUN, "train#trainer#epoch_length": 2}
+    short = {**RUN, "epoch_length": 2}
     args += ["--ckpt_dir", models, "--epochs", "2"] + [f"--{k}={v}" for k, v in short.items()]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = [sys.executable, "-c", KILL_AT_RENAME, "after", "checkpoint_epoch=2.pt", "1", *map(str, args)]

@@ -74,14 +74,20 @@ def test_benchmark_bad_arguments(mednist, tmp_path):
 def test_time_to_accuracy_trains_evaluates_and_reports(mednist, tmp_path):
     work = tmp_path / "tta"
     proc = run_tool(
-        "tools.time_to_accuracy", "--dataset_dir", mednist, "--work_dir", work, "--target", "0.5",
-        "--epochs", "2", "--batch_size", "16", "--val_interval", "1",
+        "tools.time_to_accuracy", "--dataset_dir", mednist, "--work_dir", work, "--target", "0.5", "--stop", "true",
+        "--epochs", "3", "--batch_size", "16", "--val_per_epoch", "2", "--half_res_fraction", "0.5",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads((work / "time_to_accuracy.json").read_text())
     history, metrics = report["history"], json.loads((work / "test" / "metrics.json").read_text())
-    assert report["overrides"] == {"epochs": 2, "batch_size": 16, "val_interval": 1}
-    assert report["epochs_run"] == len(history) == 2 and report["test_accuracy"] == metrics["accuracy"]
+    overrides = {"epochs": 3, "batch_size": 16, "val_per_epoch": 2, "half_res_fraction": 0.5, "target_accuracy": 0.5}
+    assert report["overrides"] == overrides and report["test_accuracy"] == metrics["accuracy"]
+    # validated twice an epoch, stopped by the first validation at 0.5 or more (the synthetic classes separate
+    # within the 3 epochs): earlier epochs ended below it, the last row is the validation that reached it
+    assert report["epochs_run"] == len(history) == report["target_epoch"] <= 3
+    assert all(row["val_acc"] < 0.5 for row in history[:-1]) and history[-1]["val_acc"] >= 0.5
+    assert "reached the target 0.5: training ends" in (work / "training.log").read_text()
+    assert report["epoch_img_per_s"] > 0
     assert report["best_val_acc"] == max(row["val_acc"] for row in history)
     assert 0 < report["training_s"] < report["wall_s"] and report["training_s"] == round(history[-1]["elapsed_s"], 1)
     # the wall time apart: cache build (the log's "cached N items" lines), other start-up, after the last epoch
@@ -90,8 +96,7 @@ def test_time_to_accuracy_trains_evaluates_and_reports(mednist, tmp_path):
     assert len(cached) == 2 and report["cache_s"] == round(sum(cached), 1)
     assert report["import_s"] > 0 and report["startup_s"] > 0 and report["after_s"] >= 0
     assert report["import_s"] + report["cache_s"] + report["startup_s"] + report["training_s"] <= report["wall_s"]
-    first = next(row for row in history if row["val_acc"] >= 0.5)  # the synthetic classes separate in an epoch
-    assert report["target_epoch"] == first["epoch"] and report["training_s_to_target"] == round(first["elapsed_s"], 1)
+    assert report["training_s_to_target"] == round(history[-1]["elapsed_s"], 1)
     assert f"test_accuracy: {metrics['accuracy']}" in proc.stdout and (work / "training.log").stat().st_size > 0
     # a second run into the same folder would mix two models: refused
     again = run_tool("tools.time_to_accuracy", "--dataset_dir", mednist, "--work_dir", work)
@@ -103,3 +108,13 @@ def test_inference_memory_needs_enough_images(mednist):
 
     with bundle_error("holds 120 images, fewer than 500"):
         inference_memory(images=os.path.join(mednist, "MedNIST"), counts="5,500")
+
+
+def test_time_to_accuracy_bad_arguments(mednist, tmp_path):
+    from tools.time_to_accuracy import time_to_accuracy
+
+    with pytest.raises(SystemExit, match="--target must be an accuracy in"):
+        time_to_accuracy(dataset_dir=mednist, work_dir=str(tmp_path / "w"), target=1.5)
+    with pytest.raises(SystemExit, match="no config file .*quik.json. Fix: --configs takes names"):
+        time_to_accuracy(dataset_dir=mednist, work_dir=str(tmp_path / "w"), configs="quik")
+    assert not os.listdir(tmp_path)  # refused before any file is written

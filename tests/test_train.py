@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 
 import pytest
@@ -45,7 +46,10 @@ def test_history_and_plot(trained):
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     for r in rows:
         assert 0.0 <= float(r["val_acc"]) <= 1.0 and float(r["val_loss"]) > 0 and float(r["train_loss"]) > 0
-        assert float(r["lr"]) == pytest.approx(0.001)
+    # 96 images in batches of 16: 6 iterations an epoch, 12 in all, warm-up round(0.05 * 12) = 1 iteration; the
+    # rate at each epoch's start: 0.001 after the warm-up step, then 5 of the 11 cosine steps down
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs == pytest.approx([0.001, 0.001 * 0.5 * (1 + math.cos(math.pi * 5 / 11))], rel=1e-6)
     best = max(float(r["val_acc"]) for r in rows)
     ckpt = torch.load(trained / "models" / "checkpoint_epoch=2.pt", weights_only=True)
     assert ckpt["best_model"]["_saved"][0][0] == pytest.approx(best)  # model.pt is the best validation accuracy
@@ -84,7 +88,7 @@ def test_split_is_disjoint_stratified_and_reused(trained, mednist, tmp_path):
     assert split_file.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not the temp file's 0600
     before = split_file.read_bytes()
     # a second run with the same output_dir reuses exactly that split
-    wf = train(mednist, tmp_path, epochs=1, output_dir=trained / "out", **FAST, **{"train#trainer#epoch_length": 1})
+    wf = train(mednist, tmp_path, epochs=1, output_dir=trained / "out", **FAST, **{"epoch_length": 1})
     assert split_file.read_bytes() == before
     assert [d["path"] for d in wf.parser.get_parsed_content("cache")["training"]] == [
         os.path.join(mednist, "MedNIST", d["image"]) for d in split["training"]
@@ -96,7 +100,7 @@ def test_split_is_disjoint_stratified_and_reused(trained, mednist, tmp_path):
 
 # A learning rate of 1e-30 leaves the weights unchanged in float32, and instance norm keeps no running
 # statistics, so the validation loss is exactly flat: a plateau by construction, whatever the hardware.
-PLATEAU = {**FAST, "learning_rate": 1e-30, "network_def#norm": "instance", "train#trainer#epoch_length": 1}
+PLATEAU = {**FAST, "learning_rate": 1e-30, "network_def#norm": "instance", "epoch_length": 1}
 
 
 def test_early_stopping_ends_run_early(mednist, tmp_path):
@@ -107,12 +111,32 @@ def test_early_stopping_ends_run_early(mednist, tmp_path):
     assert os.path.isfile(tmp_path / "models" / "model.pt")
 
 
-def test_reduce_lr_on_plateau_lowers_lr(mednist, tmp_path):
-    # eps=0: torch otherwise skips a reduction smaller than 1e-8, which any change of 1e-30 is
-    train(mednist, tmp_path, epochs=4, lr_patience=1, lr_factor=0.5, **PLATEAU, **{"lr_scheduler#eps": 0})
-    lrs = [float(r["lr"]) for r in read_history(tmp_path / "out")]
-    # epochs 2 and 3 do not improve on epoch 1; with patience 1 the rate halves after epoch 3
-    assert lrs == pytest.approx([1e-30, 1e-30, 1e-30, 5e-31], rel=1e-6)
+def test_learning_rate_warms_up_then_follows_a_cosine_to_zero_and_resumes_longer():
+    from scripts.pipeline import warmup_cosine
+
+    def rates(scheduler, steps):
+        out = []
+        for _ in range(steps):
+            out.append(scheduler.get_last_lr()[0])
+            scheduler.optimizer.step()
+            scheduler.step()
+        return out
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    scheduler = warmup_cosine(torch.optim.SGD([param], lr=0.1), total_steps=100, warmup=0.1)
+    lr = rates(scheduler, 101)
+    assert lr[:10] == pytest.approx([0.01 * (i + 1) for i in range(10)])  # linear warm-up over 10 steps
+    assert lr[55] == pytest.approx(0.05) and lr[100] == pytest.approx(0.0, abs=1e-12)  # half way, then 0
+    assert all(a >= b for a, b in zip(lr[9:], lr[10:]))
+    # a resumed run with twice the epochs: the step is restored, the length is the new run's
+    state = warmup_cosine(torch.optim.SGD([param], lr=0.1), total_steps=100, warmup=0.1)
+    rates(state, 50)
+    longer = warmup_cosine(torch.optim.SGD([param], lr=0.1), total_steps=200, warmup=0.1)
+    longer.load_state_dict(state.state_dict())
+    longer.step()  # re-applies the rate of the restored step under the new length, as a resumed epoch does
+    assert longer.last_epoch == 51
+    ramp = 20
+    assert longer.get_last_lr()[0] == pytest.approx(0.05 * (1 + math.cos(math.pi * (51 - ramp) / (200 - ramp))))
 
 
 def _one_step_weights(mednist, out, batch_size: int, accumulation_steps: int, iterations: int) -> dict:
@@ -126,7 +150,7 @@ def _one_step_weights(mednist, out, batch_size: int, accumulation_steps: int, it
         cpu_bf16="false",
         learning_rate=0.1,
         **{
-            "train#trainer#epoch_length": iterations,
+            "epoch_length": iterations,
             "train#dataloader#shuffle": False,
             "network_def#norm": "instance",
             "optimizer#_target_": "torch.optim.SGD",
@@ -151,11 +175,15 @@ def test_accumulation_matches_large_batch(mednist, tmp_path):
     assert any(not torch.allclose(two_steps[k], large[k], rtol=1e-4, atol=1e-5) for k in large)  # seen: 0.37
 
 
-@pytest.mark.parametrize("variant, epoch_length", [("device_batches", 6), ("original", 2)])
+VARIANTS = {"device_batches": FAST, "original": {"epoch_length": 2}, "quick": {"batch_size": 3200}}
+
+
+@pytest.mark.parametrize("variant, epoch_length", [("device_batches", 6), ("original", 2), ("quick", 6)])
 def test_variant_trains(variant, epoch_length, mednist, tmp_path):
-    """The override files: device batches (every image once an epoch: 96 in batches of 16) and the original
-    project's per-sample pipeline (batch 4, two iterations here)."""
-    overrides = FAST if variant == "device_batches" else {"train#trainer#epoch_length": 2}
+    """The override files: device batches (every image once an epoch: 96 in batches of 16), the original
+    project's per-sample pipeline (batch 4, two iterations here) and the quick run (19,200 images: 6 iterations
+    of batch 3,200, here the 96 images each time, the first half at half resolution)."""
+    overrides = VARIANTS[variant]
     wf = train(mednist, tmp_path, ("train", variant), epochs=1, **overrides)
     (row,) = read_history(tmp_path / "out")
     assert 0 <= float(row["val_acc"]) <= 1 and float(row["train_loss"]) > 0
@@ -170,5 +198,52 @@ def test_variant_trains(variant, epoch_length, mednist, tmp_path):
             "RandZoomd",
         ]
         assert loader.batch_size == 4 and wf.parser.get_parsed_content("accumulation_steps") == 2
+    elif variant == "quick":
+        assert wf.parser.get_parsed_content("args")["half_res_fraction"] == 0.5
     else:
         assert type(loader).__name__ == "DeviceBatches"
+
+
+def test_half_resolution_phase_averages_2x2_blocks_then_returns_to_full_size():
+    """ProgressiveResize sets the size for the first half of the first epoch's iterations; PrepareBatch resamples to
+    it (with no augmentation drawn, exactly the mean of each 2x2 block) and leaves later batches at full size."""
+    from ignite.engine import Engine
+    from monai.engines.utils import default_prepare_batch
+
+    from scripts.handlers import ProgressiveResize
+    from scripts.pipeline import PrepareBatch
+
+    images = torch.rand(4, 1, 64, 64)
+    batch = {"image": images, "label": torch.arange(4)}
+    expected = torch.nn.functional.avg_pool2d(images, 2)
+    for prepare in (PrepareBatch(augment=True, prob=0.0), PrepareBatch(augment=False)):
+        outputs = []
+        engine = Engine(lambda e, b: outputs.append(prepare(b)[0]))
+        ProgressiveResize(prepare, (32, 32), fraction=0.5).attach(engine)
+        engine.run([batch] * 4, max_epochs=2)
+        assert [tuple(o.shape[2:]) for o in outputs] == [(32, 32)] * 2 + [(64, 64)] * 6  # first epoch only
+        torch.testing.assert_close(outputs[0], expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(outputs[2], default_prepare_batch(batch)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("accuracies, stop_iteration", [([0.5, 0.7, 0.96, 0.99], 6), ([0.5, 0.7, 0.8, 0.9], 8)])
+def test_validation_twice_an_epoch_stops_at_the_target(accuracies, stop_iteration):
+    """With validation every 2 iterations of 4, a mid-epoch validation reaching the target ends that epoch (its
+    EPOCH_COMPLETED handlers run: history, checkpoint) and then the run; below the target it runs to the end."""
+    from ignite.engine import Engine, Events
+
+    from scripts.handlers import StopAtAccuracy
+
+    scores = iter(accuracies)
+    evaluator = Engine(lambda e, b: None)
+    evaluator.add_event_handler(Events.COMPLETED, lambda e: e.state.metrics.update(val_acc=next(scores)))
+    trainer = Engine(lambda e, b: None)
+    # what ValidationHandler(interval=2, epoch_level=False) does for a MONAI evaluator
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=2), lambda e: evaluator.run([0]))
+    StopAtAccuracy(trainer, target=0.95).attach(evaluator)
+    ended = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: ended.append(e.state.iteration))
+    trainer.add_event_handler(Events.COMPLETED, lambda e: ended.append("completed"))
+    trainer.run([0] * 4, max_epochs=2)
+    assert ended == ([4, 6, "completed"] if stop_iteration == 6 else [4, 8, "completed"])
+    assert trainer.state.iteration == stop_iteration
