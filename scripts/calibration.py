@@ -31,8 +31,19 @@ FEATURE_LAYER = "class_layers.flatten"
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature minimising the negative log-likelihood of ``labels`` under ``softmax(logits / T)``."""
+    """The temperature minimising the negative log-likelihood of ``labels`` under ``softmax(logits / T)``.
+
+    When every image is classified correctly the likelihood only grows as T shrinks: there is no finite
+    optimum, and any fitted T < 1 would make the network more confident than the data can show. Then T = 1
+    (the network's own probabilities), with a warning.
+    """
     logits, labels = logits.double(), labels.long()
+    if len(labels) and bool((logits.argmax(1) == labels).all()):
+        logger.warning(
+            f"all {len(labels)} validation images are classified correctly: no temperature can be fitted from "
+            "them (any T < 1 only sharpens); keeping T = 1"
+        )
+        return 1.0
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
 

@@ -30,6 +30,16 @@ def test_fitted_temperature_recovers_the_true_one_and_lowers_ece():
     assert after < 0.03 < before
 
 
+def test_no_temperature_is_fitted_when_validation_has_no_error():
+    """All correct: the likelihood grows without bound as T -> 0 (a fit would stop at some arbitrary T < 1 and
+    make every later mistake certain); T stays 1. One mistake makes the optimum finite again."""
+    z, _ = sampled_logits(1.0)
+    labels = z.argmax(1)
+    assert fit_temperature(z, labels) == 1.0
+    labels[0] = (labels[0] + 1) % 6
+    assert 0 < fit_temperature(z, labels) < 1
+
+
 def test_ece_of_a_calibrated_and_an_overconfident_model():
     confident = torch.tensor([[0.9, 0.1]] * 10, dtype=torch.float64)
     labels = torch.tensor([0] * 9 + [1])  # right 9 times in 10 at confidence 0.9: calibrated
