@@ -1,5 +1,5 @@
 """Measure what tells a user when to trust a prediction: the out-of-distribution flag on the test split and on
-images that are not MedNIST, calibration, and where Grad-CAM points.
+images that are not MedNIST, calibration, and where the Grad-CAM++ maps of inference point.
 
     python -m tools.trust --dataset_dir /tmp/mednist --output_dir outputs --ckpt_dir models --work_dir /tmp/trust
 
@@ -7,7 +7,7 @@ images that are not MedNIST, calibration, and where Grad-CAM points.
 calibration.json. Runs the bundle's inference command on the test split and on a set of images that are not
 MedNIST (the photographs that ship with scikit-image and scikit-learn, each also cut in four; uniform and
 Gaussian noise; constant images; checkerboards; tiny images), then prints the share of each set flagged, the
-AUROC of ``ood_score`` between them, and, for Grad-CAM on each of ``layers``, the share of the heat map's mass on
+AUROC of ``ood_score`` between them, and, for Grad-CAM++ on each of ``layers``, the share of the heat map's mass on
 the foreground (pixels above the image's background level) against the foreground's share of the image, per class,
 and the time per picture. Needs `pip install scikit-image scikit-learn` (tested with 0.26.0 and 1.9.1).
 """
@@ -87,8 +87,8 @@ def foreground_share(image: np.ndarray, cam: np.ndarray) -> tuple[float, float]:
 
 
 def gradcam_figures(test: list[dict], ckpt_dir: str, layers: list[str], per_class: int, work: str) -> dict:
-    """Foreground share of Grad-CAM per layer and class on ``per_class`` test images a class, and seconds per
-    picture (Grad-CAM and the PNG) for the first layer."""
+    """Foreground share of Grad-CAM++ per layer and class on ``per_class`` test images a class, and seconds per
+    picture (Grad-CAM++ and the PNG) for the first layer."""
     import torch
     from monai.bundle import ConfigParser
 
