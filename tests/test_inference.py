@@ -194,5 +194,5 @@ def test_gradcam_heat_lies_on_the_anatomy(tmp_path):
             body = image > 0.15  # the background is 10/255 of the range before scaling, the body 70/255 or more
             heat_share.append((heat * body).sum() / heat.sum())
             area.append(body.mean())
-        # seen on 2 cores: 0.33 (Hand) to 0.67 (ChestCT) of the mass on bodies covering 0.17 to 0.18 of the image
+        # seen on 2 cores: 0.45 (Hand, HeadCT) to 0.55 (AbdomenCT) of the mass on bodies covering 0.17 to 0.18
         assert np.mean(heat_share) > 1.5 * np.mean(area), (name, np.mean(heat_share), np.mean(area))

@@ -27,7 +27,7 @@ import numpy as np
 
 from scripts.utils import BUNDLE_ROOT, BundleError
 
-LAYERS = "features.transition2.relu,features.denseblock2,features.transition3.relu,class_layers.relu"
+LAYERS = "features.transition2.relu,features.transition1.relu,features.denseblock2,class_layers.relu"
 
 
 def not_mednist(folder: str, seed: int = 0) -> dict[str, str]:
