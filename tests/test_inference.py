@@ -177,7 +177,7 @@ def test_gradcam_heat_lies_on_the_anatomy(tmp_path):
     from conftest import CLASSES, FAST, INFERENCE, train, write_mednist
     from scripts.infer import gradcam_maps
 
-    data = write_mednist(str(tmp_path / "data"), per_class=24, body=True)
+    data = write_mednist(str(tmp_path / "data"), body=True)
     train(data, tmp_path, epochs=6, **FAST)
     parser = ConfigParser()
     parser.read_config(INFERENCE)

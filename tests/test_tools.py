@@ -71,17 +71,18 @@ def test_benchmark_bad_arguments(mednist, tmp_path):
     assert not (tmp_path / "b.json").exists()
 
 
-def test_time_to_accuracy_trains_evaluates_and_reports(mednist, tmp_path):
+def test_time_to_accuracy_trains_evaluates_and_reports(mednist, tmp_path, capsys):
+    from tools.time_to_accuracy import time_to_accuracy  # runs `monai.bundle run training|evaluating` processes
+
     work = tmp_path / "tta"
-    proc = run_tool(
-        "tools.time_to_accuracy", "--dataset_dir", mednist, "--work_dir", work, "--target", "0.5", "--stop", "true",
-        "--epochs", "3", "--batch_size", "16", "--val_per_epoch", "2", "--half_res_fraction", "0.5",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    overrides = {"epochs": 3, "batch_size": 16, "val_per_epoch": 2, "half_res_fraction": 0.5}
+    time_to_accuracy(dataset_dir=mednist, work_dir=str(work), target=0.5, stop=True, **overrides)
+    printed = capsys.readouterr().out
     report = json.loads((work / "time_to_accuracy.json").read_text())
     history, metrics = report["history"], json.loads((work / "test" / "metrics.json").read_text())
-    overrides = {"epochs": 3, "batch_size": 16, "val_per_epoch": 2, "half_res_fraction": 0.5, "target_accuracy": 0.5}
-    assert report["overrides"] == overrides and report["test_accuracy"] == metrics["accuracy"]
+    assert (
+        report["overrides"] == {**overrides, "target_accuracy": 0.5} and report["test_accuracy"] == metrics["accuracy"]
+    )
     # validated twice an epoch, stopped by the first validation at 0.5 or more (the synthetic classes separate
     # within the 3 epochs): earlier epochs ended below it, the last row is the validation that reached it
     assert report["epochs_run"] == len(history) == report["target_epoch"] <= 3
@@ -97,10 +98,10 @@ def test_time_to_accuracy_trains_evaluates_and_reports(mednist, tmp_path):
     assert report["import_s"] > 0 and report["startup_s"] > 0 and report["after_s"] >= 0
     assert report["import_s"] + report["cache_s"] + report["startup_s"] + report["training_s"] <= report["wall_s"]
     assert report["training_s_to_target"] == round(history[-1]["elapsed_s"], 1)
-    assert f"test_accuracy: {metrics['accuracy']}" in proc.stdout and (work / "training.log").stat().st_size > 0
+    assert f"test_accuracy: {metrics['accuracy']}" in printed and (work / "training.log").stat().st_size > 0
     # a second run into the same folder would mix two models: refused
-    again = run_tool("tools.time_to_accuracy", "--dataset_dir", mednist, "--work_dir", work)
-    assert again.returncode != 0 and "pass a new --work_dir" in again.stderr
+    with pytest.raises(SystemExit, match="pass a new --work_dir"):
+        time_to_accuracy(dataset_dir=mednist, work_dir=str(work))
 
 
 def test_inference_memory_needs_enough_images(mednist):
