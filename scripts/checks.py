@@ -141,10 +141,10 @@ def check_train_args(
     test_frac,
     device,
     image_size,
-    lr_warmup=0.05,
-    epoch_length=None,
-    target_accuracy=0,
-    half_res_fraction=0,
+    lr_warmup,
+    epoch_length,
+    target_accuracy,
+    half_res_fraction,
     **args,
 ) -> dict:
     """The training keys, checked: stop with a message naming the key and the fix if one is out of range, or if

@@ -110,7 +110,7 @@ class PrepareBatch:
         return images, labels
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float = 0.05):
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float):
     """A per-iteration schedule: the learning rate rises linearly over the first ``warmup`` fraction of
     ``total_steps``, then follows a half cosine down to 0 at ``total_steps`` (and stays there).
 

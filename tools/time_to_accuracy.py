@@ -108,7 +108,7 @@ def time_to_accuracy(
     with open(split) as f:
         train_images = len(json.load(f)["training"])
     (ckpt,) = glob.glob(os.path.join(models, "checkpoint_epoch=*.pt"))
-    ckpt = torch.load(ckpt, weights_only=True, map_location="cpu")
+    ckpt = torch.load(ckpt, weights_only=True, map_location="cpu", mmap=True)  # two numbers of 80 MB
     epoch_images = min(train_images, ckpt["trainer"]["epoch_length"] * ckpt["settings"]["batch_size"])
     full_epochs = [row["epoch_time_s"] for row in history[:-1]] or [history[-1]["epoch_time_s"]]
     reached = next((row for row in history if row["val_acc"] >= float(target)), None)
