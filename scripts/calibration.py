@@ -23,6 +23,7 @@ import os
 import numpy as np
 import torch
 
+from .model_file import load_model
 from .utils import atomic_write, is_main_process
 
 logger = logging.getLogger(__name__)
@@ -196,8 +197,7 @@ def fit_calibration(network: torch.nn.Module, model_path: str, loader, device, o
     ``loader``'s images (the validation split) and save it to ``out_path``. The main process only."""
     if not is_main_process() or not os.path.isfile(model_path):
         return None
-    network.load_state_dict(torch.load(model_path, map_location=device, weights_only=True))
-    network.eval()
+    load_model(model_path, network, device)
     hook, logits, labels, features = FeatureHook(network), [], [], []
     with torch.no_grad():
         for batch in loader:

@@ -72,15 +72,7 @@ def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> tup
     if os.path.isfile(tarball) and not check_hash(tarball, md5, "md5"):
         raise BundleError(f"{tarball} does not match MD5 {md5} (corrupt or incomplete).", f"delete it, then {manual}.")
     if not os.path.isfile(tarball):
-        logger.info(f"downloading MedNIST from {url} to {tarball}")
-        part_file = os.path.join(dataset_dir, f"{DOWNLOAD_PREFIX}{os.getpid()}-MedNIST.tar.gz")
-        try:
-            download_url(url, part_file, hash_val=md5, hash_type="md5", progress=False)
-        except Exception as e:  # network errors and checksum failures alike
-            if os.path.exists(part_file):
-                os.remove(part_file)
-            raise BundleError(f"could not download MedNIST from {url}: {e}", manual) from e
-        os.replace(part_file, tarball)
+        fetch_tarball(url, md5, tarball, manual)
     staging = tempfile.mkdtemp(prefix=f"{EXTRACT_PREFIX}{os.getpid()}-", dir=dataset_dir)
     try:
         extractall(tarball, staging, file_type="tar.gz", has_base=False)
@@ -93,6 +85,23 @@ def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> tup
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root, found
+
+
+def fetch_tarball(url: str, md5: str, tarball: str, manual: str) -> None:
+    """Download ``url`` to ``tarball`` with MONAI's ``download_url`` (MD5-checked), staged in a
+    ``.MedNIST-download-<pid>-*`` folder beside it: MONAI stages in ``tempfile``'s folder, set to that one for the
+    call, so a download killed midway leaves its partial file there, where the next run removes it."""
+    logger.info(f"downloading MedNIST from {url} to {tarball}")
+    staging = tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-", dir=os.path.dirname(tarball))
+    saved, tempfile.tempdir = tempfile.tempdir, staging
+    try:
+        download_url(url, os.path.join(staging, "MedNIST.tar.gz"), hash_val=md5, hash_type="md5", progress=False)
+        os.replace(os.path.join(staging, "MedNIST.tar.gz"), tarball)
+    except Exception as e:  # network errors and checksum failures alike
+        raise BundleError(f"could not download MedNIST from {url}: {e}", manual) from e
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def make_split(found: dict[str, list[str]], val_frac: float, test_frac: float, seed: int) -> dict[str, list]:

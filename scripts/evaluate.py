@@ -27,26 +27,6 @@ from .utils import BundleError, atomic_write, pyplot, save_figure
 logger = logging.getLogger(__name__)
 
 
-def check_checkpoint(path: str, network: torch.nn.Module) -> bool:
-    """Stop with a clear message if ``path`` is missing, unreadable, or not weights for ``network``."""
-    fix = "train first (it writes models/model.pt) or pass --ckpt_path with a model.pt saved by this bundle."
-    if not os.path.isfile(path):
-        raise BundleError(f"checkpoint {path} does not exist.", fix)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BundleError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}).", fix) from e
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # a full training checkpoint
-    expected = network.state_dict()
-    if not isinstance(state, dict) or set(state) != set(expected):
-        raise BundleError(f"checkpoint {path} does not hold DenseNet121 weights for this bundle.", fix)
-    bad = [k for k, v in state.items() if getattr(v, "shape", None) != expected[k].shape]
-    if bad:
-        raise BundleError(f"checkpoint {path} has weights of the wrong shape, e.g. {bad[0]}.", fix)
-    return True
-
-
 def classification_metrics(metrics: dict, probs: torch.Tensor, labels: torch.Tensor, accuracy_key="val_acc") -> dict:
     """metrics.json's content: accuracy, per-class precision/recall/F1 and support (the evaluator's metrics),
     per-class ROC AUC (MONAI's ``compute_roc_auc`` on ``probs`` and ``labels``), their macro and support-weighted

@@ -229,10 +229,10 @@ def skip_done(data: list[dict], output_dir: str, resume=False) -> list[dict]:
 class PredictionWriter:
     """Write each batch's predictions to ``predictions.csv`` as soon as it is predicted, and the pictures.
 
-    The file grows batch by batch and is flushed each time, so a killed run keeps every row written, and
-    ``resume`` appends to it (after dropping a last line cut short). Nothing is held across batches: memory
-    stays flat in the number of inputs. ``visualize`` None means: pictures when there is exactly one input
-    (``num_inputs``). Grad-CAM++ (``monai.visualize.GradCAMpp`` on ``target_layer``) needs the PyTorch network;
+    The file grows batch by batch and is flushed to disk (``fsync``) each time, so a killed run, or a power cut,
+    keeps every batch written, and ``resume`` appends to it (after dropping a last line cut short). Nothing is
+    held across batches: memory stays flat in the number of inputs. ``visualize`` None means: pictures when there
+    is exactly one input (``num_inputs``). Grad-CAM++ (``monai.visualize.GradCAMpp`` on ``target_layer``) needs the PyTorch network;
     with an exported model the pictures have no heat map.
 
     Probabilities are calibrated by ``calibration_path`` (``scripts.calibration``); ``ood_score`` is the feature
@@ -269,13 +269,20 @@ class PredictionWriter:
         engine.add_event_handler(Events.COMPLETED, self.close)
 
     def open(self, engine: Engine | None = None) -> None:
+        """Start ``predictions.csv``: the header and, when resuming, the complete rows it held, written to a
+        temporary file renamed over it (a kill at any moment leaves the old or the new file, never fewer rows);
+        the rows of this run are then appended."""
         kept = read_predictions(self.path) if self.resume else []
         self.drawn = sum(not r["error"] for r in kept)  # pictures are numbered on across a resumed run
-        self.file = open(self.path, "w", newline="")
+
+        def start(f) -> None:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+
+        atomic_write(self.path, start)
+        self.file = open(self.path, "a", newline="")
         self.csv = csv.DictWriter(self.file, fieldnames=COLUMNS, extrasaction="ignore")
-        self.csv.writeheader()
-        self.csv.writerows(kept)
-        self.file.flush()
 
     def collect(self, engine: Engine) -> None:
         batch, logits = engine.state.batch, engine.state.output["pred"].detach().float().cpu()
@@ -297,6 +304,7 @@ class PredictionWriter:
             rows.append(row)
         self.csv.writerows(rows)
         self.file.flush()
+        os.fsync(self.file.fileno())  # on disk, not only in the operating system's cache: a power cut keeps it
         self.rows, self.predicted = self.rows + len(rows), self.predicted + len(good)
         if self.pictures and good:
             self.plot([rows[i] for i in good], engine.state.output["image"][good], probs[good])

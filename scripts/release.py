@@ -7,7 +7,7 @@ Writes ``dist/mednist_classification_v<version>.zip`` (version from configs/meta
 calibration.json/.npz, model.ts, model.pt2 and model.onnx when present), as the Model Zoo packs a bundle:
 ``large_files.yml`` stays out, since the zip carries the weights. Entries are sorted and stamped with a fixed
 time and mode, so the same inputs give the same bytes. Every model file is checked first (complete, and
-loadable without running code: see ``scripts.export.check_model_file``). Prints the zip's size and SHA-256.
+loadable without running code: see ``scripts.model_file``). Prints the zip's size and SHA-256.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import os
 import zipfile
 
 import fire
+import numpy as np
 
-from .export import check_model_file
+from .model_file import load_model
 from .utils import BUNDLE_ROOT, BundleError, atomic_write
 
 NAME = "mednist_classification"
@@ -33,6 +34,25 @@ def sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_model_file(path: str) -> None:
+    """Stop with a message naming ``path`` unless it is a complete model file this bundle loads without running
+    code (``scripts.model_file.load_model``), or a calibration saved by training (plain JSON, arrays without
+    pickle)."""
+    if path.endswith((".json", ".npz")):
+        try:
+            if path.endswith(".json"):
+                with open(path) as f:
+                    temperature = json.load(f)["temperature"]
+                assert isinstance(temperature, (int, float)) and temperature > 0
+            else:
+                with np.load(path, allow_pickle=False) as npz:
+                    assert {"means", "precision"} <= set(npz.files)
+        except Exception as e:
+            raise BundleError(f"{path} is not a calibration saved by training ({e!r}).", "train again.") from e
+    else:
+        load_model(path)
 
 
 def release_files(ckpt_dir: str) -> dict[str, str]:

@@ -157,6 +157,50 @@ def trained(mednist, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory):
+    """The model of ``trained`` exported to TorchScript (MONAI's ``ckpt_export``), .pt2 and .onnx: their folder."""
+    from monai.bundle import ckpt_export
+
+    from scripts.export import export_onnx, export_pt2
+
+    out = tmp_path_factory.mktemp("export")
+    ckpt = str(trained / "models" / "model.pt")
+    ckpt_export(net_id="network_def", filepath=str(out / "model.ts"), ckpt_file=ckpt, meta_file=META,
+                config_file=INFERENCE, bundle_root=BUNDLE)  # fmt: skip
+    export_pt2(ckpt, str(out / "model.pt2"))
+    export_onnx(ckpt, str(out / "model.onnx"))
+    return out
+
+
+# Runs the bundle's CLI with os.replace patched to SIGKILL the process at the n-th rename onto a chosen file name,
+# right before it (the new file is complete on disk under its temporary name) or right after.
+KILL_AT_RENAME = """
+import os, runpy, signal, sys
+when, target, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
+real_replace, seen = os.replace, []
+def replace(src, dst, *args, **kwargs):
+    hit = os.path.basename(str(dst)) == target and len(seen) == nth - 1
+    seen.extend([1] if os.path.basename(str(dst)) == target else [])
+    if hit and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst, *args, **kwargs)
+    if hit and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+sys.argv = ["monai.bundle", *sys.argv[4:]]
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
+
+
+def killed_at_rename(args, when: str, target: str, nth: int = 1) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle <args>`` killed by SIGKILL right ``when`` ("before"/"after") its ``nth`` rename
+    onto a file named ``target``."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-c", KILL_AT_RENAME, when, target, str(nth), *map(str, args)]
+    return subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=300)
+
+
 def run_bundle(
     *args: str, timeout: int = 600, check: bool = True, cwd: str = BUNDLE, **overrides
 ) -> subprocess.CompletedProcess:

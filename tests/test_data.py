@@ -49,6 +49,75 @@ def test_download_with_wrong_md5_is_refused(served_tarball, tmp_path):
     assert not os.path.exists(tmp_path / "data" / "MedNIST")
 
 
+@pytest.fixture
+def stalled_server(served_tarball, http_server):
+    """A server that sends the first half of the served tarball, then stalls until the test ends: its URL."""
+    import http.server
+    import threading
+
+    data = (http_server[0] / "MedNIST.tar.gz").read_bytes()
+    release = threading.Event()
+
+    class Stall(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            release.wait(120)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stall)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/MedNIST.tar.gz"
+    release.set()
+    server.shutdown()
+
+
+def _files_under(folder) -> list[str]:
+    return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files]
+
+
+def _killed_mid_transfer(code: str, folder, tmpdir) -> None:
+    """Run ``code`` in a process whose TMPDIR is ``tmpdir``; SIGKILL it once a partial download (a file of some
+    bytes) exists under ``folder``."""
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=BUNDLE, env={**os.environ, "TMPDIR": str(tmpdir)})
+    deadline = time.monotonic() + 120
+    while not any(os.path.isfile(f) and os.stat(f).st_size for f in _files_under(folder)):
+        assert child.poll() is None and time.monotonic() < deadline, "the download did not start"
+        time.sleep(0.05)
+    child.kill()
+    child.wait()
+
+
+def test_download_killed_mid_transfer_leaves_nothing_outside_dataset_dir(stalled_server, served_tarball, tmp_path):
+    """Killed while MedNIST downloads, the bundle leaves its partial file in a .MedNIST-download-* entry of
+    dataset_dir (nothing in $TMPDIR), which the next run removes; MONAI's download_url alone, the control, leaves
+    it in $TMPDIR, where nothing removes it."""
+    data, tmpdir = tmp_path / "data", tmp_path / "tmp"
+    os.makedirs(data)
+    os.makedirs(tmpdir)
+    url, md5 = served_tarball
+    prepare = (
+        f"from scripts.data import prepare_mednist; prepare_mednist({str(data)!r}, True, {stalled_server!r}, {md5!r})"
+    )
+    _killed_mid_transfer(prepare, data, tmpdir)
+    assert os.listdir(tmpdir) == []
+    assert [f.startswith(".MedNIST-download-") for f in os.listdir(data)] == [True]
+    from scripts.data import prepare_mednist
+
+    prepare_mednist(str(data), True, url, md5)
+    assert sorted(os.listdir(data)) == ["MedNIST", "MedNIST.tar.gz"]  # the leftover is gone
+
+    control = f"from monai.apps import download_url; download_url({stalled_server!r}, {str(tmp_path / 'x.tar.gz')!r})"
+    _killed_mid_transfer(control, tmpdir, tmpdir)
+    assert os.listdir(tmpdir) != []  # what the bundle's staging prevents
+
+
 def test_offline_download_names_url_and_manual_fix(tmp_path):
     url = "http://127.0.0.1:9/MedNIST.tar.gz"  # the discard port: connection refused
     with bundle_error(f"could not download MedNIST from {url}") as found:

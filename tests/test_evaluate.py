@@ -78,8 +78,12 @@ def test_bad_checkpoint_is_named(damage, trained, mednist, tmp_path):
         ckpt.write_bytes((trained / "models" / "model.pt").read_bytes()[:1000])
     elif damage == "other_network":
         torch.save(torch.nn.Linear(4, 2).state_dict(), ckpt)
-    expected = {"missing": "does not exist", "corrupt": "cannot be read", "other_network": "does not hold DenseNet121"}
-    with bundle_error(f"checkpoint {ckpt} {expected[damage]}") as found:
+    expected = {
+        "missing": f"model file {ckpt} does not exist",
+        "corrupt": f"checkpoint {ckpt} cannot be read",
+        "other_network": f"checkpoint {ckpt} does not hold DenseNet121",
+    }
+    with bundle_error(expected[damage]) as found:
         evaluate(trained, tmp_path / "out", dataset_dir=mednist, ckpt_path=ckpt)
     assert "train first" in found[0].fix and not os.path.exists(tmp_path / "out")
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import bundle_error, evaluate, infer
-from scripts.infer import find_inputs
+from conftest import bundle_error, evaluate, infer, killed_at_rename
+from scripts.infer import find_inputs, read_predictions
 
 COLUMNS = ["path", "label", "confidence", "AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT", "error"]
 COLUMNS += ["ood_score", "flag"]
@@ -150,11 +150,17 @@ def test_killed_inference_keeps_its_rows_and_resumes(trained, mednist, tmp_path)
     kept = read_rows(tmp_path / "predictions.csv")
     assert len(kept) == 25 and all(r["label"] for r in kept[:24])  # three whole batches were written
 
+    # a resumed run rewrites the file without the cut row before appending: killed right before and right after
+    # that rewrite's rename, it has lost nothing
+    for when in ("before", "after"):
+        assert killed_at_rename([*args, "--resume", "true"], when, "predictions.csv").returncode == -9
+        assert read_predictions(str(tmp_path / "predictions.csv")) == kept[:24], when
     infer(trained, tmp_path, images, resume="true", batch_size=8)
     rows = read_rows(tmp_path / "predictions.csv")
     assert [r["path"] for r in rows[:24]] == [r["path"] for r in kept[:24]]  # kept, not predicted again
     assert sorted(r["path"] for r in rows) == sorted(d["path"] for d in find_inputs(images))  # each once
     assert all(r["label"] and not r["error"] for r in rows)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]  # the killed rewrite's file is gone
 
 
 @pytest.mark.parametrize("output", ["a file", "under a file"])

@@ -134,7 +134,7 @@ def test_release_without_model_says_so_and_writes_nothing(tmp_path):
 
 
 def test_release_refuses_truncated_or_tampered_models(trained, tmp_path):
-    from test_export import tampered_pt2
+    from test_model_file import attack, genuine_entries
 
     from scripts.export import export_pt2
     from scripts.release import release
@@ -146,7 +146,8 @@ def test_release_refuses_truncated_or_tampered_models(trained, tmp_path):
         release(str(models), str(tmp_path / "dist"))
     shutil.copy(trained / "models" / "model.pt", models / "model.pt")
     export_pt2(str(models / "model.pt"), str(tmp_path / "good.pt2"))
-    tampered_pt2(tmp_path / "good.pt2", models / "model.pt2", "pickled weight", tmp_path / "payload-ran")
+    attacked = attack(genuine_entries(tmp_path / "good.pt2"), tmp_path / "payload-ran", "duplicate config")
+    (models / "model.pt2").write_bytes(attacked)
     with bundle_error(f"refused to load {models / 'model.pt2'}"):
         release(str(models), str(tmp_path / "dist"))
     assert not (tmp_path / "dist").exists() and not (tmp_path / "payload-ran").exists()

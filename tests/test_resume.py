@@ -13,27 +13,9 @@ import pytest
 import torch
 from monai.networks.nets import DenseNet121
 
-from conftest import BUNDLE, CALIBRATION, TRAIN, bundle_error, train
+from conftest import BUNDLE, CALIBRATION, TRAIN, bundle_error, killed_at_rename, train
 
 RUN = {"batch_size": 16, "accumulation_steps": 1, "learning_rate": 0.001, "early_stop_patience": 10}
-# Runs the bundle's CLI with os.replace patched to SIGKILL the process at the n-th rename onto a chosen file name,
-# right before it (the new file is complete on disk under its temporary name) or right after.
-KILL_AT_RENAME = """
-import os, runpy, signal, sys
-when, target, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
-real_replace, seen = os.replace, []
-def replace(src, dst, *args, **kwargs):
-    hit = os.path.basename(str(dst)) == target and len(seen) == nth - 1
-    seen.extend([1] if os.path.basename(str(dst)) == target else [])
-    if hit and when == "before":
-        os.kill(os.getpid(), signal.SIGKILL)
-    real_replace(src, dst, *args, **kwargs)
-    if hit and when == "after":
-        os.kill(os.getpid(), signal.SIGKILL)
-os.replace = replace
-sys.argv = ["monai.bundle", *sys.argv[4:]]
-runpy.run_module("monai.bundle", run_name="__main__")
-"""
 
 
 def loads_as_densenet(path) -> bool:
@@ -49,9 +31,7 @@ def test_kill_at_a_save_loses_nothing_and_resume_finishes(mednist, tmp_path, whe
     args = ["run", "training", "--config_file", TRAIN, "--dataset_dir", mednist, "--output_dir", out]
     short = {**RUN, "epoch_length": 2}  # two iterations an epoch: this is about the saves
     args += ["--ckpt_dir", models, "--epochs", "2"] + [f"--{k}={v}" for k, v in short.items()]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    cmd = [sys.executable, "-c", KILL_AT_RENAME, when, target, str(nth), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=300)
+    proc = killed_at_rename(args, when, target, nth)
     assert proc.returncode == -9, proc.stderr[-3000:]  # killed where asked
     files = os.listdir(models)
     temporary = [f for f in files if f.startswith(".tmp-")]
@@ -82,9 +62,7 @@ def test_kill_after_a_rename_then_resume_keeps_the_newest(mednist, tmp_path):
     args = ["run", "training", "--config_file", TRAIN, "--dataset_dir", mednist, "--output_dir", out]
     short = {**RUN, "epoch_length": 2}
     args += ["--ckpt_dir", models, "--epochs", "2"] + [f"--{k}={v}" for k, v in short.items()]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    cmd = [sys.executable, "-c", KILL_AT_RENAME, "after", "checkpoint_epoch=2.pt", "1", *map(str, args)]
-    assert subprocess.run(cmd, cwd=BUNDLE, capture_output=True, env=env, timeout=300).returncode == -9
+    assert killed_at_rename(args, "after", "checkpoint_epoch=2.pt").returncode == -9
     assert {"checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"} <= set(os.listdir(models))
     train(mednist, tmp_path, resume="true", epochs=3, **short)
     assert sorted(os.listdir(models)) == [".mednist.lock", *CALIBRATION, "checkpoint_epoch=3.pt", "model.pt"]

@@ -94,13 +94,12 @@ def gradcam_figures(test: list[dict], ckpt_dir: str, layers: list[str], per_clas
 
     from scripts.data import CLASSES
     from scripts.infer import PredictionPicture, gradcam_maps
+    from scripts.model_file import load_model
 
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
     parser.update({"input": [d["image"] for d in test[:1]], "ckpt_dir": ckpt_dir})
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(os.path.join(ckpt_dir, "model.pt"), map_location="cpu", weights_only=True))
-    net.eval()
+    net = load_model(os.path.join(ckpt_dir, "model.pt"), parser.get_parsed_content("network_def"))
     preprocessing = parser.get_parsed_content("preprocessing")
     chosen = [d for c in range(len(CLASSES)) for d in [x for x in test if x["label"] == c][:per_class]]
     images = torch.stack([preprocessing({"image": d["image"], "path": d["image"]})["image"] for d in chosen])
