@@ -1,4 +1,5 @@
-"""Report the compute device: versions, each GPU's properties, a timed matrix product, fp16/bf16 autocast support.
+"""Report the compute device: versions, each GPU's properties, a timed matrix product, fp16/bf16 autocast support
+and, on a CPU, whether bf16 is faster than fp32 there (the probe training's ``--cpu_bf16 auto`` runs).
 
     python -m scripts.check_gpu [--require_gpu true] [--size 2048]
 
@@ -14,6 +15,7 @@ import time
 import fire
 import torch
 
+from .pipeline import BF16_MIN_SPEEDUP, bf16_speedup
 from .utils import as_bool
 
 
@@ -45,7 +47,13 @@ def check_gpu(require_gpu: bool = False, size: int = 2048) -> None:
     if not torch.cuda.is_available():
         print(f"No CUDA GPU is available: training runs on the CPU ({torch.get_num_threads()} threads).")
         print(f"  CPU matmul {size}x{size} fp32: {_timed_matmul(torch.device('cpu'), size):.1f} GFLOP/s")
+        speedup = bf16_speedup()
+        fast = "faster: training uses bf16" if speedup >= BF16_MIN_SPEEDUP else "not faster: training uses fp32"
         print(f"  CPU bf16 autocast: {_autocast_works('cpu', torch.bfloat16)}")
+        print(
+            f"  CPU bf16 speed: a training step ran {speedup:.2f}x as fast as fp32 on this "
+            f"{torch.backends.cpu.get_cpu_capability()} CPU, {fast} (--cpu_bf16 auto)"
+        )
         print("To use an NVIDIA GPU, install a CUDA build of torch that matches your driver, e.g.")
         print("  pip install torch --index-url https://download.pytorch.org/whl/cu128")
         print("and check that `nvidia-smi` lists the GPU.")

@@ -132,7 +132,7 @@ INTEGERS = {
     "cache_num_workers": 1,
     "seed": 0,
 }
-FLAGS = ("amp", "cpu_bf16", "channels_last", "augment", "download", "resume", "skip_unreadable")
+FLAGS = ("amp", "channels_last", "augment", "download", "resume", "skip_unreadable")
 
 
 def check_train_args(
@@ -145,6 +145,7 @@ def check_train_args(
     epoch_length,
     target_accuracy,
     half_res_fraction,
+    cpu_bf16,
     **args,
 ) -> dict:
     """The training keys, checked: stop with a message naming the key and the fix if one is out of range, or if
@@ -167,6 +168,9 @@ def check_train_args(
     checked["target_accuracy"] = _number("target_accuracy", target_accuracy, 0, 1, closed=True)
     checked["half_res_fraction"] = _number("half_res_fraction", half_res_fraction, 0, 1, closed=True)
     checked["device"], checked["image_size"] = check_device(device), check_image_size(image_size)
+    if str(cpu_bf16).strip().lower() != "auto":
+        as_bool(cpu_bf16, "cpu_bf16")  # or auto
+    checked["cpu_bf16"] = cpu_bf16
     if checked.get("val_interval", 1) > 1 and checked.get("val_per_epoch", 1) > 1:
         raise BundleError(
             f"--val_interval {checked['val_interval']} and --val_per_epoch {checked['val_per_epoch']} are both "
@@ -186,3 +190,12 @@ def check_train_args(
             "make their sum less than 1 (the defaults are 0.1 and 0.1).",
         )
     return checked
+
+
+def check_batches(images: int, batch_size: int) -> None:
+    """Stop unless the training set fills at least one batch: each epoch leaves out the last partial batch."""
+    if images < batch_size:
+        raise BundleError(
+            f"--batch_size {batch_size} is more than the {images} training images.",
+            f"pass --batch_size {max(1, images)} or less, or train on more images.",
+        )

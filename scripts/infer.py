@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.data import PILReader
-from monai.transforms import LoadImage, MapTransform
+from monai.transforms import LoadImage, MapTransform, Resized
 
 from .calibration import Calibration, FeatureHook
 from .data import CLASSES
@@ -100,7 +100,8 @@ def check_file(path: str, max_pixels: int) -> None:
 class LoadImageSafelyd(MapTransform):
     """Load ``keys`` with MONAI's ``LoadImage`` as a (1, W, H) image, as training's ``LoadImaged`` and
     ``EnsureChannelFirstd`` do, its smaller side under ``min_side``; a file that cannot be used becomes zeros of
-    ``image_size`` with the reason under ``error``."""
+    ``image_size`` with the reason under ``error``. The image is a plain tensor: the later transforms and the
+    network need no metadata, and tracking it would cost more than decoding the image."""
 
     def __init__(self, keys="image", image_size=(64, 64), max_pixels: int = 25_000_000, error_key: str = "error"):
         super().__init__(keys)
@@ -115,7 +116,7 @@ class LoadImageSafelyd(MapTransform):
         except Exception as e:  # truncated or corrupt pixel data
             cause = root_cause(e)
             raise ValueError(f"cannot read image: {type(cause).__name__}: {cause}") from e
-        image = image.squeeze()  # a NIfTI slice of shape (W, H, 1)
+        image = image.as_tensor().squeeze()  # a NIfTI slice is (W, H, 1)
         if image.ndim != 2 or not torch.isfinite(image).all():
             raise ValueError("image is not one 2D channel of finite values")
         return image[None]
@@ -130,6 +131,17 @@ class LoadImageSafelyd(MapTransform):
             except ValueError as e:
                 d[key], d[self.error_key] = torch.zeros(1, *self.image_size), str(e)
         return d
+
+
+class ResizeIfNeededd(Resized):
+    """MONAI's ``Resized``, skipped for images that already have its ``spatial_size`` (MedNIST's own 64x64),
+    which it would only copy: an exact identity, and a fifth of the preprocessing time."""
+
+    def __call__(self, data, lazy=None):
+        size = tuple(self.resizer.spatial_size)
+        if all(tuple(data[key].shape[1:]) == size for key in self.key_iterator(data)):
+            return dict(data)
+        return super().__call__(data, lazy)
 
 
 def gradcam_maps(network: torch.nn.Module, images: torch.Tensor, target_layer: str) -> list[np.ndarray]:

@@ -22,6 +22,7 @@ def test_check_gpu_reports_device(capsys):
     else:
         assert "No CUDA GPU is available" in out and "install a CUDA build of torch" in out
         assert "GFLOP/s" in out and "CPU bf16 autocast" in out
+        assert "as fast as fp32 on this" in out and "training uses" in out
         with pytest.raises(SystemExit, match="no GPU is usable"):
             check_gpu(require_gpu="true", size=64)
 

@@ -7,11 +7,11 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import BUNDLE, bundle_error
 
@@ -22,7 +22,7 @@ def run_tool(*args, env=None) -> subprocess.CompletedProcess:
     )
 
 
-def test_benchmark_runs_both_pipelines_and_reports_ratio(mednist, tmp_path):
+def test_benchmark_measures_training_and_inference_against_the_bare_network(mednist, tmp_path):
     out = tmp_path / "bench.json"
     scratch = tmp_path / "tmp"
     dead = subprocess.Popen([sys.executable, "-c", ""])
@@ -30,29 +30,20 @@ def test_benchmark_runs_both_pipelines_and_reports_ratio(mednist, tmp_path):
     os.makedirs(scratch / f"bench-{dead.pid}-left" / "out")  # left by a killed benchmark
     proc = run_tool(
         "tools.benchmark", "--dataset_dir", mednist, "--num_images", "32", "--repeats", "1", "--out", out,
-        "--batch_size", "16",  # an override reaches bundle and model_only, not the original per-sample pipeline
-        env={**os.environ, "TMPDIR": str(scratch)},
+        "--batch_size", "8", "--cpu_bf16", "false", env={**os.environ, "TMPDIR": str(scratch)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert not glob.glob(str(scratch / "bench-*"))  # its scratch folders, and a killed run's, are removed
     report = json.loads(out.read_text())
-    bundle, per_sample, model_only = report["results"]
-    assert [r["pipeline"] for r in report["results"]] == ["bundle", "per_sample", "model_only"]
-    assert (bundle["batch"], per_sample["batch"], model_only["batch"]) == ("16 x 1", "4 x 2", "16 x 1")
-    assert report["overrides"] == {"batch_size": 16} and "overrides {'batch_size': 16}" in proc.stdout
-    # both pipelines see the same images: 32 training ones, and every 3rd of the 12 validation ones up to 8;
-    # model_only times whole batches (at least one)
-    expected = {"bundle": (32, 4), "per_sample": (32, 4), "model_only": (32, 128)}
-    for row in report["results"]:
-        runs = report["runs"][row["pipeline"]]
-        assert len(runs) == 1 and all((r["train_images"], r["val_images"]) == expected[row["pipeline"]] for r in runs)
-        assert row["train_img_per_s"] == round(statistics.median(r["train_img_per_s"] for r in runs), 2)
-        assert row["epoch_s"] > 0 and row["peak_rss_gib"] > 0
-    ratio = bundle["train_img_per_s"] / per_sample["train_img_per_s"]
-    assert report["train_speedup"] == round(ratio, 2)
-    assert f"training speed-up (bundle / per_sample): {ratio:.1f}x" in proc.stdout
-    assert proc.stdout.count("round ") == 1 and "| train_img_per_s |" in proc.stdout
-    assert report["of_model_only"] == round(bundle["train_img_per_s"] / model_only["train_img_per_s"], 2)
+    (run,) = report["runs"]
+    assert report["overrides"] == {"batch_size": 8, "cpu_bf16": "false"} and run == report["median"]
+    assert (run["batch"], run["precision"], run["train_images"], run["inference_images"]) == (8, "fp32", 32, 32)
+    for kind, bare in (("training", "bare_training"), ("inference", "bare_forward")):
+        assert run[f"{kind}_of_bare"] == round(run[f"{kind}_img_per_s"] / run[f"{bare}_img_per_s"], 3) > 0
+        assert f"{kind}_of_bare: {run[f'{kind}_of_bare']:.0%} (target >= " in proc.stdout
+    assert report["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"{report['machine']['capability']}, {os.cpu_count()} cores" in proc.stdout
+    assert "precision: fp32, batch 8, " in proc.stdout and "round 1/1: training" in proc.stdout
 
 
 def test_benchmark_bad_arguments(mednist, tmp_path):
@@ -64,7 +55,7 @@ def test_benchmark_bad_arguments(mednist, tmp_path):
         benchmark(dataset_dir=mednist, out=str(tmp_path / "b.json"), batch_sise=8)
     shutil.copytree(mednist, tmp_path / "data")
     shutil.rmtree(tmp_path / "data" / "MedNIST" / "CXR")
-    with pytest.raises(SystemExit) as stopped:  # the first pipeline's process fails: its message is passed on
+    with pytest.raises(SystemExit) as stopped:  # the round's process fails: its message is passed on
         benchmark(dataset_dir=str(tmp_path / "data"), repeats=1, out=str(tmp_path / "b.json"))
     message = str(stopped.value)
     assert "the bundle benchmark failed" in message and "class(es) CXR" in message and "Fix:" in message

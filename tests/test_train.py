@@ -175,14 +175,14 @@ def test_accumulation_matches_large_batch(mednist, tmp_path):
     assert any(not torch.allclose(two_steps[k], large[k], rtol=1e-4, atol=1e-5) for k in large)  # seen: 0.37
 
 
-VARIANTS = {"device_batches": FAST, "original": {"epoch_length": 2}, "quick": {**FAST, "quick_images": 48}}
+VARIANTS = {"device_batches": FAST, "original": {"epoch_length": 2}, "quick": {"batch_size": 16, "quick_images": 48}}
 
 
 @pytest.mark.parametrize("variant, epoch_length", [("device_batches", 6), ("original", 2), ("quick", 3)])
 def test_variant_trains(variant, epoch_length, mednist, tmp_path):
     """The override files: device batches (every image once an epoch: 96 in batches of 16), the original
     project's per-sample pipeline (batch 4, two iterations here) and the quick run (one epoch over a stratified
-    random subset of the training split, the first half at half resolution: 48 of the 96 images here)."""
+    random subset of the training split at a higher learning rate: 48 of the 96 images here)."""
     overrides = VARIANTS[variant]
     wf = train(mednist, tmp_path, ("train", variant), epochs=1, **overrides)
     (row,) = read_history(tmp_path / "out")
@@ -199,11 +199,19 @@ def test_variant_trains(variant, epoch_length, mednist, tmp_path):
         ]
         assert loader.batch_size == 4 and wf.parser.get_parsed_content("accumulation_steps") == 2
     elif variant == "quick":
-        assert wf.parser.get_parsed_content("args")["half_res_fraction"] == 0.5
+        assert wf.parser.get_parsed_content("learning_rate") == 0.002
         subset = loader.dataset.data
         assert len(subset) == 48 and sorted(d["label"] for d in subset) == sorted(list(range(6)) * 8)
     else:
         assert type(loader).__name__ == "DeviceBatches"
+
+
+def test_batch_larger_than_the_training_set_is_refused(mednist, tmp_path):
+    """Each epoch leaves out its last partial batch (drop_last), so a batch larger than the training set would
+    train nothing: refused in one message, before the network is built."""
+    with bundle_error("--batch_size 100 is more than the 96 training images") as found:
+        train(mednist, tmp_path, epochs=1, batch_size=100)
+    assert "--batch_size 96 or less" in found[0].fix and not os.listdir(tmp_path / "models")[1:]
 
 
 def test_half_resolution_phase_averages_2x2_blocks_then_returns_to_full_size():
