@@ -1,20 +1,24 @@
-"""Calibrated confidence and the out-of-distribution flag, fitted on the validation split after training.
+"""Calibrated confidence and the out-of-distribution score, fitted after training and kept with the model.
 
 Temperature scaling (Guo et al., 2017): one temperature ``T`` divides the logits so that the validation split's
 negative log-likelihood is smallest; accuracy is unchanged, probabilities become honest.
 
-The out-of-distribution score is the Mahalanobis distance (Lee et al., 2018) of an image's pooled features
-(the 1,024 inputs of the classifier, ``class_layers.flatten``) to the nearest class mean of the validation
-split, under their shared within-class covariance: large for images unlike the training data. Where the
-features cannot be read (an exported model), it is the energy score (Liu et al., 2020),
-``-T * logsumexp(logits / T)``. Each threshold is the validation split's 97th percentile, so about 97% of
-in-distribution images pass. The temperature and thresholds are saved to ``calibration.json`` beside
-``model.pt`` (plain JSON), the class means and precision matrix to ``calibration.npz`` (read with
-``allow_pickle=False``): nothing is unpickled.
+The out-of-distribution score is the Mahalanobis distance (Lee et al., 2018) of an image's pooled features (the
+1,024 inputs of the classifier, ``class_layers.flatten``) to the nearest class mean. The class means and the
+shared within-class covariance come from training images, the covariance shrunk towards a multiple of the
+identity (Ledoit and Wolf, 2004) so that it stays well-conditioned with fewer images than dimensions; the
+threshold is the 97th percentile of the validation images' scores, images that did not make the statistics, so
+that about 3% of unseen in-distribution images are flagged. Where features cannot be read (an exported model),
+the score is the energy (Liu et al., 2020), ``-T * logsumexp(logits / T)``, with its own validation threshold.
+
+``calibration.json`` (plain JSON) and ``calibration.npz`` (arrays, read without pickle) sit beside ``model.pt``
+and name the weights they were fitted for (a hash of the network's state dict); they are refused for other
+weights. The exports this bundle writes carry the JSON part inside them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -22,13 +26,15 @@ import os
 
 import numpy as np
 import torch
+from ignite.engine import Engine, Events
 
 from .model_file import load_model
-from .utils import atomic_write, is_main_process
+from .utils import BundleError, atomic_write, is_main_process
 
 logger = logging.getLogger(__name__)
 UNFLAGGED = 0.97  # share of validation images below the out-of-distribution thresholds
 FEATURE_LAYER = "class_layers.flatten"
+STATISTICS_IMAGES = 6000  # training images, stratified, that make the class means and covariance
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -92,6 +98,20 @@ def calibration_figures(logits: torch.Tensor, labels: torch.Tensor, calibration:
     }
 
 
+def ledoit_wolf(centred: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The Ledoit-Wolf covariance of the rows of ``centred`` (zero mean): the sample covariance shrunk towards
+    ``mu * I`` by the shrinkage that minimises the expected squared error, and that shrinkage."""
+    x = centred.double()
+    n, p = x.shape
+    sample = x.T @ x / n
+    mu = float(torch.trace(sample)) / p
+    delta = float(((sample - mu * torch.eye(p, dtype=x.dtype)) ** 2).sum()) / p
+    squares = x**2
+    beta = float((squares.T @ squares).sum() / n - (sample**2).sum()) / (p * n)
+    shrinkage = 0.0 if delta == 0 else min(beta, delta) / delta
+    return (1 - shrinkage) * sample + shrinkage * mu * torch.eye(p, dtype=x.dtype), shrinkage
+
+
 def mahalanobis(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """Squared Mahalanobis distance of each row of ``features`` to the nearest of ``means`` (one shared
     ``precision`` matrix): (x - m)' P (x - m) = x'Px - 2 m'Px + m'Pm, so one product by P per image for all means."""
@@ -100,75 +120,139 @@ def mahalanobis(features: torch.Tensor, means: torch.Tensor, precision: torch.Te
     return ((px * x).sum(1, keepdim=True) - 2 * px @ m.T + ((m @ p) * m).sum(1)).min(1).values
 
 
-class Calibration:
-    """A fitted temperature and out-of-distribution statistics; the identity (T = 1, no threshold) when not
-    fitted."""
+def weights_sha256(network: torch.nn.Module) -> str:
+    """A hash of ``network``'s state dict (names, shapes, values): the same for a model.pt and its exports."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(network.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
-    def __init__(self, temperature=1.0, energy_threshold=None, means=None, precision=None, feature_threshold=None):
+
+class Calibration:
+    """A fitted temperature and out-of-distribution statistics for the weights ``weights``; the identity (T = 1,
+    no threshold: ``fitted`` false) when there is none."""
+
+    def __init__(self, temperature=1.0, energy_threshold=None, weights="", counts=None):
         self.temperature, self.energy_threshold = float(temperature), energy_threshold
-        self.means, self.precision, self.feature_threshold = means, precision, feature_threshold
-        self.fitted_on = 0
+        self.weights, self.counts = weights, dict(counts or {})
+        self.means = self.precision = self.feature_threshold = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.energy_threshold is not None
 
     @classmethod
-    def fit(cls, logits: torch.Tensor, labels: torch.Tensor, features: torch.Tensor | None = None) -> Calibration:
+    def fit(cls, validation: dict, statistics: dict | None, weights: str) -> Calibration:
+        """Fit on ``validation`` (``logits``, ``labels``, ``features``): the temperature and thresholds; the
+        class means and covariance on ``statistics`` (``features``, ``labels`` of training images)."""
+        logits, labels = validation["logits"], validation["labels"]
         temperature = fit_temperature(logits, labels)
-        calibration = cls(temperature, float(np.quantile(energy(logits, temperature).numpy(), UNFLAGGED)))
-        if features is not None:
-            features, labels = features.double(), labels.long()
-            classes = sorted(set(labels.tolist()))
-            means = torch.stack([features[labels == c].mean(0) for c in classes])
-            centred = torch.cat([features[labels == c] - means[i] for i, c in enumerate(classes)])
-            covariance = torch.cov(centred.T) + 1e-3 * torch.eye(features.shape[1], dtype=torch.float64)
+        threshold = float(np.quantile(energy(logits, temperature).numpy(), UNFLAGGED))
+        counts = {"threshold_images": len(labels)}
+        calibration = cls(temperature, threshold, weights, counts)
+        if statistics is not None and statistics["features"] is not None and validation["features"] is not None:
+            features, classes = statistics["features"].double(), statistics["labels"].long()
+            present = sorted(set(classes.tolist()))
+            means = torch.stack([features[classes == c].mean(0) for c in present])
+            centred = torch.cat([features[classes == c] - means[i] for i, c in enumerate(present)])
+            covariance, shrinkage = ledoit_wolf(centred)
             calibration.means, calibration.precision = means, torch.linalg.inv(covariance)
-            scores = mahalanobis(features, calibration.means, calibration.precision)
+            scores = mahalanobis(validation["features"], calibration.means, calibration.precision)
             calibration.feature_threshold = float(np.quantile(scores.numpy(), UNFLAGGED))
-        calibration.fitted_on = len(labels)
+            calibration.counts.update(statistics_images=len(classes), shrinkage=round(shrinkage, 4))
         return calibration
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float() / self.temperature, dim=1)
 
-    def ood_score(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-        """The out-of-distribution score of each image and its threshold (None when not fitted)."""
+    def ood_score(self, logits: torch.Tensor, features: torch.Tensor | None = None):
+        """The out-of-distribution score of each image, its threshold (None when not fitted) and its kind:
+        ``mahalanobis`` with features, else ``energy``."""
         if features is not None and self.means is not None:
-            return mahalanobis(features, self.means, self.precision), self.feature_threshold
-        return energy(logits, self.temperature), self.energy_threshold
+            return mahalanobis(features, self.means, self.precision), self.feature_threshold, "mahalanobis"
+        return energy(logits, self.temperature), self.energy_threshold, "energy"
 
-    def save(self, path: str) -> None:
-        content = {
+    def to_json(self) -> dict:
+        return {
             "temperature": self.temperature,
             "energy_threshold": self.energy_threshold,
             "feature_threshold": self.feature_threshold,
             "feature_layer": FEATURE_LAYER,
             "unflagged_validation_share": UNFLAGGED,
-            "fitted_on_validation_images": self.fitted_on,
+            "weights_sha256": self.weights,
+            **self.counts,
         }
-        atomic_write(path, lambda f: json.dump(content, f, indent=1))
-        if self.means is not None:
-            arrays = {"means": self.means.float().numpy(), "precision": self.precision.float().numpy()}
-            atomic_write(os.path.splitext(path)[0] + ".npz", lambda f: np.savez(f, **arrays), mode="wb")
 
     @classmethod
-    def load(cls, path: str | None) -> Calibration:
-        """The calibration saved at ``path``; the identity, with a warning, if there is none."""
-        if not path or not os.path.isfile(path):
-            logger.warning(f"no calibration at {path}: probabilities are not calibrated, no out-of-distribution flag")
-            return cls()
-        with open(path) as f:
-            saved = json.load(f)
-        if not math.isfinite(saved.get("temperature", float("nan"))) or saved["temperature"] <= 0:
-            logger.warning(f"{path} holds no valid temperature: probabilities are not calibrated")
-            return cls()
-        calibration = cls(saved["temperature"], saved.get("energy_threshold"))
-        calibration.fitted_on = saved.get("fitted_on_validation_images", 0)
-        arrays = os.path.splitext(path)[0] + ".npz"
-        if saved.get("feature_threshold") is not None and os.path.isfile(arrays):
-            with np.load(arrays, allow_pickle=False) as npz:
-                calibration.means, calibration.precision = torch.from_numpy(npz["means"]), torch.from_numpy(
-                    npz["precision"]
-                )
-            calibration.feature_threshold = saved["feature_threshold"]
+    def from_json(cls, saved: dict, source: str) -> Calibration:
+        try:
+            temperature, threshold = float(saved["temperature"]), saved["energy_threshold"]
+            assert math.isfinite(temperature) and temperature > 0 and isinstance(saved["weights_sha256"], str)
+            assert threshold is None or math.isfinite(float(threshold))
+        except (KeyError, TypeError, ValueError, AssertionError) as e:
+            raise BundleError(
+                f"{source} is not a calibration this bundle wrote ({type(e).__name__}: {e}).",
+                "fit it again: python -m scripts.calibration (see README), or delete it.",
+            ) from e
+        counts = {k: v for k, v in saved.items() if k.endswith("_images") or k == "shrinkage"}
+        return cls(temperature, threshold, saved["weights_sha256"], counts)
+
+    def save(self, path: str) -> None:
+        atomic_write(path, lambda f: json.dump(self.to_json(), f, indent=1))
+        if self.means is not None:
+            arrays = {"means": self.means.float().numpy(), "precision": self.precision.float().numpy()}
+            atomic_write(arrays_path(path), lambda f: np.savez(f, **arrays), mode="wb")
+
+    @classmethod
+    def load(cls, path: str) -> Calibration:
+        """The calibration saved at ``path`` (and its arrays beside it), or a ``BundleError`` naming the file."""
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{path} is not readable JSON ({e}).", "fit it again, or delete it.") from e
+        calibration = cls.from_json(saved, path)
+        if saved.get("feature_threshold") is not None and os.path.isfile(arrays_path(path)):
+            with np.load(arrays_path(path), allow_pickle=False) as npz:
+                calibration.means = torch.from_numpy(npz["means"])
+                calibration.precision = torch.from_numpy(npz["precision"])
+            calibration.feature_threshold = float(saved["feature_threshold"])
         return calibration
+
+
+def calibration_path(model_path: str) -> str:
+    """Where the calibration of the model file ``model_path`` lies: ``calibration.json`` beside it."""
+    return os.path.join(os.path.dirname(os.path.abspath(model_path)), "calibration.json")
+
+
+def arrays_path(path: str) -> str:
+    return os.path.splitext(path)[0] + ".npz"
+
+
+def calibration_for(model_path: str | None) -> Calibration:
+    """The calibration of the model file ``model_path``: the one an export carries inside it, else
+    ``calibration.json`` beside the file, checked against the file's weights; the identity, with a warning,
+    where there is none (or no model file yet). A calibration fitted for other weights is refused."""
+    if not model_path or not os.path.isfile(model_path):
+        return Calibration()
+    network = load_model(model_path)
+    carried = getattr(network, "calibration", None)
+    if carried:
+        return Calibration.from_json(json.loads(carried), model_path)
+    path = calibration_path(model_path)
+    if not os.path.isfile(path):
+        logger.warning(f"no calibration beside {model_path}: probabilities are not calibrated, rows flagged")
+        return Calibration()
+    calibration = Calibration.load(path)
+    found = weights_sha256(network) if any(True for _ in network.state_dict()) else ""
+    if calibration.weights != found:
+        raise BundleError(
+            f"{path} was fitted for other weights than {model_path} (sha256 {calibration.weights[:12]} against "
+            f"{found[:12] or 'unknown: an ONNX model carries its own'}).",
+            "fit it for this model: python -m scripts.calibration --ckpt_dir DIR (see README), or remove it.",
+        )
+    return calibration
 
 
 class FeatureHook:
@@ -177,11 +261,8 @@ class FeatureHook:
 
     def __init__(self, network):
         self.features, self.handle = None, None
-        if isinstance(network, torch.nn.Module):
-            try:
-                layer = network.get_submodule(FEATURE_LAYER)
-            except AttributeError:
-                return
+        layer = dict(network.named_modules()).get(FEATURE_LAYER) if isinstance(network, torch.nn.Module) else None
+        if layer is not None and not isinstance(layer, torch.jit.ScriptModule):  # TorchScript takes no hooks
             self.handle = layer.register_forward_hook(self.keep)
 
     def keep(self, module, inputs, output) -> None:
@@ -192,52 +273,107 @@ class FeatureHook:
         return features
 
 
-def fit_calibration(network: torch.nn.Module, model_path: str, loader, device, out_path: str) -> Calibration | None:
-    """After training: load the best weights (``model_path``) into ``network``, fit a :class:`Calibration` on
-    ``loader``'s images (the validation split) and save it to ``out_path``. The main process only."""
+class Outputs:
+    """The one collector of what an engine predicts: after each iteration, ``last`` holds the batch's
+    ``logits``, pooled ``features`` (None for an export), ``labels`` (None without) and the ``batch``; with
+    ``keep``, :meth:`gathered` joins those of every iteration. Calibration, evaluation and inference all read
+    their logits and features here, from the engines' own ``prepare_batch`` and inferer."""
+
+    def __init__(self, network, keep: bool = False):
+        self.hook, self.keep, self.last, self.kept = FeatureHook(network), keep, None, []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.kept.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+
+    def collect(self, engine: Engine) -> None:
+        output = engine.state.output
+        label = output.get("label")
+        self.last = {
+            "logits": output["pred"].detach().float().cpu(),
+            "features": self.hook.take(),
+            "labels": None if label is None else torch.as_tensor(label).detach().cpu().long().view(-1),
+            "batch": engine.state.batch,
+        }
+        if self.keep:
+            self.kept.append(self.last)
+
+    def gathered(self) -> dict:
+        """Every iteration's logits, features and labels, concatenated (features None if any batch had none)."""
+        joined = {}
+        for key in ("logits", "features", "labels"):
+            parts = [part[key] for part in self.kept]
+            joined[key] = torch.cat(parts) if parts and all(p is not None for p in parts) else None
+        return joined
+
+
+def statistics_subset(items: list[dict], limit: int = STATISTICS_IMAGES) -> list[dict]:
+    """At most ``limit`` of ``items``, the same share of each class, in a fixed order."""
+    if len(items) <= limit:
+        return items
+    by_class: dict = {}
+    for item in items:
+        by_class.setdefault(int(item["label"]), []).append(item)
+    share = limit / len(items)
+    return [item for members in by_class.values() for item in members[:: max(1, round(1 / share))]][:limit]
+
+
+def fit_calibration(network, model_path: str, training, validation, prepare_batch, batch_size: int, device):
+    """After training: the best weights (``model_path``) into ``network``; its features on a stratified subset
+    of the ``training`` items (:func:`statistics_subset`) and its logits and features on the ``validation``
+    loader, each through a MONAI evaluator with ``prepare_batch`` and a plain fp32 inferer (as evaluation and
+    inference run); :meth:`Calibration.fit`; saved beside ``model_path``. The main process only."""
+    from monai.data import DataLoader
+    from monai.engines import SupervisedEvaluator
+
     if not is_main_process() or not os.path.isfile(model_path):
         return None
     load_model(model_path, network, device)
-    hook, logits, labels, features = FeatureHook(network), [], [], []
-    with torch.no_grad():
-        for batch in loader:
-            logits.append(network(batch["image"].to(device)).float().cpu())
-            labels.append(torch.as_tensor(batch["label"]).long().view(-1))
-            features.append(hook.take())
-    hook.handle.remove()
-    logits, labels, features = torch.cat(logits), torch.cat(labels), torch.cat(features)
-    calibration = Calibration.fit(logits, labels, features)
+    collected = {}
+    subset = DataLoader(statistics_subset(training), batch_size=batch_size, shuffle=False)
+    for name, loader in (("statistics", subset), ("validation", validation)):
+        outputs = Outputs(network, keep=True)
+        evaluator = SupervisedEvaluator(
+            device, loader, network, prepare_batch=prepare_batch, val_handlers=[outputs], decollate=False
+        )
+        evaluator.run()
+        outputs.hook.handle.remove()
+        collected[name] = outputs.gathered()
+    calibration = Calibration.fit(collected["validation"], collected["statistics"], weights_sha256(network))
+    out_path = calibration_path(model_path)
     calibration.save(out_path)
-    figures = calibration_figures(logits, labels, calibration)
+    figures = calibration_figures(collected["validation"]["logits"], collected["validation"]["labels"], calibration)
     ece, nll = figures["ece"], figures["nll"]
     logger.info(
-        f"calibration on {len(labels)} validation images: temperature {calibration.temperature:.3f}, "
-        f"ECE {ece['uncalibrated']:.4f} -> {ece['calibrated']:.4f}, NLL {nll['uncalibrated']:.4f} -> "
-        f"{nll['calibrated']:.4f}, "
-        f"out-of-distribution thresholds {calibration.feature_threshold:.1f} (features), "
+        f"calibration: temperature {calibration.temperature:.3f} ({calibration.counts['threshold_images']} "
+        f"validation images), ECE {ece['uncalibrated']:.4f} -> {ece['calibrated']:.4f}, NLL "
+        f"{nll['uncalibrated']:.4f} -> {nll['calibrated']:.4f}; out-of-distribution statistics from "
+        f"{calibration.counts.get('statistics_images', 0)} training images (shrinkage "
+        f"{calibration.counts.get('shrinkage', 0)}), thresholds {calibration.feature_threshold:.1f} (features), "
         f"{calibration.energy_threshold:.3f} (energy); wrote {out_path}"
     )
     return calibration
 
 
 def calibrate(config_file: str = "configs/train.json", **overrides) -> str:
-    """Fit and save the calibration of an already trained model (e.g. one trained before calibration existed):
-    the validation split of ``<output_dir>/split.json`` through ``<ckpt_dir>/model.pt``, as training's last step
-    does. ``overrides`` are training keys (``--dataset_dir``, ``--output_dir``, ``--ckpt_dir``, ...)."""
+    """Fit and save the calibration of an already trained model, as training's last step does: the split of
+    ``<output_dir>/split.json`` through ``<ckpt_dir>/model.pt``. ``overrides`` are training keys
+    (``--dataset_dir``, ``--output_dir``, ``--ckpt_dir``, ...)."""
     from monai.bundle import ConfigParser
 
-    from .utils import BUNDLE_ROOT, BundleError
+    from .utils import BUNDLE_ROOT
 
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE_ROOT, config_file) if not os.path.isabs(config_file) else config_file)
     parser.update({"bundle_root": BUNDLE_ROOT, "download": False, **overrides})
-    parser["cache#data"] = {"validation": "$@datalist['validation']"}  # the training images are not needed
+    subset = {"_target_": "scripts.calibration.statistics_subset", "items": "$@datalist['training']"}
+    parser["cache#data#training"] = subset  # only the training images the statistics need are preprocessed
     split_file, model_path = parser.get_parsed_content("split_file"), parser.get_parsed_content("ckpt_path")
     for path in (split_file, model_path):
         if not os.path.isfile(path):
             raise BundleError(f"{path} does not exist.", "pass the --output_dir and --ckpt_dir of a training run.")
     parser.get_parsed_content("calibrate")
-    return parser.get_parsed_content("calibration_path")
+    return calibration_path(model_path)
 
 
 if __name__ == "__main__":

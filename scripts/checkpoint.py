@@ -13,7 +13,10 @@ import os
 import re
 
 import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.handlers import CheckpointLoader
 
 from .utils import BundleError, as_bool, atomic_write, fsync_folder, is_main_process
 
@@ -24,9 +27,9 @@ class SafeDiskSaver(BaseSaveHandler):
     """ignite ``Checkpoint``'s save handler that writes the new file before removing the old one.
 
     ``Checkpoint`` asks its handler to remove the file it replaces before it saves the new one; ignite's
-    ``DiskSaver`` obeys at once, so a kill between the two leaves no checkpoint. Here removals wait until the
-    next file is safely in place (and a file replaced under the same name, as ``model.pt``, is not removed at
-    all). Only the main process of a distributed run writes.
+    ``DiskSaver`` (and so MONAI's ``CheckpointSaver``) obeys at once, so a kill between the two leaves no
+    checkpoint. Here removals wait until the next file is safely in place (and a file replaced under the same
+    name, as ``model.pt``, is not removed at all). Only the main process of a distributed run writes.
     """
 
     def __init__(self, dirname: str):
@@ -69,22 +72,66 @@ class RunSettings:
         """Nothing to restore: :func:`check_resume` refused the run if the saved settings differ."""
 
 
-def training_state(network, optimizer, lr_scheduler, trainer, early_stop, best_model_saver, settings) -> dict:
-    """Everything a resumed run needs, for the last-epoch checkpoint and for ``CheckpointLoader``: besides the
-    network, optimizer, scheduler and trainer, ignite's ``EarlyStopping`` (its counter and best score), the
-    ``Checkpoint`` writing ``model.pt`` (the best validation accuracy so far) and the :class:`RunSettings`."""
-    state = {
-        "model": network,
-        "optimizer": optimizer,
-        "lr_scheduler": lr_scheduler,
-        "trainer": trainer,
-        "early_stop": early_stop,
-        "best_model": best_model_saver,
-        "settings": settings,
-    }
-    if getattr(trainer, "scaler", None) is not None:
-        state["scaler"] = trainer.scaler  # CUDA AMP gradient scaler
-    return state
+class TrainingCheckpoints:
+    """What training saves, crash-safely (:class:`SafeDiskSaver`), and how a run resumes: a handler of the trainer.
+
+    - ``model_path`` (``model.pt``): the network's weights at the validation of ``evaluator`` with the best
+      accuracy so far (ignite's ``Checkpoint``);
+    - ``checkpoint_epoch=N.pt`` beside it, after every epoch: ``state`` (network, optimizer, scheduler, early
+      stop: anything with ``state_dict``), the trainer, its AMP scaler, the best-model record, the
+      :class:`RunSettings` and this checkpoint's own record;
+    - with ``resume_from`` (a checkpoint checked by :func:`check_resume`), all of it restored by MONAI's
+      ``CheckpointLoader`` when the trainer starts (the best-model record only if ``model.pt`` is still there, so
+      that the next validation writes a new one), then the older checkpoints a killed run left are removed.
+
+    The trainer, and the savers that attach to it, are added when the trainer attaches this handler: the config
+    cannot name the trainer in its own handler list. It comes after the history writer in that list: a run killed
+    between the two has a history row that its resumed run writes again, never a checkpoint without its row.
+    """
+
+    def __init__(self, model_path: str, evaluator: Engine, state: dict, batch_size: int, resume_from: str = ""):
+        unsaveable = [k for k, v in state.items() if not callable(getattr(v, "state_dict", None))]
+        if unsaveable:
+            raise TypeError(f"TrainingCheckpoints: {unsaveable} have no state_dict (a config reference gone astray?)")
+        self.dirname, self.model_file = os.path.split(model_path)
+        self.evaluator, self.state, self.resume_from = evaluator, dict(state), resume_from
+        self.settings = RunSettings(batch_size)
+
+    def attach(self, trainer: Engine) -> None:
+        best_model = Checkpoint(
+            {"model": self.state["model"]},
+            SafeDiskSaver(self.dirname),
+            filename_pattern=self.model_file,
+            score_name="val_acc",
+            n_saved=1,
+        )
+        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, best_model)
+        to_save = {**self.state, "trainer": trainer, "best_model": best_model, "settings": self.settings}
+        if getattr(trainer, "scaler", None) is not None:
+            to_save["scaler"] = trainer.scaler  # CUDA AMP gradient scaler
+        checkpoint = Checkpoint(
+            to_save,
+            SafeDiskSaver(self.dirname),
+            score_function=lambda engine: engine.state.epoch,
+            score_name="epoch",
+            n_saved=1,
+            include_self=True,
+        )
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
+        if self.resume_from:
+            load = {**to_save, "checkpointer": checkpoint}
+            if not os.path.isfile(os.path.join(self.dirname, self.model_file)):
+                load.pop("best_model")
+            CheckpointLoader(self.resume_from, load, map_location="cpu").attach(trainer)
+            trainer.add_event_handler(Events.STARTED, self.remove_older)
+
+    def remove_older(self, trainer: Engine) -> None:
+        """Remove the checkpoints older than the one resumed from (a run killed between writing its newest and
+        removing the previous one leaves both)."""
+        for old in checkpoints(self.dirname):
+            if checkpoint_epoch(old) < checkpoint_epoch(self.resume_from) and is_main_process():
+                os.remove(old)
+                logger.info(f"removed {old}, older than {self.resume_from}")
 
 
 def checkpoint_epoch(path: str) -> int:
@@ -101,9 +148,10 @@ def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path
     """With ``resume``, the newest ``checkpoint_epoch=N.pt`` of ``ckpt_dir``, checked against this run before any
     work or file is written; without, ``""``.
 
-    Refused in one message: no checkpoint, an unreadable one, ``epochs`` below the epochs it already trained, a
-    ``batch_size`` or number of processes other than the checkpoint's (ignite would keep the old epoch length and
-    train on part of the data). A missing ``model.pt`` is only warned about: the next validation writes a new one.
+    Refused in one message: no checkpoint, an unreadable one or one without run settings (made before version
+    0.6.0), ``epochs`` below the epochs it already trained, a ``batch_size`` or number of processes other than the
+    checkpoint's (ignite would keep the old epoch length and train on part of the data). A missing ``model.pt``
+    is only warned about: the next validation writes a new one.
     """
     if not as_bool(resume, "resume"):
         return ""
@@ -114,29 +162,26 @@ def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path
             "train without --resume, or pass the --ckpt_dir of the run to continue.",
         )
     path = found[-1]
+    fix = "delete it to resume from an older one, or train without --resume."
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        trainer = ckpt["trainer"]
-        done = (
-            int(trainer["epoch"]) if "epoch" in trainer else int(trainer["iteration"]) // int(trainer["epoch_length"])
-        )
+        trainer, saved = ckpt["trainer"], ckpt["settings"]
+        done = int(trainer["epoch"]) if "epoch" in trainer else trainer["iteration"] // trainer["epoch_length"]
+    except KeyError as e:
+        raise BundleError(f"the checkpoint {path} lacks {e} (made by an older version?).", fix) from e
     except Exception as e:
-        raise BundleError(
-            f"cannot read the checkpoint {path} ({type(e).__name__}: {e}).",
-            "delete it to resume from an older one, or train without --resume.",
-        ) from e
+        raise BundleError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}).", fix) from e
     if epochs < done:
         raise BundleError(
             f"--epochs {epochs} is less than the {done} epochs {path} has already trained.",
             f"pass --epochs {done + 1} or more to train further ({model_path} is the best model so far).",
         )
-    saved = ckpt.get("settings", {})
-    if saved.get("batch_size", batch_size) != batch_size:
+    if saved["batch_size"] != batch_size:
         raise BundleError(
             f"--batch_size {batch_size} differs from the {saved['batch_size']} that {path} was trained with.",
             f"resume with --batch_size {saved['batch_size']}, or train a new run without --resume.",
         )
-    if saved.get("processes", world_size()) != world_size():
+    if saved["processes"] != world_size():
         raise BundleError(
             f"this run has {world_size()} process(es); {path} was trained by {saved['processes']}.",
             f"resume with {saved['processes']} process(es) (torchrun --nproc_per_node), or train a new run.",
@@ -145,25 +190,3 @@ def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path
         logger.warning(f"{model_path} is missing: the next validation of the resumed run writes a new one")
     logger.info(f"resuming from {path} (epoch {done} of {epochs})")
     return path
-
-
-def resume_state(state: dict, checkpointer, checkpoint: str, model_path: str) -> dict:
-    """What ``CheckpointLoader`` restores from ``checkpoint``: ``state`` and the ``checkpointer`` itself.
-
-    The ``model.pt`` saver's record is left out when ``model.pt`` is gone (so the next validation writes it),
-    and the settings when an older checkpoint has none. Older ``checkpoint_epoch=N.pt`` files, left by a run
-    killed between writing its newest checkpoint and removing the previous one, are removed.
-    """
-    load = {**state, "checkpointer": checkpointer}
-    if not checkpoint:  # not resuming: the loader is made but never attached
-        return load
-    keys = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).keys()
-    if not os.path.isfile(model_path):
-        load.pop("best_model")
-    if "settings" not in keys:
-        load.pop("settings")
-    for old in checkpoints(os.path.dirname(checkpoint)):
-        if checkpoint_epoch(old) < checkpoint_epoch(checkpoint):
-            os.remove(old)
-            logger.info(f"removed {old}, older than {checkpoint}")
-    return load

@@ -110,17 +110,15 @@ def check_image_size(image_size) -> list[int]:
     return list(image_size)
 
 
-def check_inference_args(device, batch_size, image_size) -> dict:
-    """The inference keys, checked (with the command line's keys) before any work."""
+def check_inference_args(device, batch_size, image_size) -> None:
+    """Check the inference keys (and the command line's keys) before any work."""
     check_command_line()
-    return {
-        "device": check_device(device),
-        "batch_size": _integer("batch_size", batch_size, 1),
-        "image_size": check_image_size(image_size),
-    }
+    check_device(device)
+    _integer("batch_size", batch_size, 1)
+    check_image_size(image_size)
 
 
-INTEGERS = {
+INTEGERS = {  # key: smallest value
     "epochs": 1,
     "batch_size": 1,
     "accumulation_steps": 1,
@@ -132,64 +130,65 @@ INTEGERS = {
     "cache_num_workers": 1,
     "seed": 0,
 }
+FRACTIONS = {  # key: (low, high, bounds included)
+    "val_frac": (0.0, 1.0, False),
+    "test_frac": (0.0, 1.0, False),
+    "lr_warmup": (0, 1, True),
+    "target_accuracy": (0, 1, True),
+    "half_res_fraction": (0, 1, True),
+}
 FLAGS = ("amp", "channels_last", "augment", "download", "resume", "skip_unreadable")
+PER_SAMPLE = {"augment": True, "half_res_fraction": 0}  # what configs/per_sample.json's pipeline always does
 
 
-def check_train_args(
-    learning_rate,
-    val_frac,
-    test_frac,
-    device,
-    image_size,
-    lr_warmup,
-    epoch_length,
-    target_accuracy,
-    half_res_fraction,
-    cpu_bf16,
-    **args,
-) -> dict:
-    """The training keys, checked: stop with a message naming the key and the fix if one is out of range, or if
-    the command line names a key the configs do not have.
+def check_train_args(learning_rate, epoch_length, cpu_bf16, device, image_size, pipeline="batched", **keys) -> None:
+    """Check the training keys before any work: stop with one message naming the key and the fix if one is out
+    of range, if two contradict each other, if the command line names a key the configs do not have, or if
+    ``pipeline`` is ``per_sample`` (configs/per_sample.json) and a key asks for what it does not do.
 
-    ``args`` holds the integer keys of :data:`INTEGERS` and the boolean keys of :data:`FLAGS`; the result maps
-    every key to its value, the booleans parsed (``--amp false`` arrives as a string).
+    ``keys`` holds the integer keys of :data:`INTEGERS`, the fractions of :data:`FRACTIONS` and the flags of
+    :data:`FLAGS`. Nothing is returned: each consumer reads its key, and parses a flag itself.
     """
     check_command_line()
-    unknown = set(args) - set(INTEGERS) - set(FLAGS)
+    unknown = set(keys) - set(INTEGERS) - set(FRACTIONS) - set(FLAGS)
     if unknown:
         raise TypeError(f"check_train_args got unexpected keys {sorted(unknown)}")
-    checked = {key: as_bool(args[key], key) for key in FLAGS if key in args}
-    checked.update({key: _integer(key, args[key], low) for key, low in INTEGERS.items() if key in args})
-    checked["learning_rate"] = _number("learning_rate", learning_rate, 0.0)
-    checked["lr_warmup"] = _number("lr_warmup", lr_warmup, 0, 1, closed=True)
-    checked["epoch_length"] = None if epoch_length is None else _integer("epoch_length", epoch_length, 1)
-    checked["val_frac"] = _number("val_frac", val_frac, 0.0, 1.0)
-    checked["test_frac"] = _number("test_frac", test_frac, 0.0, 1.0)
-    checked["target_accuracy"] = _number("target_accuracy", target_accuracy, 0, 1, closed=True)
-    checked["half_res_fraction"] = _number("half_res_fraction", half_res_fraction, 0, 1, closed=True)
-    checked["device"], checked["image_size"] = check_device(device), check_image_size(image_size)
+    flags = {key: as_bool(keys[key], key) for key in FLAGS if key in keys}
+    numbers = {key: _integer(key, keys[key], low) for key, low in INTEGERS.items() if key in keys}
+    numbers.update({key: _number(key, keys[key], *FRACTIONS[key]) for key in FRACTIONS if key in keys})
+    _number("learning_rate", learning_rate, 0.0)
+    if epoch_length is not None:
+        _integer("epoch_length", epoch_length, 1)
     if str(cpu_bf16).strip().lower() != "auto":
-        as_bool(cpu_bf16, "cpu_bf16")  # or auto
-    checked["cpu_bf16"] = cpu_bf16
-    if checked.get("val_interval", 1) > 1 and checked.get("val_per_epoch", 1) > 1:
+        as_bool(cpu_bf16, "cpu_bf16")
+    check_device(device)
+    check_image_size(image_size)
+    if numbers.get("val_interval", 1) > 1 and numbers.get("val_per_epoch", 1) > 1:
         raise BundleError(
-            f"--val_interval {checked['val_interval']} and --val_per_epoch {checked['val_per_epoch']} are both "
+            f"--val_interval {numbers['val_interval']} and --val_per_epoch {numbers['val_per_epoch']} are both "
             "above 1: validate either every N epochs or N times an epoch.",
             "leave one of them at 1.",
         )
-    if "epochs" in args and "val_interval" in args and checked["val_interval"] > checked["epochs"]:
+    if numbers.get("val_interval", 1) > numbers.get("epochs", 1):
         raise BundleError(
-            f"--val_interval {checked['val_interval']} is more than --epochs {checked['epochs']}: the run would "
+            f"--val_interval {numbers['val_interval']} is more than --epochs {numbers['epochs']}: the run would "
             "never validate, so it would write no model.pt.",
-            f"pass --val_interval {checked['epochs']} or less, or more --epochs.",
+            f"pass --val_interval {numbers['epochs']} or less, or more --epochs.",
         )
-    if val_frac + test_frac >= 1:
+    if numbers.get("val_frac", 0) + numbers.get("test_frac", 0) >= 1:
+        total = numbers["val_frac"] + numbers["test_frac"]
         raise BundleError(
-            f"--val_frac {val_frac} and --test_frac {test_frac} sum to {val_frac + test_frac:g}, "
+            f"--val_frac {keys['val_frac']} and --test_frac {keys['test_frac']} sum to {total:g}, "
             "leaving no training data.",
             "make their sum less than 1 (the defaults are 0.1 and 0.1).",
         )
-    return checked
+    for key, value in PER_SAMPLE.items() if pipeline == "per_sample" else ():
+        given = flags.get(key, numbers.get(key))
+        if given is not None and given != value:
+            raise BundleError(
+                f"--{key} {keys[key]!r}: configs/per_sample.json's per-sample pipeline always runs with {value}.",
+                f"drop --{key}, or train with the default pipeline (configs/train.json alone).",
+            )
 
 
 def check_batches(images: int, batch_size: int) -> None:

@@ -32,6 +32,11 @@ DOWNLOAD_PREFIX, EXTRACT_PREFIX = ".MedNIST-download-", ".MedNIST-extract-"
 logger = logging.getLogger(__name__)
 
 
+def class_names() -> list[str]:
+    """The class names, in label order (for metrics that name them)."""
+    return list(CLASSES)
+
+
 def list_images(folder: str) -> list[str]:
     """Sorted image file names (not paths) directly inside ``folder``."""
     return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
@@ -133,7 +138,7 @@ def load_split(
     The split is made once and written to ``split_file``; later runs, evaluation included, reuse exactly that
     split, and stop if it was made with other fractions or seed, or names images that are gone.
     """
-    root, found = prepare_mednist(dataset_dir, download, url, md5)
+    root, found = prepare_mednist(dataset_dir, as_bool(download, "download"), url, md5)
     params = {"seed": int(seed), "val_frac": float(val_frac), "test_frac": float(test_frac)}
     if os.path.isfile(split_file):
         with open(split_file) as f:
@@ -168,8 +173,8 @@ def load_split(
     return lists
 
 
-def split_datalist(split_file: str, dataset_dir: str, name: str = "test") -> list[dict]:
-    """The ``name`` part of a split saved by training, with absolute paths, without touching the network."""
+def test_datalist(split_file: str, dataset_dir: str) -> list[dict]:
+    """The test part of a split saved by training, with absolute paths, without touching the network."""
     if not os.path.isfile(split_file):
         raise BundleError(
             f"no data split at {split_file}.",
@@ -177,13 +182,13 @@ def split_datalist(split_file: str, dataset_dir: str, name: str = "test") -> lis
             "or evaluate a folder with --eval_dir DIR.",
         )
     with open(split_file) as f:
-        items = json.load(f)[name]
+        items = json.load(f)["test"]
     root = os.path.join(dataset_dir, "MedNIST")
     data = [{"image": os.path.join(root, d["image"]), "label": d["label"]} for d in items]
     missing = [d["image"] for d in data if not os.path.isfile(d["image"])]
     if missing:
         raise BundleError(
-            f"{len(missing)} {name} image(s) named in {split_file} are not under {root}, e.g. {missing[0]}.",
+            f"{len(missing)} test image(s) named in {split_file} are not under {root}, e.g. {missing[0]}.",
             "pass the --dataset_dir used for training.",
         )
     return data
@@ -328,4 +333,4 @@ def preload(
 
 def eval_datalist(eval_dir: str | None, split_file: str, dataset_dir: str) -> list[dict]:
     """What evaluation runs on: every image of ``eval_dir``'s class folders if given, else the saved test split."""
-    return folder_datalist(eval_dir) if eval_dir else split_datalist(split_file, dataset_dir, "test")
+    return folder_datalist(eval_dir) if eval_dir else test_datalist(split_file, dataset_dir)

@@ -1,8 +1,9 @@
-"""Evaluation report: metrics.json, confusion matrix (CSV and PNG), predictions.csv and a printed table.
+"""Evaluation report: metrics.json, confusion matrix (CSV and PNG) and a printed table (predictions.csv is
+``scripts.predictions``'s, as inference's).
 
 The figures are the evaluator's metrics, declared in configs/evaluate.json (ignite's ``Accuracy``,
-``ConfusionMatrix``, ``Precision``, ``Recall`` and ``Fbeta``), and MONAI's ``compute_roc_auc`` on the collected
-probabilities; this module writes them out.
+``ClassificationReport`` and ``ConfusionMatrix``), MONAI's ``compute_roc_auc`` on the calibrated probabilities
+and the calibration figures; this module writes them out.
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ from ignite.engine import Engine, Events
 from monai.metrics import compute_roc_auc
 from monai.networks import one_hot
 
-from .calibration import Calibration, FeatureHook, calibration_figures
+from .calibration import Calibration, Outputs, calibration_figures
 from .data import CLASSES
 from .utils import BundleError, atomic_write, pyplot, save_figure
 
 logger = logging.getLogger(__name__)
 
 
-def classification_metrics(metrics: dict, probs: torch.Tensor, labels: torch.Tensor, accuracy_key="val_acc") -> dict:
-    """metrics.json's content: accuracy, per-class precision/recall/F1 and support (the evaluator's metrics),
-    per-class ROC AUC (MONAI's ``compute_roc_auc`` on ``probs`` and ``labels``), their macro and support-weighted
-    averages (classes without images left out), and the confusion matrix."""
+def classification_metrics(metrics: dict, probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """metrics.json's content: accuracy, per-class precision/recall/F1 (ignite's ``ClassificationReport``) and
+    support, per-class ROC AUC (MONAI's ``compute_roc_auc`` on ``probs`` and ``labels``), their macro and
+    support-weighted averages (classes without images left out), and the confusion matrix."""
     cm = np.asarray(torch.as_tensor(metrics["confusion_matrix"]).cpu(), dtype=np.int64)
     support = cm.sum(1)
-    figures = {k: np.asarray(torch.as_tensor(metrics[k]).cpu(), dtype=float) for k in ("precision", "recall", "f1")}
+    report = metrics["report"]
+    names = {"precision": "precision", "recall": "recall", "f1": "f1-score"}
+    figures = {k: np.array([report[c][name] for c in CLASSES], dtype=float) for k, name in names.items()}
     onehot = one_hot(labels.view(-1, 1), len(CLASSES), dim=1)
     with warnings.catch_warnings():  # a class absent from the labels has no ROC AUC: NaN, written as null
         warnings.simplefilter("ignore")
@@ -48,13 +51,26 @@ def classification_metrics(metrics: dict, probs: torch.Tensor, labels: torch.Ten
         macro[name] = float(values[ok].mean()) if ok.any() else float("nan")
         weighted[name] = float(np.average(values[ok], weights=support[ok])) if ok.any() else float("nan")
     return {
-        "accuracy": float(metrics[accuracy_key]),
+        "accuracy": float(metrics["val_acc"]),
         "num_images": int(support.sum()),
         "per_class": per_class,
         "macro_avg": macro,
         "weighted_avg": weighted,
         "confusion_matrix": cm.tolist(),
     }
+
+
+def scalars(report: dict) -> dict[str, float]:
+    """The numbers of a metrics.json report as flat scalars (``precision_Hand``, ``f1_macro_avg``,
+    ``ece_calibrated``, ...): what an engine's ``state.metrics`` can hand to MONAI's metric loggers."""
+    flat = {"val_acc": report["accuracy"]}
+    for group, values in [*report["per_class"].items(), ("macro_avg", report["macro_avg"])]:
+        flat.update({f"{k}_{group}": v for k, v in values.items() if k != "support"})
+    flat.update({f"{k}_weighted_avg": v for k, v in report["weighted_avg"].items()})
+    for figure in ("ece", "nll"):
+        flat.update({f"{figure}_{k}": v for k, v in report["calibration"][figure].items()})
+    flat["out_of_distribution_flagged"] = report["out_of_distribution_flagged"]
+    return {k: v for k, v in flat.items() if isinstance(v, float) and not math.isnan(v)}
 
 
 def report_table(metrics: dict) -> str:
@@ -101,43 +117,27 @@ def _json_safe(obj):
 
 
 class ClassificationReport:
-    """Collect each image's logits during evaluation; at the end write the report files to ``output_dir``, with
-    the probabilities calibrated by ``calibration_path`` (see ``scripts.calibration``) and the expected
-    calibration error and negative log-likelihood before and after calibration."""
+    """At the end of an evaluation (``EPOCH_COMPLETED``, before MONAI's trackers log): metrics.json, the
+    confusion matrix (CSV and PNG) and the printed table, from the evaluator's metrics and what the ``outputs``
+    collector gathered (calibrated with ``calibration``: ECE and NLL before and after, the share of images above
+    the out-of-distribution threshold). The evaluator's ``state.metrics`` then become the report's scalars."""
 
-    def __init__(self, output_dir: str, calibration_path: str | None = None, network=None):
-        self.output_dir, self.calibration_path = output_dir, calibration_path
-        self.hook = FeatureHook(network)  # the features of the evaluator's forward pass, for the ood_score
+    def __init__(self, output_dir: str, outputs: Outputs, calibration: Calibration):
+        self.output_dir, self.outputs, self.calibration = output_dir, outputs, calibration
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-        engine.add_event_handler(Events.COMPLETED, self.write)
-
-    def reset(self, engine: Engine) -> None:
-        self.paths, self.labels, self.logits, self.features = [], [], [], []
-
-    def collect(self, engine: Engine) -> None:
-        out = engine.state.output
-        self.logits.append(out["pred"].detach().float().cpu())
-        self.features.append(self.hook.take())
-        self.labels.append(torch.as_tensor(out["label"]).detach().cpu().long().view(-1))
-        self.paths += list(engine.state.batch["path"])
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
 
     def write(self, engine: Engine) -> None:
-        if not self.logits:
+        gathered = self.outputs.gathered()
+        if gathered["logits"] is None:
             raise BundleError("no images were evaluated.", "check --eval_dir or the test split.")
-        logits, labels = torch.cat(self.logits), torch.cat(self.labels)
-        calibration = Calibration.load(self.calibration_path)
-        probs = calibration.probabilities(logits)
-        metrics = classification_metrics(engine.state.metrics, probs, labels)
-        metrics["calibration"] = calibration_figures(logits, labels, calibration)
-        features = torch.cat(self.features) if all(f is not None for f in self.features) else None
-        scores, threshold = calibration.ood_score(logits, features)
-        scores = scores.numpy()
-        flagged = scores > threshold if threshold is not None else None
-        metrics["out_of_distribution_flagged"] = None if flagged is None else float(flagged.mean())
-        probs, labels = probs.numpy(), labels.numpy()
+        logits, labels = gathered["logits"], gathered["labels"]
+        metrics = classification_metrics(engine.state.metrics, self.calibration.probabilities(logits), labels)
+        metrics["calibration"] = calibration_figures(logits, labels, self.calibration)
+        scores, threshold, kind = self.calibration.ood_score(logits, gathered["features"])
+        flagged = None if threshold is None else float((scores > threshold).double().mean())
+        metrics.update(out_of_distribution_flagged=flagged, ood_score_kind=kind)
         os.makedirs(self.output_dir, exist_ok=True)
         atomic_write(
             os.path.join(self.output_dir, "metrics.json"), lambda f: json.dump(_json_safe(metrics), f, indent=2)
@@ -151,16 +151,7 @@ class ClassificationReport:
 
         atomic_write(os.path.join(self.output_dir, "confusion_matrix.csv"), _cm)
         plot_confusion(cm, os.path.join(self.output_dir, "confusion_matrix.png"))
-
-        def _preds(f):
-            w = csv.writer(f)
-            w.writerow(["path", "true_label", "label", "confidence", *CLASSES, "ood_score"])
-            for path, y, p, e in zip(self.paths, labels, probs, scores):
-                probabilities = (f"{v:.6f}" for v in p)
-                w.writerow([path, CLASSES[y], CLASSES[p.argmax()], f"{p.max():.6f}", *probabilities, f"{e:.4f}"])
-
-        atomic_write(os.path.join(self.output_dir, "predictions.csv"), _preds)
         engine.state.report = metrics
-        table = report_table(metrics)
-        print(table, flush=True)
+        engine.state.metrics = scalars(metrics)
+        print(report_table(metrics), flush=True)
         logger.info(f"evaluation of {metrics['num_images']} images written to {self.output_dir}")

@@ -7,20 +7,23 @@ folder::
     python -m scripts.export pt2    # models/model.pt -> models/model.pt2
     python -m scripts.export onnx   # models/model.pt -> models/model.onnx (needs onnx, onnxscript, onnxruntime)
 
-Both take ``--ckpt_path`` and ``--out``. The network is ``network_def`` of configs/inference.json. Each export is
-written beside its target and renamed into place only once ``check_parity`` has loaded it back through the
-bundle's model loader (``scripts.model_file``) and compared its logits with the checkpoint's.
+Both take ``--ckpt_path`` and ``--out``. The network is ``network_def`` of configs/inference.json. Each export
+carries the checkpoint's calibration (temperature and energy threshold), and is written beside its target and
+renamed into place only once ``check_parity`` has loaded it back through the bundle's model loader
+(``scripts.model_file``) and compared its logits with the checkpoint's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import fire
 import torch
 
-from .model_file import inference_config, load_model
+from .calibration import calibration_for
+from .model_file import CALIBRATION_ENTRY, inference_config, load_model
 from .utils import TMP_PREFIX, BundleError, fsync_folder
 
 logger = logging.getLogger(__name__)
@@ -51,12 +54,16 @@ def image_size() -> list[int]:
 
 
 def _export(ckpt_path: str, out: str, write) -> str:
-    """Write ``write(network, path)`` to a temporary file beside ``out``, check its parity, rename it to ``out``."""
+    """Write ``write(network, path, calibration)`` to a temporary file beside ``out``, check its parity, rename it
+    to ``out``. ``calibration`` is the JSON of the checkpoint's calibration (found beside it, fitted for its
+    weights), for the export to carry, or None."""
+    calibration = calibration_for(ckpt_path)
+    carried = json.dumps(calibration.to_json()) if calibration.fitted else None
     folder = os.path.dirname(os.path.abspath(out))
     suffix = os.path.splitext(out)[1]
     tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-export{suffix}")
     try:
-        write(load_model(ckpt_path), tmp)
+        write(load_model(ckpt_path), tmp, carried)
         gap = check_parity(ckpt_path, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -72,10 +79,10 @@ def _export(ckpt_path: str, out: str, write) -> str:
 def export_pt2(ckpt_path: str = "models/model.pt", out: str = "models/model.pt2") -> str:
     """Write a ``torch.export`` program with a dynamic batch dimension."""
 
-    def write(network, path):
+    def write(network, path, calibration):
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         program = torch.export.export(network, (torch.rand(2, 1, *image_size()),), dynamic_shapes=({0: batch},))
-        torch.export.save(program, path)
+        torch.export.save(program, path, extra_files={CALIBRATION_ENTRY: calibration} if calibration else None)
 
     return _export(ckpt_path, out, write)
 
@@ -83,12 +90,12 @@ def export_pt2(ckpt_path: str = "models/model.pt", out: str = "models/model.pt2"
 def export_onnx(ckpt_path: str = "models/model.pt", out: str = "models/model.onnx", opset: int = 18) -> str:
     """Write an ONNX model (input ``image`` N x 1 x 64 x 64, output ``logits`` N x 6) with a dynamic batch."""
     try:
-        import onnx  # noqa: F401
+        import onnx
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise BundleError(f"ONNX export needs {e.name}.", "pip install onnx onnxscript onnxruntime") from e
 
-    def write(network, path):
+    def write(network, path, calibration):
         torch.onnx.export(
             network,
             (torch.rand(2, 1, *image_size()),),
@@ -100,6 +107,10 @@ def export_onnx(ckpt_path: str = "models/model.pt", out: str = "models/model.onn
             dynamo=True,
             external_data=False,
         )
+        if calibration:
+            model = onnx.load(path)
+            onnx.helper.set_model_props(model, {CALIBRATION_ENTRY: calibration})
+            onnx.save(model, path)
 
     return _export(ckpt_path, out, write)
 

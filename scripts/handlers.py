@@ -1,5 +1,5 @@
 """Ignite handlers the bundle needs beyond MONAI's own: per-epoch history, device report, loss progress bar,
-progressive resizing and a stop at a target accuracy."""
+progressive resizing and early stopping (on a plateau or at a target accuracy)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import ProgressBar
+from ignite.handlers import EarlyStopping, ProgressBar
 
 from .utils import atomic_write, is_main_process, pyplot, save_figure
 
@@ -159,7 +159,7 @@ class ProgressiveResize:
 
     Sets ``prepare_batch.size`` (a ``scripts.pipeline.PrepareBatch``) before each iteration. On a CPU a 32x32
     image costs about half the time of a 64x64 one; validation and inference always see the full size.
-    ``fraction`` 0 turns it off.
+    ``fraction`` 0 turns it off; after its phase it detaches.
     """
 
     def __init__(self, prepare_batch, size, fraction: float):
@@ -172,29 +172,44 @@ class ProgressiveResize:
     def __call__(self, engine: Engine) -> None:
         low = engine.state.iteration <= self.fraction * engine.state.epoch_length
         self.prepare_batch.size = self.size if low else None
+        if not low:
+            engine.remove_event_handler(self, Events.ITERATION_STARTED)
 
 
-class StopAtAccuracy:
-    """End training once a validation reaches ``target`` accuracy (``val_acc``); ``None`` or 0 never stops.
+class EarlyStop:
+    """End training early, judged at each validation of ``evaluator``: after ``patience`` validations without a
+    lower validation loss (ignite's ``EarlyStopping``), or at the first whose accuracy reaches ``target`` (0:
+    never). A handler of the trainer, which it stops; it watches the evaluator, whose own handlers cannot name
+    the trainer (the trainer names the evaluator).
 
-    A validation in the middle of an epoch ends that epoch early, so its history row, checkpoint and model.pt
-    are written as at any epoch's end; then the run completes (calibration included).
+    A validation within an epoch that reaches the target ends that epoch first, so its history row, checkpoint
+    and model.pt are written as at any epoch's end; then the run completes (calibration included).
+    ``state_dict`` holds the early-stopping counter and best loss, for resuming.
     """
 
-    def __init__(self, trainer: Engine, target: float | None):
-        self.trainer, self.target, self.reached = trainer, float(target or 0), False
+    def __init__(self, evaluator: Engine, patience: int, target: float = 0.0):
+        self.evaluator, self.patience, self.target = evaluator, int(patience), float(target or 0)
+        self.reached, self.plateau = False, None
 
-    def attach(self, evaluator: Engine) -> None:
-        evaluator.add_event_handler(Events.COMPLETED, self.validated)
-        self.trainer.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+    def attach(self, trainer: Engine) -> None:
+        self.plateau = EarlyStopping(self.patience, lambda evaluator: -evaluator.state.metrics["val_loss"], trainer)
+        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.plateau)
+        self.evaluator.add_event_handler(Events.COMPLETED, lambda evaluator: self.validated(evaluator, trainer))
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
-    def validated(self, evaluator: Engine) -> None:
+    def validated(self, evaluator: Engine, trainer: Engine) -> None:
         accuracy = evaluator.state.metrics.get("val_acc", 0.0)
         if self.target and accuracy >= self.target:
             logger.info(f"validation accuracy {accuracy:.4f} reached the target {self.target}: training ends")
             self.reached = True
-            self.trainer.terminate_epoch()
+            trainer.terminate_epoch()
 
     def epoch_completed(self, trainer: Engine) -> None:
         if self.reached:
             trainer.terminate()
+
+    def state_dict(self) -> dict:
+        return self.plateau.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.plateau.load_state_dict(state)

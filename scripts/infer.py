@@ -1,5 +1,5 @@
 """Inference on users' own files: find the inputs, load each with MONAI's ``LoadImage`` (the reader training
-uses), write predictions and pictures.
+uses), draw pictures with Grad-CAM++ (rows go to ``predictions.csv``: ``scripts.predictions``).
 
 Every input gets one row in ``predictions.csv``; a file that cannot be used (missing, empty, truncated, not an
 image, a 3D volume, a directory, too many pixels) gets its reason in the ``error`` column while every other
@@ -8,7 +8,6 @@ file is still predicted.
 
 from __future__ import annotations
 
-import csv
 import glob
 import logging
 import os
@@ -19,15 +18,13 @@ from ignite.engine import Engine, Events
 from monai.data import PILReader
 from monai.transforms import LoadImage, MapTransform, Resized
 
-from .calibration import Calibration, FeatureHook
-from .data import CLASSES
+from .calibration import Outputs
+from .data import CLASSES, IMAGE_SUFFIXES
+from .predictions import read_predictions
 from .utils import BundleError, as_bool, atomic_write, pyplot, root_cause
 
 logger = logging.getLogger(__name__)
-PIL_SUFFIXES = (".jpeg", ".jpg", ".png")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-COLUMNS = ("path", "label", "confidence", *CLASSES, "error", "ood_score", "flag")
-MIN_SIDE = 32  # pixels: smaller images are flagged (MedNIST's are 64 x 64)
 
 
 def find_inputs(input) -> list[dict]:
@@ -43,7 +40,7 @@ def find_inputs(input) -> list[dict]:
                 dirnames.sort()
                 # a folder named like an image is reported, as a user may have meant it as one
                 items += [
-                    os.path.join(dirpath, d) for d in dirnames if d.lower().endswith(PIL_SUFFIXES + NIFTI_SUFFIXES)
+                    os.path.join(dirpath, d) for d in dirnames if d.lower().endswith(IMAGE_SUFFIXES + NIFTI_SUFFIXES)
                 ]
                 items += [os.path.join(dirpath, f) for f in sorted(filenames)]
             if len(items) == before:
@@ -72,7 +69,7 @@ def check_file(path: str, max_pixels: int) -> None:
         raise ValueError("file is empty")
     name = path.lower()
     try:
-        if name.endswith(PIL_SUFFIXES):
+        if name.endswith(IMAGE_SUFFIXES):
             from PIL import Image
 
             with Image.open(path) as img:
@@ -103,9 +100,9 @@ class LoadImageSafelyd(MapTransform):
     ``image_size`` with the reason under ``error``. The image is a plain tensor: the later transforms and the
     network need no metadata, and tracking it would cost more than decoding the image."""
 
-    def __init__(self, keys="image", image_size=(64, 64), max_pixels: int = 25_000_000, error_key: str = "error"):
+    def __init__(self, keys="image", image_size=(64, 64), max_pixels: int = 25_000_000):
         super().__init__(keys)
-        self.image_size, self.max_pixels, self.error_key = tuple(image_size), max_pixels, error_key
+        self.image_size, self.max_pixels = tuple(image_size), max_pixels
         self.loader = LoadImage(image_only=True, dtype=np.float32)
         self.loader.register(PILReader(converter=to_gray))  # tried first for .png/.jpeg; NIfTI goes to nibabel
 
@@ -123,13 +120,13 @@ class LoadImageSafelyd(MapTransform):
 
     def __call__(self, data):
         d = dict(data)
-        d[self.error_key], d["min_side"] = "", 0
+        d["error"], d["min_side"] = "", 0
         for key in self.keys:
             try:
                 d[key] = self.load(str(d[key]))
                 d["min_side"] = min(d[key].shape[1:])
             except ValueError as e:
-                d[key], d[self.error_key] = torch.zeros(1, *self.image_size), str(e)
+                d[key], d["error"] = torch.zeros(1, *self.image_size), str(e)
         return d
 
 
@@ -144,26 +141,25 @@ class ResizeIfNeededd(Resized):
         return super().__call__(data, lazy)
 
 
-def gradcam_maps(network: torch.nn.Module, images: torch.Tensor, target_layer: str) -> list[np.ndarray]:
-    """The Grad-CAM++ heat map (MONAI's ``GradCAMpp``) of each image (N x 1 x H x W) for its predicted class,
-    H x W in [0, 1], 1 = hot. Grad-CAM++ weighs each channel by its positive gradients only: on MedNIST's test
-    split its maps put more of their mass on the anatomy than its share of the image for all six classes, plain
-    Grad-CAM's for four (docs/README.md, "Explanations")."""
-    from monai.visualize import GradCAMpp
+def gradcam_maps(network: torch.nn.Module, images: torch.Tensor, target_layer: str, plus: bool = True):
+    """The Grad-CAM++ heat map (MONAI's ``GradCAMpp``; plain ``GradCAM`` without ``plus``) of each image
+    (N x 1 x H x W) for its predicted class, a list of H x W arrays in [0, 1], 1 = hot. Grad-CAM++ weighs each
+    channel by its positive gradients only (docs/README.md, "Explanations", compares the two)."""
+    from monai.visualize import GradCAM, GradCAMpp
 
     network.eval()
     # cloned here, after the evaluator's no-grad/inference mode, so that Grad-CAM++ can backpropagate
     x = images.detach().clone().to(next(network.parameters()).device)
     # MONAI's default normaliser maps (min, max) to (1, 0), which flips the heat map; keep max = hot
-    cam = GradCAMpp(nn_module=network, target_layers=target_layer, postprocessing=_unit_range)
+    cam = (GradCAMpp if plus else GradCAM)(nn_module=network, target_layers=target_layer, postprocessing=_unit_range)
     with torch.enable_grad():  # one image at a time: MONAI's CAMs mix classes across a batch
         return [cam(x=x[i : i + 1]).detach().cpu().numpy()[0, 0] for i in range(len(x))]
 
 
 class PredictionPicture:
-    """One figure, drawn once and updated for every picture: the image, its class-probability bars and, when
-    given, the Grad-CAM++ heat map over the image with its colour bar. Reusing the figure spares matplotlib
-    building a new one for every picture."""
+    """One figure, drawn once and updated for every picture: the image, its class-probability bars and the
+    Grad-CAM++ heat map over the image with its colour bar, or, without a map (an export), a line saying why.
+    Reusing the figure spares matplotlib building a new one for every picture."""
 
     def __init__(self):
         plt = pyplot()
@@ -181,7 +177,12 @@ class PredictionPicture:
         self.under = self.ax_cam.imshow(blank, cmap="gray")
         self.cam = self.ax_cam.imshow(blank, cmap="jet", alpha=0.45, vmin=0, vmax=1)
         self.ax_cam.axis("off")
+        self.ax_cam.set_title("Grad-CAM++")
         self.fig.colorbar(self.cam, ax=self.ax_cam, fraction=0.046, pad=0.04, label="Grad-CAM++ (max = 1)")
+        self.no_cam = self.ax_cam.text(
+            0.5, 0.5, "no heat map:\nan exported model\nhas no layers to explain", ha="center", va="center",
+            transform=self.ax_cam.transAxes,
+        )  # fmt: skip
         self.fig.tight_layout()
 
     def draw(self, image: np.ndarray, probs: np.ndarray, cam: np.ndarray | None, title: str, path: str) -> None:
@@ -195,13 +196,13 @@ class PredictionPicture:
             bar.set_color("tab:blue" if i == int(probs.argmax()) else "tab:gray")
             text.set_x(min(p + 0.02, 0.8))
             text.set_text(f"{p:.3f}")
-        self.ax_cam.set_visible(cam is not None)
-        self.cam.colorbar.ax.set_visible(cam is not None)
+        for artist in (self.under, self.cam, self.cam.colorbar.ax):
+            artist.set_visible(cam is not None)
+        self.no_cam.set_visible(cam is None)
         if cam is not None:
             self.under.set_data(shown)
             self.under.set_clim(shown.min(), shown.max())
             self.cam.set_data(cam.T)
-            self.ax_cam.set_title("Grad-CAM++")
         atomic_write(path, lambda f: self.fig.savefig(f, format="png", dpi=72), mode="wb")
 
     def close(self) -> None:
@@ -215,149 +216,53 @@ def _unit_range(cams: torch.Tensor) -> torch.Tensor:
     return (cams - low) / (high - low).clamp_min(1e-12)
 
 
-def read_predictions(path: str) -> list[dict]:
-    """The complete rows of a ``predictions.csv`` (a last line cut short by a kill is left out)."""
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        lines = f.readlines()
-    if lines and not lines[-1].endswith("\n"):
-        lines = lines[:-1]
-    rows = list(csv.DictReader(lines))
-    return [r for r in rows if None not in r and None not in r.values()]  # every column, no extra field
+class PictureWriter:
+    """With ``visualize`` (None or ``auto``: when there is exactly one input, ``num_inputs``), a picture per
+    predicted image in ``output_dir/visualizations``: the image, its calibrated probabilities and the Grad-CAM++
+    map of ``network`` on ``target_layer`` (an export, ``network`` None, has none). Numbered on across a
+    resumed run."""
 
-
-def skip_done(data: list[dict], output_dir: str, resume=False) -> list[dict]:
-    """``data`` without the inputs ``predictions.csv`` in ``output_dir`` already holds a row for, with
-    ``resume``; all of ``data`` without."""
-    if not as_bool(resume, "resume"):
-        return data
-    done = {r["path"] for r in read_predictions(os.path.join(output_dir, "predictions.csv"))}
-    todo = [d for d in data if d["path"] not in done]
-    logger.info(f"resuming: {len(data) - len(todo)} of {len(data)} input(s) already predicted")
-    return todo
-
-
-class PredictionWriter:
-    """Write each batch's predictions to ``predictions.csv`` as soon as it is predicted, and the pictures.
-
-    The file grows batch by batch and is flushed to disk (``fsync``) each time, so a killed run, or a power cut,
-    keeps every batch written, and ``resume`` appends to it (after dropping a last line cut short). Nothing is
-    held across batches: memory stays flat in the number of inputs. ``visualize`` None means: pictures when there
-    is exactly one input (``num_inputs``). Grad-CAM++ (``monai.visualize.GradCAMpp`` on ``target_layer``) needs the PyTorch network;
-    with an exported model the pictures have no heat map.
-
-    Probabilities are calibrated by ``calibration_path`` (``scripts.calibration``); ``ood_score`` is the feature
-    distance (the energy score with an exported model) and ``flag`` says why not to trust a prediction:
-    ``constant image``, ``small image`` (a side under 32 pixels), ``out-of-distribution`` (score above the
-    threshold fitted on the validation split) or ``low confidence`` (calibrated confidence under
-    ``low_confidence``); empty for a confident in-distribution one.
-    """
-
-    def __init__(
-        self,
-        output_dir: str,
-        visualize=None,
-        network=None,
-        num_inputs: int | None = None,
-        resume=False,
-        calibration_path: str | None = None,
-        low_confidence: float = 0.5,
-        target_layer: str = "features.transition2.relu",
-    ):
-        self.output_dir, self.network, self.target_layer = output_dir, network, target_layer
-        self.calibration, self.low_confidence = Calibration.load(calibration_path), float(low_confidence)
-        self.hook = FeatureHook(network)  # the features of the evaluator's forward pass, for the ood_score
-        self.picture = None
-        self.path = os.path.join(output_dir, "predictions.csv")
+    def __init__(self, output_dir, outputs: Outputs, calibration, network=None, visualize=None, num_inputs=None,
+                 target_layer: str = "features.transition2.relu"):  # fmt: skip
+        self.folder = os.path.join(output_dir, "visualizations")
+        self.outputs, self.calibration, self.network, self.target_layer = outputs, calibration, network, target_layer
         auto = visualize in (None, "", "auto")
-        self.pictures = num_inputs == 1 if auto else as_bool(visualize, "visualize")
-        self.resume = as_bool(resume, "resume")
-        self.rows = self.predicted = self.drawn = 0
+        self.enabled = num_inputs == 1 if auto else as_bool(visualize, "visualize")
+        self.picture, self.drawn = None, 0
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self.open)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-        engine.add_event_handler(Events.COMPLETED, self.close)
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self.started)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self.draw)
+            engine.add_event_handler(Events.COMPLETED, self.close)
 
-    def open(self, engine: Engine | None = None) -> None:
-        """Start ``predictions.csv``: the header and, when resuming, the complete rows it held, written to a
-        temporary file renamed over it (a kill at any moment leaves the old or the new file, never fewer rows);
-        the rows of this run are then appended."""
-        kept = read_predictions(self.path) if self.resume else []
-        self.drawn = sum(not r["error"] for r in kept)  # pictures are numbered on across a resumed run
+    def started(self, engine: Engine) -> None:
+        """Number on from the pictures of the rows a resumed run kept (the prediction writer, attached first,
+        has rewritten predictions.csv by now)."""
+        done = read_predictions(os.path.join(os.path.dirname(self.folder), "predictions.csv"))
+        self.drawn = sum(not r["error"] for r in done)
 
-        def start(f) -> None:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(kept)
-
-        atomic_write(self.path, start)
-        self.file = open(self.path, "a", newline="")
-        self.csv = csv.DictWriter(self.file, fieldnames=COLUMNS, extrasaction="ignore")
-
-    def collect(self, engine: Engine) -> None:
-        batch, logits = engine.state.batch, engine.state.output["pred"].detach().float().cpu()
-        probs = self.calibration.probabilities(logits).numpy()
-        scores, threshold = self.calibration.ood_score(logits, self.hook.take())
-        scores = scores.numpy()
-        flat = engine.state.output["image"].detach().flatten(1).std(1).cpu().numpy() == 0
-        rows, good = [], []
-        for i, (path, error) in enumerate(zip(batch["path"], batch["error"])):
-            row = {"path": path, "error": error}
-            if error:
-                logger.warning(f"{path}: {error}")
-            else:
-                row.update({"label": CLASSES[probs[i].argmax()], "confidence": f"{probs[i].max():.6f}"})
-                row.update({c: f"{p:.6f}" for c, p in zip(CLASSES, probs[i])})
-                flag = self.flag(probs[i], scores[i], threshold, flat[i], int(batch["min_side"][i]))
-                row.update(ood_score=f"{scores[i]:.4f}", flag=flag)
-                good.append(i)
-            rows.append(row)
-        self.csv.writerows(rows)
-        self.file.flush()
-        os.fsync(self.file.fileno())  # on disk, not only in the operating system's cache: a power cut keeps it
-        self.rows, self.predicted = self.rows + len(rows), self.predicted + len(good)
-        if self.pictures and good:
-            self.plot([rows[i] for i in good], engine.state.output["image"][good], probs[good])
-
-    def flag(self, probs: np.ndarray, score: float, threshold: float | None, constant: bool, min_side: int) -> str:
-        """Why not to trust one prediction, or ``""``."""
-        if constant:
-            return "constant image"
-        if min_side < MIN_SIDE:
-            return "small image"
-        if threshold is not None and score > threshold:
-            return "out-of-distribution"
-        return "low confidence" if probs.max() < self.low_confidence else ""
+    def draw(self, engine: Engine) -> None:
+        last = self.outputs.last
+        good = [i for i, error in enumerate(last["batch"]["error"]) if not error]
+        if not good:
+            return
+        images, probs = last["batch"]["image"][good], self.calibration.probabilities(last["logits"][good]).numpy()
+        cams = [None] * len(good)
+        if isinstance(self.network, torch.nn.Module):
+            cams = gradcam_maps(self.network, images, self.target_layer)
+        os.makedirs(self.folder, exist_ok=True)
+        self.picture = self.picture or PredictionPicture()
+        for i, image, p, cam in zip(good, images.detach().cpu(), probs, cams):
+            stem = os.path.basename(last["batch"]["path"][i]).split(".")[0]
+            title = f"{CLASSES[p.argmax()]} ({p.max():.1%})"
+            self.picture.draw(
+                image[0].numpy(), p, cam, title, os.path.join(self.folder, f"{self.drawn:04d}_{stem}.png")
+            )
+            self.drawn += 1
+        logger.info(f"wrote {len(good)} picture(s) to {self.folder}")
 
     def close(self, engine: Engine | None = None) -> None:
-        self.file.close()
         if self.picture is not None:
             self.picture.close()
             self.picture = None
-        logger.info(f"{self.predicted} of {self.rows} input(s) predicted; wrote {self.path}")
-
-    def plot(self, rows: list[dict], images: torch.Tensor, probs: np.ndarray) -> None:
-        cams = [None] * len(rows)
-        if isinstance(self.network, torch.nn.Module):
-            cams = gradcam_maps(self.network, images, self.target_layer)
-        folder = os.path.join(self.output_dir, "visualizations")
-        os.makedirs(folder, exist_ok=True)
-        self.picture = self.picture or PredictionPicture()
-        for r, image, p, c in zip(rows, images.detach().cpu(), probs, cams):
-            stem = os.path.basename(r["path"]).split(".")[0]
-            title = f"{r['label']} ({float(r['confidence']):.1%})"
-            self.picture.draw(image[0].numpy(), p, c, title, os.path.join(folder, f"{self.drawn:04d}_{stem}.png"))
-            self.drawn += 1
-        logger.info(f"wrote {len(rows)} picture(s) to {folder}")
-
-    def finish(self, skipped: int = 0) -> int:
-        """After the evaluator's run: stop with a non-zero exit if nothing was predicted (and nothing was left to
-        predict by an earlier run, ``skipped``)."""
-        if self.predicted == 0 and not (skipped and self.rows == 0):
-            raise BundleError(
-                f"no image could be predicted ({self.rows} input(s), all failed).",
-                f"see the error column of {self.path}.",
-            )
-        return self.predicted

@@ -50,6 +50,7 @@ PT2_METADATA = {  # what each small entry of this bundle's exports holds
     ".data/serialization_id": re.compile(rb"\d{1,64}"),
 }
 ELEMENT_BYTES = {5: 8, 7: 4}  # torch.export's serialized dtypes this bundle's exports hold: int64, float32
+CALIBRATION_ENTRY = "calibration.json"  # the calibration an export carries: an extra file, ONNX metadata
 
 
 def inference_config():
@@ -105,7 +106,9 @@ def load_model(path: str, network: torch.nn.Module | None = None, device="cpu") 
         if suffix == ".ts":
             return torch.jit.load(io.BytesIO(data), map_location=device).eval()
         if suffix == ".pt2":
-            return ExportedProgramModule(torch.export.load(io.BytesIO(data)).module().to(device))
+            extra: dict = {}
+            program = torch.export.load(io.BytesIO(data), extra_files=extra).module().to(device)
+            return ExportedProgramModule(program, extra.get(CALIBRATION_ENTRY))
         return OnnxModule(data, path)
     except BundleError:
         raise
@@ -376,18 +379,24 @@ def _atom(tokens: list[str], depth: int) -> list[str]:
 
 
 class ExportedProgramModule(torch.nn.Module):
-    """A ``torch.export`` program behind a plain ``nn.Module`` (the program's own module refuses ``.eval()``)."""
+    """A ``torch.export`` program behind a plain ``nn.Module`` (the program's own module refuses ``.eval()``), its
+    weights as ``state_dict``, and the calibration it carries (JSON text, or None)."""
 
-    def __init__(self, program_module):
+    def __init__(self, program_module, calibration: str | None = None):
         super().__init__()
         object.__setattr__(self, "program", program_module)  # not a child: eval()/train() do not reach it
+        self.calibration = calibration
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.program(x)
 
+    def state_dict(self, *args, **kwargs):
+        return self.program.state_dict(*args, **kwargs)
+
 
 class OnnxModule(torch.nn.Module):
-    """An ONNX model run by onnxruntime behind the ``nn.Module`` call the engines use."""
+    """An ONNX model run by onnxruntime behind the ``nn.Module`` call the engines use, and the calibration it
+    carries (JSON text in its metadata, or None)."""
 
     def __init__(self, data: bytes, path: str):
         super().__init__()
@@ -404,6 +413,7 @@ class OnnxModule(torch.nn.Module):
             raise BundleError(f"refused to load {path}: it reads its weights from other files.", TRUSTED)
         self.session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.calibration = self.session.get_modelmeta().custom_metadata_map.get(CALIBRATION_ENTRY)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]

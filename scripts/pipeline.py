@@ -60,6 +60,13 @@ class DeviceBatches:
             yield {key: values[index] for key, values in self.data.items()}
 
 
+def to_device(network: torch.nn.Module, device, channels_last=True) -> torch.nn.Module:
+    """``network`` on ``device``, in the channels-last memory format (faster for DenseNet's convolutions on CPUs
+    with and without bf16) unless ``channels_last`` is false."""
+    memory_format = torch.channels_last if as_bool(channels_last, "channels_last") else torch.preserve_format
+    return network.to(device, memory_format=memory_format)
+
+
 class PrepareBatch:
     """A ``prepare_batch`` for MONAI's engines: batch to device, as plain tensors, optionally augmented there.
 
@@ -85,7 +92,7 @@ class PrepareBatch:
         prob: float = 0.5,
         flip_axis: int = 0,
     ):
-        self.enabled, self.rotate_range = augment, math.radians(rotate_degrees)
+        self.enabled, self.rotate_range = as_bool(augment, "augment"), math.radians(rotate_degrees)
         self.zoom, self.prob, self.flip_axis = tuple(zoom_range), prob, flip_axis
         self.size: tuple[int, int] | None = None
 

@@ -7,7 +7,9 @@ Writes ``dist/mednist_classification_v<version>.zip`` (version from configs/meta
 calibration.json/.npz, model.ts, model.pt2 and model.onnx when present), as the Model Zoo packs a bundle:
 ``large_files.yml`` stays out, since the zip carries the weights. Entries are sorted and stamped with a fixed
 time and mode, so the same inputs give the same bytes. Every model file is checked first (complete, and
-loadable without running code: see ``scripts.model_file``). Prints the zip's size and SHA-256.
+loadable without running code: see ``scripts.model_file``; the calibration fitted for these weights). A model.pt
+other than the published one is labelled a local build (version and model card). Prints the zip's size and
+SHA-256.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import os
 import zipfile
 
 import fire
-import numpy as np
+import yaml
 
+from .calibration import calibration_for
 from .model_file import load_model
 from .utils import BUNDLE_ROOT, BundleError, atomic_write
 
@@ -36,23 +39,11 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def check_model_file(path: str) -> None:
-    """Stop with a message naming ``path`` unless it is a complete model file this bundle loads without running
-    code (``scripts.model_file.load_model``), or a calibration saved by training (plain JSON, arrays without
-    pickle)."""
-    if path.endswith((".json", ".npz")):
-        try:
-            if path.endswith(".json"):
-                with open(path) as f:
-                    temperature = json.load(f)["temperature"]
-                assert isinstance(temperature, (int, float)) and temperature > 0
-            else:
-                with np.load(path, allow_pickle=False) as npz:
-                    assert {"means", "precision"} <= set(npz.files)
-        except Exception as e:
-            raise BundleError(f"{path} is not a calibration saved by training ({e!r}).", "train again.") from e
-    else:
-        load_model(path)
+def published_sha256() -> str | None:
+    """The SHA-256 of the published model.pt (large_files.yml), or None."""
+    with open(os.path.join(BUNDLE_ROOT, "large_files.yml")) as f:
+        entries = yaml.safe_load(f)["large_files"]
+    return next((e["hash_val"] for e in entries if e["path"] == "models/model.pt"), None)
 
 
 def release_files(ckpt_dir: str) -> dict[str, str]:
@@ -65,23 +56,45 @@ def release_files(ckpt_dir: str) -> dict[str, str]:
                 if not name.endswith((".pyc", ".pyo")) and not name.startswith("."):
                     path = os.path.join(dirpath, name)
                     files[os.path.relpath(path, BUNDLE_ROOT).replace(os.sep, "/")] = path
-    if not os.path.isfile(os.path.join(ckpt_dir, "model.pt")):
-        raise BundleError(f"no trained model at {ckpt_dir}/model.pt.", "train first, or pass --ckpt_dir.")
+    model = os.path.join(ckpt_dir, "model.pt")
+    if not os.path.isfile(model):
+        raise BundleError(f"no trained model at {model}.", "train first, or pass --ckpt_dir.")
     for name in MODELS:
         path = os.path.join(ckpt_dir, name)
         if os.path.isfile(path):
-            check_model_file(path)  # complete, and loadable without running code
+            if name.startswith("calibration"):
+                calibration_for(model)  # readable, and fitted for these weights
+            else:
+                load_model(path)  # complete, and loadable without running code
             files[f"models/{name}"] = path
     return files
 
 
 def release(ckpt_dir: str = "models", out_dir: str = "dist") -> None:
-    """Write the release zip and print its path, size and SHA-256."""
+    """Write the release zip and print its path, size and SHA-256.
+
+    A model.pt other than the published one (large_files.yml) is released as a local build: version
+    ``<version>+local.<first 8 of its SHA-256>``, in the zip's name and metadata.json, and a first line in the
+    model card saying that its figures are the published model's.
+    """
     with open(os.path.join(BUNDLE_ROOT, "configs", "metadata.json")) as f:
-        version = json.load(f)["version"]
+        metadata = json.load(f)
     files = sorted(release_files(ckpt_dir).items())  # first: no empty out_dir is left behind when a model is missing
+    model = sha256(os.path.join(ckpt_dir, "model.pt"))
+    replaced = {}
+    if model != published_sha256():
+        published = metadata["version"]
+        metadata["version"] = f"{published}+local.{model[:8]}"
+        replaced["configs/metadata.json"] = (json.dumps(metadata, indent=4) + "\n").encode()
+        with open(os.path.join(BUNDLE_ROOT, "docs", "README.md"), "rb") as f:
+            note = (
+                f"> **These weights are not the published ones of version {published}** (model.pt SHA-256 "
+                f"{model}): the figures below are the published model's, not theirs.\n\n"
+            )
+            replaced["docs/README.md"] = note.encode() + f.read()
+        print(f"model.pt is not the published model: released as version {metadata['version']}")
     os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, f"{NAME}_v{version}.zip")
+    out = os.path.join(out_dir, f"{NAME}_v{metadata['version']}.zip")
 
     def write_zip(target) -> None:
         with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
@@ -89,8 +102,10 @@ def release(ckpt_dir: str = "models", out_dir: str = "dist") -> None:
                 info = zipfile.ZipInfo(f"{NAME}/{arcname}", date_time=FIXED_TIME)
                 info.external_attr = 0o644 << 16
                 info.compress_type = zipfile.ZIP_DEFLATED
-                with open(path, "rb") as f:
-                    zf.writestr(info, f.read(), compresslevel=9)
+                if arcname not in replaced:
+                    with open(path, "rb") as f:
+                        replaced[arcname] = f.read()
+                zf.writestr(info, replaced[arcname], compresslevel=9)
 
     atomic_write(out, write_zip, mode="wb")
     print(f"{out}  {os.path.getsize(out)} bytes  sha256 {sha256(out)}")

@@ -157,9 +157,8 @@ class FolderLock:
     NAME = ".mednist.lock"
     _held: dict[str, object] = {}  # real folder path -> open lock file, for this process
 
-    def __init__(self, folders, key: str = "output_dir"):
+    def __init__(self, folders):
         self.folders = [folders] if isinstance(folders, str) else list(folders)
-        self.key = key
 
     def acquire(self) -> FolderLock:
         import fcntl
@@ -178,7 +177,7 @@ class FolderLock:
             except OSError as e:
                 raise BundleError(
                     f"cannot write to {folder} ({e.strerror or e}).",
-                    f"pass a writable folder (--{self.key} or --ckpt_dir), or fix its permissions.",
+                    "pass a writable folder (--output_dir or --ckpt_dir), or fix its permissions.",
                 ) from e
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -170,6 +171,8 @@ def exported(trained, tmp_path_factory):
                 config_file=INFERENCE, bundle_root=BUNDLE)  # fmt: skip
     export_pt2(ckpt, str(out / "model.pt2"))
     export_onnx(ckpt, str(out / "model.onnx"))
+    for name in CALIBRATION:  # MONAI's TorchScript export carries none: it is found beside the file
+        shutil.copy(trained / "models" / name, out / name)
     return out
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import bundle_error
 from scripts.calibration import Calibration, energy, expected_calibration_error, fit_temperature
 
 
@@ -47,37 +49,102 @@ def test_ece_of_a_calibrated_and_an_overconfident_model():
     assert expected_calibration_error(confident, torch.tensor([0] * 5 + [1] * 5)) == pytest.approx(0.4)
 
 
+def gaussian_classes(n: int, dims: int, seed: int, shift: float = 0.0):
+    """``n`` feature vectors of six Gaussian classes in ``dims`` dimensions (correlated, as a network's pooled
+    features are), their labels, and logits that favour each true class."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(dims, dims, generator=torch.Generator().manual_seed(99), dtype=torch.float64) / dims**0.5
+    centres = torch.randn(6, dims, generator=torch.Generator().manual_seed(98), dtype=torch.float64) * 3
+    labels = torch.arange(n) % 6
+    features = centres[labels] + torch.randn(n, dims, generator=g, dtype=torch.float64) @ mixing + shift
+    logits = torch.nn.functional.one_hot(labels, 6).double() * 4 + torch.randn(n, 6, generator=g, dtype=torch.float64)
+    return {"features": features, "labels": labels, "logits": logits}
+
+
 def test_thresholds_pass_97_percent_of_validation_and_round_trip_without_pickle(tmp_path):
-    z, labels = sampled_logits(1.0)
-    features = z @ torch.randn(6, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    features += torch.randn(len(z), 16, dtype=torch.float64) * 0.1
-    calibration = Calibration.fit(z, labels, features)
+    training, validation = gaussian_classes(3000, 16, seed=1), gaussian_classes(3000, 16, seed=2)
+    calibration = Calibration.fit(validation, training, weights="w" * 64)
+    z = validation["logits"]
     passed = (energy(z, calibration.temperature) <= calibration.energy_threshold).double().mean()
     assert passed == pytest.approx(0.97, abs=0.002)
-    scores, threshold = calibration.ood_score(z, features)
-    assert (scores <= threshold).double().mean() == pytest.approx(0.97, abs=0.002)
-    far = calibration.ood_score(z[:10], features[:10] + 100)[0]
+    scores, threshold, kind = calibration.ood_score(z, validation["features"])
+    assert (scores <= threshold).double().mean() == pytest.approx(0.97, abs=0.002) and kind == "mahalanobis"
+    far = calibration.ood_score(z[:10], validation["features"][:10] + 100)[0]
     assert (far > threshold).all()  # features far from every class mean
+    assert calibration.ood_score(z, None)[2] == "energy"  # an export: no features
     assert energy(torch.zeros(1, 6)) > energy(torch.tensor([[20.0, 0, 0, 0, 0, 0]]))  # flat logits: less familiar
     calibration.save(str(tmp_path / "calibration.json"))
     saved = json.loads((tmp_path / "calibration.json").read_text())  # plain JSON, and arrays: nothing to unpickle
+    assert (saved["statistics_images"], saved["threshold_images"], saved["weights_sha256"]) == (3000, 3000, "w" * 64)
     loaded = Calibration.load(str(tmp_path / "calibration.json"))
     assert (loaded.temperature, loaded.energy_threshold) == (saved["temperature"], saved["energy_threshold"])
     assert loaded.feature_threshold == saved["feature_threshold"]
-    assert torch.allclose(loaded.ood_score(z, features)[0], scores, rtol=1e-3)  # stored as float32
-    assert Calibration.load(str(tmp_path / "none.json")).temperature == 1.0
+    assert torch.allclose(loaded.ood_score(z, validation["features"])[0], scores, rtol=1e-3)  # stored as float32
+    (tmp_path / "bad.json").write_text('{"temperature": 1.0}')  # no weights named: not one this bundle wrote
+    with bundle_error("is not a calibration this bundle wrote"):
+        Calibration.load(str(tmp_path / "bad.json"))
+
+
+def test_out_of_distribution_statistics_generalise_with_fewer_images_than_dimensions():
+    """300 training and 300 validation images in 1,024 dimensions, as the small-data setting: the flag, fitted
+    from the training images with a Ledoit-Wolf covariance and thresholded on the validation images, flags about
+    3% of unseen images of the same classes, and those shifted away. The control, the statistics and threshold of
+    the same 300 validation images (a plain covariance), flags almost every unseen image."""
+    from scripts.calibration import mahalanobis
+
+    training, validation = gaussian_classes(300, 1024, seed=1), gaussian_classes(300, 1024, seed=2)
+    unseen, shifted = gaussian_classes(3000, 1024, seed=3), gaussian_classes(600, 1024, seed=4, shift=0.5)
+    calibration = Calibration.fit(validation, training, weights="")
+    scores, threshold, _ = calibration.ood_score(unseen["logits"], unseen["features"])
+    flagged = float((scores > threshold).double().mean())
+    assert 0.01 < flagged < 0.06, flagged
+    far = calibration.ood_score(shifted["logits"], shifted["features"])[0]
+    assert float((far > threshold).double().mean()) > 0.95
+    x, y = validation["features"], validation["labels"]  # the control: all from the same 300 images
+    means = torch.stack([x[y == c].mean(0) for c in range(6)])
+    covariance = torch.cov(torch.cat([x[y == c] - means[c] for c in range(6)]).T) + 1e-3 * torch.eye(1024)
+    precision = torch.linalg.inv(covariance)
+    in_sample = float(torch.quantile(mahalanobis(x, means, precision), 0.97))
+    assert float((mahalanobis(unseen["features"], means, precision) > in_sample).double().mean()) > 0.9
+
+
+@pytest.mark.parametrize("confidence, expected", [(0.49, "low confidence"), (0.51, "")])
+def test_low_confidence_rule(confidence, expected):
+    """A confident in-distribution row has no flag; under ``low_confidence`` (0.5) it is flagged."""
+    import numpy as np
+
+    from scripts.predictions import flag
+
+    probs = np.array([confidence, 1 - confidence - 0.1, 0.1, 0, 0, 0])
+    assert flag(probs, score=1.0, threshold=2.0, constant=False, min_side=64, low_confidence=0.5) == expected
+    assert (
+        flag(probs, score=3.0, threshold=2.0, constant=False, min_side=64, low_confidence=0.5) == "out-of-distribution"
+    )
+    assert flag(probs, score=1.0, threshold=None, constant=False, min_side=64, low_confidence=0.5) == "uncalibrated"
 
 
 def test_training_saves_calibration_and_evaluation_reports_it(trained, mednist, tmp_path):
+    import csv
+
     from conftest import evaluate
+    from scripts.calibration import weights_sha256
+    from scripts.model_file import load_model
 
     saved = json.loads((trained / "models" / "calibration.json").read_text())
-    assert saved["temperature"] > 0 and saved["fitted_on_validation_images"] == 12
+    assert saved["temperature"] > 0 and (saved["threshold_images"], saved["statistics_images"]) == (12, 96)
+    assert saved["weights_sha256"] == weights_sha256(load_model(str(trained / "models" / "model.pt")))
     evaluate(trained, tmp_path, dataset_dir=mednist)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())["calibration"]
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = report["calibration"]
     assert metrics["temperature"] == saved["temperature"]
     assert set(metrics["ece"]) == set(metrics["nll"]) == {"uncalibrated", "calibrated"}
     assert all(0 <= v <= 1 for v in metrics["ece"].values()) and all(v > 0 for v in metrics["nll"].values())
+    with open(tmp_path / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    above = [float(r["ood_score"]) > saved["feature_threshold"] for r in rows]
+    assert {r["ood_score_kind"] for r in rows} == {"mahalanobis"} and report["ood_score_kind"] == "mahalanobis"
+    assert report["out_of_distribution_flagged"] == pytest.approx(sum(above) / len(rows))
+    assert [r["flag"] == "out-of-distribution" for r in rows] == above
 
 
 def test_inference_flags_what_not_to_trust(trained, mednist, tmp_path):
@@ -104,13 +171,48 @@ def test_inference_flags_what_not_to_trust(trained, mednist, tmp_path):
         assert rows[name]["flag"] in expected
 
 
+def test_calibration_goes_with_the_model_and_only_with_its_weights(trained, mednist, tmp_path):
+    """Found beside the --ckpt_path given (not in --ckpt_dir); refused, before any file is written, beside other
+    weights; where there is none, every row says so."""
+    import shutil
+
+    import torch
+
+    from conftest import infer
+
+    images = os.path.join(mednist, "MedNIST", "Hand")
+    elsewhere = tmp_path / "kept" / "elsewhere"
+    shutil.copytree(trained / "models", elsewhere)
+    infer(trained, tmp_path / "beside", images, ckpt_path=elsewhere / "model.pt", ckpt_dir=tmp_path / "empty")
+    flags = {r["flag"] for r in read_csv(tmp_path / "beside" / "predictions.csv")}
+    assert "uncalibrated" not in flags
+
+    weights = torch.load(elsewhere / "model.pt", weights_only=True)
+    weights["class_layers.out.bias"] += 0.01  # other weights, same file name
+    torch.save(weights, elsewhere / "model.pt")
+    with bundle_error("was fitted for other weights than") as found:
+        infer(trained, tmp_path / "other", images, ckpt_path=elsewhere / "model.pt")
+    assert "python -m scripts.calibration" in found[0].fix and not (tmp_path / "other").exists()
+
+    for name in ("calibration.json", "calibration.npz"):
+        os.remove(elsewhere / name)
+    infer(trained, tmp_path / "none", images, ckpt_path=elsewhere / "model.pt")
+    assert {r["flag"] for r in read_csv(tmp_path / "none" / "predictions.csv")} == {"uncalibrated"}
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def test_calibrate_an_already_trained_model(trained, mednist, tmp_path):
     import shutil
 
     from scripts.calibration import calibrate
 
-    shutil.copytree(trained / "models", tmp_path / "models", ignore=shutil.ignore_patterns("calibration.json"))
+    shutil.copytree(trained / "models", tmp_path / "models", ignore=shutil.ignore_patterns("calibration.*"))
     path = calibrate(dataset_dir=mednist, output_dir=str(trained / "out"), ckpt_dir=str(tmp_path / "models"))
     fitted = json.loads(open(path).read())
     original = json.loads((trained / "models" / "calibration.json").read_text())
     assert fitted["temperature"] == pytest.approx(original["temperature"], rel=1e-4)  # what training's last step fits
+    assert fitted["feature_threshold"] == pytest.approx(original["feature_threshold"], rel=1e-3)

@@ -133,11 +133,16 @@ def test_bad_override_on_the_command_line_is_one_message(tmp_path, mednist):
     assert "Traceback" not in proc.stderr and not os.listdir(tmp_path)
 
 
-def test_bundle_error_is_an_exception():
-    """Python callers (the Model Zoo's CI among them) catch it with `except Exception`."""
+def test_bundle_error_arrives_through_monai_as_the_readme_says(tmp_path, mednist):
+    """Through ConfigWorkflow (and monai.bundle.load) MONAI wraps the BundleError of a component in its own
+    RuntimeError; the BundleError, a ValueError, is its cause (README, Commands)."""
     from scripts.utils import BundleError
 
-    assert issubclass(BundleError, Exception) and not issubclass(BundleError, SystemExit)
+    wf = workflow(("train",), "training", dataset_dir=mednist, output_dir=tmp_path, epochs=0)
+    with pytest.raises(RuntimeError, match="Failed to instantiate component 'scripts.checks.check_train_args'") as err:
+        wf.run()
+    assert isinstance(err.value.__cause__, BundleError) and isinstance(err.value.__cause__, ValueError)
+    assert str(err.value.__cause__).startswith("ERROR: --epochs 0 is not an integer >= 1.")
 
 
 @pytest.mark.parametrize(

@@ -29,13 +29,26 @@ def reference(trained, mednist, tmp_path_factory):
 def test_exported_model_matches_checkpoint(exported, reference, trained, suffix, tmp_path):
     (folder, images), out = reference, exported
     assert os.path.getsize(out / f"model.{suffix}") > 10_000_000
-    calibration = trained / "models" / "calibration.json"  # the checkpoint's, so that probabilities agree
-    infer(trained, tmp_path, images, model_file=out / f"model.{suffix}", ckpt_dir=out / "no-checkpoint-needed",
-          calibration_path=calibration)  # fmt: skip
+    # calibrated as the checkpoint: the .pt2 and .onnx carry its calibration, the .ts finds it beside it
+    infer(trained, tmp_path, images, model_file=out / f"model.{suffix}", ckpt_dir=out / "no-checkpoint-needed")
     reference, got = probabilities(folder / "predictions.csv"), probabilities(tmp_path / "predictions.csv")
     assert len(got) == len(reference) == 120
     for path, probs in reference.items():
         assert got[path] == pytest.approx(probs, abs=1e-5)
+    with open(tmp_path / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["ood_score_kind"] for r in rows} == {"energy"} and "uncalibrated" not in {r["flag"] for r in rows}
+
+
+def test_export_picture_says_it_has_no_heat_map(exported, trained, mednist, tmp_path):
+    from test_inference import heat_map_panel
+
+    image = os.path.join(mednist, "MedNIST", "Hand", "000000.jpeg")
+    infer(trained, tmp_path, image, model_file=exported / "model.pt2")
+    (picture,) = (tmp_path / "visualizations").iterdir()
+    panel = heat_map_panel(picture).reshape(-1, 3)
+    assert (panel.max(1) - panel.min(1) > 100).mean() < 0.01  # no heat map's colours
+    assert (panel.max(1) < 100).sum() > 200  # but the dark letters of the line that says why
 
 
 def test_torchscript_embeds_configs(exported):
@@ -58,7 +71,7 @@ def test_export_that_gives_other_logits_is_not_written(trained, tmp_path):
 
     from scripts.export import _export, export_pt2
 
-    def write(network, path):
+    def write(network, path, calibration):
         with torch.no_grad():
             network.class_layers.out.bias += 1.0
         batch = {0: torch.export.Dim("batch", min=1, max=64)}

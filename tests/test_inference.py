@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from conftest import bundle_error, evaluate, infer, killed_at_rename
-from scripts.infer import find_inputs, read_predictions
+from scripts.infer import find_inputs
+from scripts.predictions import read_predictions
 
-COLUMNS = ["path", "label", "confidence", "AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT", "error"]
-COLUMNS += ["ood_score", "flag"]
+CLASS_NAMES = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
+COLUMNS = ["path", "true_label", "label", "confidence", *CLASS_NAMES, "ood_score", "ood_score_kind", "flag", "error"]
 
 
 def read_rows(path) -> list[dict]:
@@ -70,9 +71,9 @@ def test_mixed_folder_one_row_per_file(trained, mixed_folder, tmp_path, capsys):
         assert rows[name]["label"] == "" and name in logged  # logged too
     for name in mixed_folder["good"]:
         r = rows[name]
-        probs = [float(r[c]) for c in COLUMNS[3:9]]
-        assert r["error"] == "" and sum(probs) == pytest.approx(1, abs=1e-4)
-        assert r["label"] == COLUMNS[3 + int(np.argmax(probs))] and float(r["confidence"]) == max(probs)
+        probs = [float(r[c]) for c in CLASS_NAMES]
+        assert r["error"] == "" and sum(probs) == pytest.approx(1, abs=1e-4) and r["true_label"] == ""
+        assert r["label"] == CLASS_NAMES[int(np.argmax(probs))] and float(r["confidence"]) == max(probs)
     # the same pixels give the same prediction whatever the container
     for name in ("rgb.png", "rgba.png", "gray16.png", "slice.nii.gz", "slice1.nii"):
         assert rows[name]["label"] == rows["rgb.png"]["label"]
@@ -82,21 +83,31 @@ def test_mixed_folder_one_row_per_file(trained, mixed_folder, tmp_path, capsys):
 
 def test_nothing_predictable_is_an_error(trained, mixed_folder, tmp_path):
     bad = [str(mixed_folder["dir"] / n) for n in mixed_folder["bad"]] + [str(tmp_path / "missing.png")]
-    with bundle_error("no image could be predicted"):
+    with bundle_error("no image could be predicted") as found:
         infer(trained, tmp_path / "out", bad)
+    assert f"(and {len(bad) - 1} more; see the error column)" in str(found[0])
     rows = read_rows(tmp_path / "out" / "predictions.csv")
     assert len(rows) == len(bad) and all(r["error"] for r in rows)
     assert rows[-1]["error"] == "file does not exist"
+    with bundle_error(f"no image could be predicted: {bad[-1]}: file does not exist."):  # one input: its reason
+        infer(trained, tmp_path / "one", bad[-1:])
+
+
+def heat_map_panel(picture) -> np.ndarray:
+    """The pixels of a picture's third panel (where the Grad-CAM++ map goes), as RGB."""
+    with Image.open(picture) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    height, width = rgb.shape[:2]
+    return rgb[int(0.15 * height) : int(0.85 * height), int(0.64 * width) : int(0.86 * width)]
 
 
 def test_single_image_gets_picture_with_gradcam(trained, mixed_folder, tmp_path):
     infer(trained, tmp_path, mixed_folder["dir"] / "hand.jpeg")
     pictures = os.listdir(tmp_path / "visualizations")
     assert len(pictures) == 1
-    with Image.open(tmp_path / "visualizations" / pictures[0]) as im:
-        assert im.size[0] > 2.5 * im.size[1]  # image, bar chart and heat map side by side
-        rgb = np.asarray(im.convert("RGB"))
-        assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 200  # a colour heat map, not a blank canvas
+    panel = heat_map_panel(tmp_path / "visualizations" / pictures[0]).reshape(-1, 3)
+    saturated = panel.max(1) - panel.min(1) > 100  # the jet colours of the heat map over the gray image
+    assert saturated.mean() > 0.3 and len(np.unique(panel[saturated], axis=0)) > 100
 
 
 def test_glob_and_visualize_flag(trained, mixed_folder, tmp_path):
@@ -113,15 +124,16 @@ def test_inference_matches_evaluation(trained, mednist, tmp_path):
         evaluated = {r["path"]: r for r in csv.DictReader(f)}
     infer(trained, tmp_path / "inf", sorted(evaluated))
     for r in read_rows(tmp_path / "inf" / "predictions.csv"):
-        for c in COLUMNS[3:9]:
-            assert float(r[c]) == pytest.approx(float(evaluated[r["path"]][c]), abs=1e-5)
+        for c in CLASS_NAMES + ["ood_score"]:
+            assert float(r[c]) == pytest.approx(float(evaluated[r["path"]][c]), abs=1e-4), c
+        assert (r["flag"], r["ood_score_kind"]) == (evaluated[r["path"]]["flag"], "mahalanobis")
 
 
 # Runs inference with the prediction writer's per-batch hook patched to SIGKILL the process after n batches.
 KILL_AFTER_BATCHES = """
 import os, runpy, signal, sys
 sys.path.insert(0, os.getcwd())
-from scripts.infer import PredictionWriter
+from scripts.predictions import PredictionWriter
 real, done, batches = PredictionWriter.collect, [], int(sys.argv[1])
 def collect(self, engine):
     real(self, engine)

@@ -8,12 +8,14 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import zipfile
 
 import pytest
+import torch
 import yaml
 
 from conftest import BUNDLE, bundle_error, run_bundle
@@ -26,7 +28,7 @@ def build_release(ckpt_dir, out_dir) -> str:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         release(str(ckpt_dir), str(out_dir))
-    path = printed.getvalue().split()[0]
+    path = printed.getvalue().splitlines()[-1].split()[0]
     assert f"sha256 {hashlib.sha256(open(path, 'rb').read()).hexdigest()}" in printed.getvalue()
     return path
 
@@ -39,9 +41,15 @@ def test_release_zip_is_reproducible_and_downloadable(trained, mednist, http_ser
     second = build_release(folder / "models", tmp_path / "again")
     with open(os.path.join(BUNDLE, "configs", "metadata.json")) as f:
         version = json.load(f)["version"]
-    assert os.path.basename(first) == f"mednist_classification_v{version}.zip"
+    weights = hashlib.sha256((folder / "models" / "model.pt").read_bytes()).hexdigest()
+    local = f"{version}+local.{weights[:8]}"  # not the published model.pt: says so in its version and model card
+    assert os.path.basename(first) == f"mednist_classification_v{local}.zip"
     assert open(first, "rb").read() == open(second, "rb").read()
-    names = zipfile.ZipFile(first).namelist()
+    packed = zipfile.ZipFile(first)
+    assert json.loads(packed.read("mednist_classification/configs/metadata.json"))["version"] == local
+    card = packed.read("mednist_classification/docs/README.md").decode()
+    assert card.startswith(f"> **These weights are not the published ones of version {version}**") and weights in card
+    names = packed.namelist()
     assert all(n.startswith("mednist_classification/") for n in names)
     for required in (
         "configs/metadata.json",
@@ -115,7 +123,7 @@ def test_large_files_yml_pins_the_model_and_its_calibration():
     names["models/calibration.npz"] = "_calibration.npz"
     assert [entry["path"] for entry in entries] == list(names)
     for entry in entries:
-        assert entry["hash_type"] == "sha256" and len(entry["hash_val"]) == 64 and int(entry["hash_val"], 16) >= 0
+        assert entry["hash_type"] == "sha256" and re.fullmatch("[0-9a-f]{64}", entry["hash_val"])
         assert entry["url"].startswith("https://")
         # the files of this version
         assert entry["url"].endswith(f"/mednist_classification_v{version}{names[entry['path']]}")
@@ -146,8 +154,16 @@ def test_release_refuses_truncated_or_tampered_models(trained, tmp_path):
         release(str(models), str(tmp_path / "dist"))
     shutil.copy(trained / "models" / "model.pt", models / "model.pt")
     export_pt2(str(models / "model.pt"), str(tmp_path / "good.pt2"))
-    attacked = attack(genuine_entries(tmp_path / "good.pt2"), tmp_path / "payload-ran", "duplicate config")
+    attacked = attack(genuine_entries(tmp_path / "good.pt2"), tmp_path / "payload-ran", "duplicate config first")
     (models / "model.pt2").write_bytes(attacked)
     with bundle_error(f"refused to load {models / 'model.pt2'}"):
         release(str(models), str(tmp_path / "dist"))
     assert not (tmp_path / "dist").exists() and not (tmp_path / "payload-ran").exists()
+    os.remove(models / "model.pt2")
+    shutil.copy(trained / "models" / "calibration.json", models / "calibration.json")
+    weights = torch.load(models / "model.pt", weights_only=True)
+    weights["class_layers.out.bias"] += 0.01
+    torch.save(weights, models / "model.pt")
+    with bundle_error("was fitted for other weights than"):  # a calibration of other weights
+        release(str(models), str(tmp_path / "dist"))
+    assert not (tmp_path / "dist").exists()

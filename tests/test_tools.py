@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -82,13 +81,12 @@ def test_time_to_accuracy_trains_evaluates_and_reports(mednist, tmp_path, capsys
     assert report["epoch_img_per_s"] > 0
     assert report["best_val_acc"] == max(row["val_acc"] for row in history)
     assert 0 < report["training_s"] < report["wall_s"] and report["training_s"] == round(history[-1]["elapsed_s"], 1)
-    # the wall time apart: cache build (the log's "cached N items" lines), other start-up, after the last epoch
-    log = (work / "training.log").read_text()
-    cached = [float(s) for s in re.findall(r"cached \d+ items in ([\d.]+) s \(\d process", log)]
-    assert len(cached) == 2 and report["cache_s"] == round(sum(cached), 1)
-    assert report["import_s"] > 0 and report["startup_s"] > 0 and report["after_s"] >= 0
-    assert report["import_s"] + report["cache_s"] + report["startup_s"] + report["training_s"] <= report["wall_s"]
-    assert report["training_s_to_target"] == round(history[-1]["elapsed_s"], 1)
+    # the wall time apart: before training (imports, data, start-up), the epochs, after them (calibration, exit)
+    phases = report["before_training_s"] + report["training_s"] + report["after_s"]
+    assert (
+        report["before_training_s"] > 0 and report["after_s"] > 0 and phases == pytest.approx(report["wall_s"], abs=0.2)
+    )
+    assert report["training_s_to_target"] == round(history[-1]["elapsed_s"], 1) and report["peak_rss_gib"] > 0.3
     assert f"test_accuracy: {metrics['accuracy']}" in printed and (work / "training.log").stat().st_size > 0
     # a second run into the same folder would mix two models: refused
     with pytest.raises(SystemExit, match="pass a new --work_dir"):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
-from conftest import FAST, evaluate, train
+from conftest import CONFIGS, FAST, evaluate, train
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -17,8 +20,9 @@ def runs(uri) -> tuple:
 
 def test_mlflow_records_training_and_evaluation(mednist, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    train(mednist, tmp_path, epochs=2, tracking="mlflow", tracking_uri=uri, **FAST)
-    evaluate(tmp_path, tmp_path / "eval", dataset_dir=mednist, tracking="mlflow", tracking_uri=uri)
+    settings = os.path.join(CONFIGS, "mlflow.json")  # --tracking configs/mlflow.json
+    train(mednist, tmp_path, epochs=2, tracking=settings, tracking_uri=uri, **FAST)
+    evaluate(tmp_path, tmp_path / "eval", dataset_dir=mednist, tracking=settings, tracking_uri=uri)
     client, (trained, evaluated) = runs(uri)
 
     assert trained.info.status == evaluated.info.status == "FINISHED"
@@ -35,7 +39,10 @@ def test_mlflow_records_training_and_evaluation(mednist, tmp_path):
     assert any(f.startswith("config_") and f.endswith(".json") for f in files)  # the executed config
 
     metrics = evaluated.data.metrics
-    assert 0 <= metrics["val_acc"] <= 1 and {"precision_Hand", "recall_CXR", "f1_HeadCT"} <= set(metrics)
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["val_acc"] == pytest.approx(report["accuracy"])
+    assert metrics["precision_Hand"] == pytest.approx(report["per_class"]["Hand"]["precision"])
+    assert {"recall_CXR", "f1_HeadCT", "roc_auc_macro_avg", "ece_calibrated"} <= set(metrics)
     assert {"metrics.json", "confusion_matrix.png", "predictions.csv"} <= {
         a.path for a in client.list_artifacts(evaluated.info.run_id)
     }

@@ -18,9 +18,9 @@ process and measures, in this order, so that the machine's drift touches both si
   from its third batch to its last;
 - the bare forward again. Each ratio divides the bundle's speed by the mean of the bare speeds around it.
 
-With ``--per_sample true``, each round also times configs/original.json, the original project's pipeline
+With ``--per_sample true``, each round also times configs/per_sample.json, the original project's pipeline
 (MONAI's per-sample transforms on each decoded JPEG, batch 4 x 2, fp32), over the same images. The table gives
-each figure's median over the rounds. Extra ``--key value`` pairs override train.json (not original.json).
+each figure's median over the rounds. Extra ``--key value`` pairs override train.json (not per_sample.json).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _parser(names: list[str], work: str, dataset_dir: str, num_images: int, over
         }
     )
     parser.get_parsed_content("initialize")  # seeding, as the bundle's run does
-    parser.get_parsed_content("args")  # the checks of the bundle's run
+    parser.get_parsed_content("check")  # the checks of the bundle's run
     return parser
 
 
@@ -176,9 +176,9 @@ def _measure(dataset_dir: str, num_images: int, overrides: dict) -> dict:
 
 
 def _measure_per_sample(dataset_dir: str, num_images: int) -> dict:
-    """One epoch of configs/original.json over the same training images."""
+    """One epoch of configs/per_sample.json over the same training images."""
     work = _scratch()
-    parser = _parser(["train.json", "original.json"], work, dataset_dir, num_images, {})
+    parser = _parser(["train.json", "per_sample.json"], work, dataset_dir, num_images, {})
     parser.update({"train#dataset#data": "@bench_train", "validate#dataset#data": "@bench_val"})
     times = _timed(parser.get_parsed_content("train#trainer"))
     parser.get_parsed_content("training")

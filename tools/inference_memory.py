@@ -15,29 +15,13 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 import fire
 
-from scripts.utils import BUNDLE_ROOT, BundleError, remove_stale
-
-
-def _run(folder: str, out: str, ckpt_dir: str, batch_size: int) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one inference process."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json"]
-    cmd += ["--input", folder, "--output_dir", out, "--ckpt_dir", ckpt_dir, "--batch_size", str(batch_size)]
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, cwd=BUNDLE_ROOT, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)  # this process's own resource usage
-        wall = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            raise RuntimeError(f"inference failed:\n{err.read().decode()[-3000:]}")
-    return wall, usage.ru_maxrss / 1024  # KiB on Linux
+from scripts.utils import BundleError, remove_stale
+from tools import commands
 
 
 def inference_memory(
@@ -63,7 +47,14 @@ def inference_memory(
                 os.symlink(src, os.path.join(folder, f"{i:06d}_{os.path.basename(src)}"))
         for r in range(repeats):
             for n in counts:
-                wall, peak = _run(os.path.join(work, f"in{n}"), os.path.join(work, f"out{n}-{r}"), ckpt_dir, batch_size)
+                run = commands.inference(
+                    os.path.join(work, f"in{n}"),
+                    os.path.join(work, f"out{n}-{r}"),
+                    ckpt_dir,
+                    "--batch_size",
+                    str(batch_size),
+                )
+                wall, peak = run["wall_s"], run["peak_rss_mib"]
                 runs[n].append({"wall_s": round(wall, 1), "img_per_s": round(n / wall, 1), "peak_mib": round(peak, 1)})
                 print(
                     f"round {r + 1}: {n:>7} images, {wall:6.1f} s, {n / wall:6.1f} images/s, peak RSS {peak:6.1f} MiB"

@@ -4,16 +4,14 @@
                                        [--stop true] [--configs quick] [--any_train_json_key value ...]
 
 Developer tooling, run from the repository root (not part of the bundle's release). Runs ``monai.bundle run
-training`` and ``run evaluating`` as a user would (extra ``--key value`` pairs are passed
-to training as overrides), and prints: the wall time of the whole training command (start-up, data split and
-cache build included), the training time from the first iteration, the first epoch whose validation accuracy
-reached ``target`` and the training time until then (from ``history.csv``; with ``--stop true`` training passes
-``--target_accuracy target`` and ends there), training images per second over the fastest epoch (validation
-included), the test accuracy
-(``metrics.json``), and where the rest of the wall time went (from the training log's timestamps): ``import_s``
-to the log's first line (Python, torch and MONAI imports), ``cache_s`` building the data caches, ``startup_s`` the
-rest before the first iteration (config, data split, network to the device), ``after_s`` after the last epoch
-(saving, exit). Logs and ``time_to_accuracy.json`` are written to ``work_dir``.
+training`` and ``run evaluating`` as a user would (extra ``--key value`` pairs are passed to training as
+overrides; with ``--stop true`` training passes ``--target_accuracy target`` and ends there), and prints: the wall
+time of the whole training command, where it went (``before_training_s``: imports, data split, preprocessing and
+start-up; ``training_s``: the epochs with their validations; ``after_s``: calibration, saving, exit), the first
+epoch whose validation accuracy reached ``target`` and the training time until then, training images per second
+over the fastest epoch (validation included), and the test accuracy. The phases come from the run's own files
+(``history.csv``: its epochs' times; the moment it was last written), not from its log. Logs and
+``time_to_accuracy.json`` are written to ``work_dir``.
 """
 
 from __future__ import annotations
@@ -22,51 +20,13 @@ import csv
 import glob
 import json
 import os
-import re
-import subprocess
 import sys
-import time
-from datetime import datetime
 
 import fire
 import torch
 
 from scripts.utils import BUNDLE_ROOT as BUNDLE
-
-
-def _run(args: list[str], log: str) -> tuple[float, float]:
-    """Run ``python -m monai.bundle run ...`` in the bundle's folder, output to ``log``: its start (epoch seconds)
-    and wall time in seconds."""
-    start, t0 = time.time(), time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=BUNDLE, stdout=f, stderr=f)
-    if proc.returncode:
-        with open(log) as f:
-            sys.exit(f"ERROR: `run {args[0]}` failed (exit {proc.returncode}); the end of {log}:\n{f.read()[-3000:]}")
-    return start, time.perf_counter() - t0
-
-
-def _phases(log: str, start: float, wall: float) -> dict:
-    """Where the wall time outside training went, in seconds, from the training log's timestamps."""
-    stamp = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - "
-    with open(log, errors="replace") as f:
-        text = f.read().replace("\r", "\n")
-
-    def since_start(match) -> float:
-        return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() - start
-
-    first = re.search(stamp, text, re.M)  # MONAI's first line, once Python, torch and MONAI are imported
-    began = re.search(stamp + r".*device: ", text, re.M)  # DeviceLogger, as the trainer starts
-    ran = re.search(r"run finished in ([\d.]+) s", text)
-    cache = sum(float(s) for s in re.findall(r"cached \d+ items in ([\d.]+) s", text))
-    if not (first and began and ran):
-        return {"cache_s": round(cache, 1)}
-    return {
-        "import_s": round(since_start(first), 1),
-        "cache_s": round(cache, 1),
-        "startup_s": round(since_start(began) - since_start(first) - cache, 1),
-        "after_s": round(wall - since_start(began) - float(ran.group(1)), 1),
-    }
+from tools.commands import run_bundle
 
 
 def time_to_accuracy(
@@ -93,15 +53,14 @@ def time_to_accuracy(
         overrides = {**overrides, "target_accuracy": float(target)}
     extra = [str(x) for k, v in overrides.items() for x in (f"--{k}", v)]
     log = os.path.join(work_dir, "training.log")
-    start, wall = _run(["training", "--config_file", config_file, *folders, *extra], log)
+    run = run_bundle("run", "training", "--config_file", config_file, *folders, *extra, log=log)
+    history_file, split = os.path.join(out, "history.csv"), os.path.join(out, "split.json")
+    last_epoch_end = os.path.getmtime(history_file)  # written as each epoch ends
     evaluate = f"['{train}','{os.path.join(BUNDLE, 'configs', 'evaluate.json')}']"
     test_dir = os.path.join(work_dir, "test")
-    split = os.path.join(out, "split.json")
-    _run(
-        ["evaluating", "--config_file", evaluate, *folders, "--output_dir", test_dir, "--split_file", split],
-        os.path.join(work_dir, "evaluating.log"),
-    )
-    with open(os.path.join(out, "history.csv")) as f:
+    evaluating = ["run", "evaluating", "--config_file", evaluate, *folders, "--output_dir", test_dir]
+    run_bundle(*evaluating, "--split_file", split, log=os.path.join(work_dir, "evaluating.log"))
+    with open(history_file) as f:
         history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     with open(os.path.join(test_dir, "metrics.json")) as f:
         test_accuracy = json.load(f)["accuracy"]
@@ -112,14 +71,18 @@ def time_to_accuracy(
     epoch_images = min(train_images, ckpt["trainer"]["epoch_length"] * ckpt["settings"]["batch_size"])
     full_epochs = [row["epoch_time_s"] for row in history[:-1]] or [history[-1]["epoch_time_s"]]
     reached = next((row for row in history if row["val_acc"] >= float(target)), None)
+    training_s = history[-1]["elapsed_s"]
+    after_s = run["start"] + run["wall_s"] - last_epoch_end
     result = {
         "configs": names,
         "overrides": overrides,
         "epochs_run": len(history),
-        "wall_s": round(wall, 1),
-        "training_s": round(history[-1]["elapsed_s"], 1),
+        "wall_s": round(run["wall_s"], 1),
+        "before_training_s": round(run["wall_s"] - after_s - training_s, 1),
+        "training_s": round(training_s, 1),
+        "after_s": round(after_s, 1),
+        "peak_rss_gib": round(run["peak_rss_mib"] / 1024, 2),
         "epoch_img_per_s": round(epoch_images / min(full_epochs), 1),
-        **_phases(log, start, wall),
         "best_val_acc": max(row["val_acc"] for row in history),
         "target": float(target),
         "target_epoch": int(reached["epoch"]) if reached else None,

@@ -5,11 +5,13 @@ images that are not MedNIST, calibration, and where the Grad-CAM++ maps of infer
 
 ``output_dir`` is the training run's (its split.json names the test split), ``ckpt_dir`` holds model.pt and
 calibration.json. Runs the bundle's inference command on the test split and on a set of images that are not
-MedNIST (the photographs that ship with scikit-image and scikit-learn, each also cut in four; uniform and
-Gaussian noise; constant images; checkerboards; tiny images), then prints the share of each set flagged, the
-AUROC of ``ood_score`` between them, and, for Grad-CAM++ on each of ``layers``, the share of the heat map's mass on
-the foreground (pixels above the image's background level) against the foreground's share of the image, per class,
-and the time per picture. Needs `pip install scikit-image scikit-learn` (tested with 0.26.0 and 1.9.1).
+MedNIST (the photographs that ship with scikit-image and scikit-learn, each also cut in four; linear and radial
+gradients; text; clip art; uniform and Gaussian noise; constant images; checkerboards; tiny images), then prints
+the share of each set flagged, the AUROC of ``ood_score`` between them, and, for each of ``methods``
+(``gradcampp``: Grad-CAM++, inference's; ``gradcam``: plain Grad-CAM) on each of ``layers``, the share of the heat
+map's mass on the foreground (pixels above the image's background level) against the foreground's share of the
+image, per class, and the time per picture. Needs `pip install scikit-image scikit-learn` (tested with 0.26.0 and
+1.9.1).
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import fire
 import numpy as np
 
+from scripts.data import test_datalist
 from scripts.utils import BUNDLE_ROOT, BundleError
+from tools import commands
 
-LAYERS = "features.transition2.relu,features.transition1.relu,features.denseblock2,class_layers.relu"
+LAYERS = "features.transition2.relu,features.transition1.relu,class_layers.relu"
+METHODS = "gradcampp,gradcam"
 
 
 def not_mednist(folder: str, seed: int = 0) -> dict[str, str]:
@@ -56,6 +59,18 @@ def not_mednist(folder: str, seed: int = 0) -> dict[str, str]:
         h, w = gray.shape
         for i, (y, x) in enumerate(((0, 0), (0, w // 2), (h // 2, 0), (h // 2, w // 2))):
             save(f"photo_{name}_part{i}", "photograph", gray[y : y + h // 2, x : x + w // 2])
+    yy, xx = np.mgrid[0:64, 0:64] / 63
+    for i in range(10):
+        angle = np.pi * i / 10
+        save(
+            f"gradient_linear_{i}",
+            "gradient",
+            (255 * (np.cos(angle) * xx + np.sin(angle) * yy + 1) / 2).astype(np.uint8),
+        )
+        radial = np.clip(np.hypot(xx - i / 9, yy - 0.5) * 255, 0, 255).astype(np.uint8)
+        save(f"gradient_radial_{i}", "gradient", radial)
+        save(f"text_{i}", "text", _drawn(lambda d: d.text((2 + i, 4), f"MedNIST {i}\nnot an\nimage {i * 7}", fill=0)))
+        save(f"clipart_{i}", "clip art", _drawn(lambda d: _clip_art(d, rng)))
     for i in range(10):
         save(f"noise_uniform_{i}", "noise", rng.integers(0, 256, (64, 64), dtype=np.uint8))
         save(f"noise_gaussian_{i}", "noise", np.clip(rng.normal(128, 40, (64, 64)), 0, 255).astype(np.uint8))
@@ -69,13 +84,27 @@ def not_mednist(folder: str, seed: int = 0) -> dict[str, str]:
 
 
 def _infer(input_dir: str, out: str, ckpt_dir: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json"]
-    cmd += ["--input", input_dir, "--output_dir", out, "--ckpt_dir", ckpt_dir]
-    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"inference failed:\n{proc.stderr[-3000:]}")
+    commands.inference(input_dir, out, ckpt_dir)
     with open(os.path.join(out, "predictions.csv")) as f:
         return list(csv.DictReader(f))
+
+
+def _drawn(draw) -> np.ndarray:
+    """A 64x64 white image with ``draw(ImageDraw)`` applied."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (64, 64), 255)
+    draw(ImageDraw.Draw(image))
+    return np.asarray(image)
+
+
+def _clip_art(draw, rng) -> None:
+    """Flat shapes in a few gray levels, as clip art."""
+    for _ in range(4):
+        x, y = rng.integers(0, 48, 2)
+        w, h = rng.integers(8, 24, 2)
+        fill = int(rng.choice([0, 60, 120, 180]))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x, y, x + w, y + h], fill=fill, outline=0)
 
 
 def foreground_share(image: np.ndarray, cam: np.ndarray) -> tuple[float, float]:
@@ -86,9 +115,9 @@ def foreground_share(image: np.ndarray, cam: np.ndarray) -> tuple[float, float]:
     return float((cam * foreground).sum() / max(cam.sum(), 1e-12)), float(foreground.mean())
 
 
-def gradcam_figures(test: list[dict], ckpt_dir: str, layers: list[str], per_class: int, work: str) -> dict:
-    """Foreground share of Grad-CAM++ per layer and class on ``per_class`` test images a class, and seconds per
-    picture (Grad-CAM++ and the PNG) for the first layer."""
+def gradcam_figures(test: list[dict], ckpt_dir: str, layers: list[str], methods: list[str], per_class: int, work: str):
+    """Foreground share of the heat maps of each method (``gradcampp``, ``gradcam``) and layer, per class, on
+    ``per_class`` test images a class, and seconds per picture (the first method and layer, and the PNG)."""
     import torch
     from monai.bundle import ConfigParser
 
@@ -104,17 +133,18 @@ def gradcam_figures(test: list[dict], ckpt_dir: str, layers: list[str], per_clas
     chosen = [d for c in range(len(CLASSES)) for d in [x for x in test if x["label"] == c][:per_class]]
     images = torch.stack([preprocessing({"image": d["image"], "path": d["image"]})["image"] for d in chosen])
     figures = {}
-    for layer in layers:
-        shares = {c: [] for c in CLASSES}
-        for d, x, heat in zip(chosen, images, gradcam_maps(net, images, layer)):
-            shares[CLASSES[d["label"]]].append(foreground_share(x[0].numpy(), heat))
-        figures[layer] = {
-            c: {"heat_on_foreground": float(np.mean([s[0] for s in v])), "foreground_area": float(np.mean([s[1] for s in v]))}
-            for c, v in shares.items()
-        }  # fmt: skip
+    for method in methods:
+        for layer in layers:
+            shares = {c: [] for c in CLASSES}
+            for d, x, heat in zip(chosen, images, gradcam_maps(net, images, layer, plus=method == "gradcampp")):
+                shares[CLASSES[d["label"]]].append(foreground_share(x[0].numpy(), heat))
+            figures[f"{method} {layer}"] = {
+                c: {"heat_on_foreground": float(np.mean([s[0] for s in v])), "foreground_area": float(np.mean([s[1] for s in v]))}
+                for c, v in shares.items()
+            }  # fmt: skip
     picture, start = PredictionPicture(), time.perf_counter()
     for i, x in enumerate(images[:30]):
-        (heat,) = gradcam_maps(net, x[None], layers[0])
+        (heat,) = gradcam_maps(net, x[None], layers[0], plus=methods[0] == "gradcampp")
         with torch.no_grad():
             probs = torch.softmax(net(x[None]), 1)[0].numpy()
         picture.draw(x[0].numpy(), probs, heat, "test", os.path.join(work, f"picture_{i}.png"))
@@ -123,7 +153,15 @@ def gradcam_figures(test: list[dict], ckpt_dir: str, layers: list[str], per_clas
     return figures
 
 
-def trust(dataset_dir: str, output_dir: str, ckpt_dir: str, work_dir: str, layers: str = LAYERS, per_class: int = 20):
+def trust(
+    dataset_dir: str,
+    output_dir: str,
+    ckpt_dir: str,
+    work_dir: str,
+    layers: str = LAYERS,
+    methods: str = METHODS,
+    per_class: int = 20,
+):
     """Measure and print; writes ``trust.json`` to ``work_dir``."""
     from sklearn.metrics import roc_auc_score
 
@@ -131,9 +169,7 @@ def trust(dataset_dir: str, output_dir: str, ckpt_dir: str, work_dir: str, layer
     if not os.path.isfile(split_file) or not os.path.isfile(os.path.join(ckpt_dir, "calibration.json")):
         raise BundleError(f"need {split_file} and {ckpt_dir}/calibration.json.", "train first (it writes both).")
     os.makedirs(work_dir, exist_ok=True)
-    with open(split_file) as f:
-        root = os.path.join(dataset_dir, "MedNIST")
-        test = [{"image": os.path.join(root, d["image"]), "label": d["label"]} for d in json.load(f)["test"]]
+    test = test_datalist(split_file, dataset_dir)
     test_dir, other_dir = os.path.join(work_dir, "test"), os.path.join(work_dir, "not_mednist")
     shutil.rmtree(test_dir, ignore_errors=True)
     os.makedirs(test_dir)
@@ -152,7 +188,7 @@ def trust(dataset_dir: str, output_dir: str, ckpt_dir: str, work_dir: str, layer
     report["not_mednist_flagged_by_kind"] = {k: f"{sum(v)}/{len(v)}" for k, v in by_kind.items()}
     scores = [float(r["ood_score"]) for r in rows_in + rows_out]
     report["ood_score_auroc"] = float(roc_auc_score([0] * len(rows_in) + [1] * len(rows_out), scores))
-    report["gradcam"] = gradcam_figures(test, ckpt_dir, layers.split(","), per_class, work_dir)
+    report["gradcam"] = gradcam_figures(test, ckpt_dir, layers.split(","), methods.split(","), per_class, work_dir)
     with open(os.path.join(work_dir, "trust.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
