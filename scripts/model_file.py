@@ -16,7 +16,9 @@ Each file is read into memory once; its checks and its load see those bytes and 
 
 from __future__ import annotations
 
+import ast
 import io
+import itertools
 import json
 import os
 import re
@@ -275,107 +277,52 @@ def _graph_problems(node) -> list[str]:
     return found
 
 
-SHAPE_FUNCTIONS = {"Add", "Mul", "Max", "Min", "Mod", "PythonMod", "FloorDiv", "CeilDiv"}
-SHAPE_FUNCTIONS |= {"Eq", "Ne", "Lt", "Le", "Gt", "Ge"}
-SYMBOL_NAME = re.compile(r"[a-z]\d{1,6}")  # a shape symbol such as s77
-SYMBOL_FLAGS = {"positive", "integer", "nonnegative", "real", "finite"}
-SHAPE_TOKEN = re.compile(r" *(?:([A-Za-z_]\w*)|(\d+)|('[a-z]\d{1,6}')|(\*\*|//|[-+*%(),=]))")
-MAX_EXPRESSION = 512  # characters
+SHAPE_FUNCTIONS = {"Add", "Mul", "Max", "Min", "Mod", "PythonMod", "FloorDiv", "CeilDiv", "Eq", "Ne", "Lt", "Le"}
+SHAPE_FUNCTIONS |= {"Gt", "Ge", "Integer", "Symbol"}
+SHAPE_TEXT = re.compile(r"[\w ()+\-*/%,=']{1,512}")  # no comments, attributes, subscripts or line breaks
+SHAPE_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Call, ast.Name, ast.Constant, ast.keyword, ast.Load)
+SHAPE_OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub)
 
 
 def shape_expression_ok(text: str) -> bool:
-    """Whether a symbolic shape expression, which sympy evaluates with ``eval``, is in this strict grammar::
-
-        expr   := term (("+" | "-") term)*          term  := factor (("*" | "//" | "%") factor)*
-        factor := "-" factor | power                power := atom ["**" INT<=8] (atom an INT or a symbol)
-        atom   := INT | SYMBOL | "(" expr ")" | "Integer(" ["-"] INT ")" | "Symbol('" SYMBOL "'" ("," FLAG "=" BOOL)* ")"
-                | FUNCTION "(" expr ("," expr)* ")"
-
-    with FUNCTION one of :data:`SHAPE_FUNCTIONS`, integers of at most 19 digits, at most 512 characters and
-    nesting 20 deep: no names, comments or attribute access, and no number too large to compute.
-    """
-    if len(text) > MAX_EXPRESSION:
+    """Whether a symbolic shape expression, which sympy evaluates with ``eval``, keeps to a strict grammar: at
+    most 512 characters of symbols (``s77``), integers of at most 19 digits, ``+ - * // % **`` (a power only of
+    a symbol or an integer, by an integer up to 8), :data:`SHAPE_FUNCTIONS` called with such expressions or
+    ``flag=True/False``, and strings only as symbol names; nothing else (parsed by ``ast``, never run)."""
+    depth = max(itertools.accumulate({"(": 1, ")": -1}.get(c, 0) for c in text), default=0)
+    if not SHAPE_TEXT.fullmatch(text) or depth > 20:
         return False
-    tokens, at = [], 0
-    while at < len(text.rstrip(" ")):
-        match = SHAPE_TOKEN.match(text, at)
-        if not match:
-            return False
-        tokens.append(next(t for t in match.groups() if t is not None))
-        at = match.end()
     try:
-        rest = _expression(tokens + ["<end>"], 0)
-    except (IndexError, ValueError):
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError):
         return False
-    return rest == ["<end>"]
-
-
-def _take(tokens: list[str], expected: str) -> list[str]:
-    if tokens[0] != expected:
-        raise ValueError(expected)
-    return tokens[1:]
-
-
-def _integer(tokens: list[str]) -> list[str]:
-    if not (tokens[0].isdigit() and len(tokens[0]) <= 19):
-        raise ValueError("integer")
-    return tokens[1:]
-
-
-def _expression(tokens: list[str], depth: int) -> list[str]:
-    if depth > 20:
-        raise ValueError("too deep")
-    tokens = _term(tokens, depth)
-    while tokens[0] in ("+", "-"):
-        tokens = _term(tokens[1:], depth)
-    return tokens
-
-
-def _term(tokens: list[str], depth: int) -> list[str]:
-    tokens = _factor(tokens, depth)
-    while tokens[0] in ("*", "//", "%"):
-        tokens = _factor(tokens[1:], depth)
-    return tokens
-
-
-def _factor(tokens: list[str], depth: int) -> list[str]:
-    if tokens[0] == "-":
-        return _factor(tokens[1:], depth + 1)
-    simple = tokens[0].isdigit() or tokens[0] == "Symbol" or SYMBOL_NAME.fullmatch(tokens[0])
-    tokens = _atom(tokens, depth)
-    if tokens[0] == "**":
-        if not simple or not (tokens[1].isdigit() and int(tokens[1]) <= 8):
-            raise ValueError("exponent")
-        tokens = tokens[2:]
-    return tokens
-
-
-def _atom(tokens: list[str], depth: int) -> list[str]:
-    head = tokens[0]
-    if head.isdigit():
-        return _integer(tokens)
-    if SYMBOL_NAME.fullmatch(head):
-        return tokens[1:]
-    if head == "(":
-        return _take(_expression(tokens[1:], depth + 1), ")")
-    tokens = _take(tokens[1:], "(")
-    if head == "Integer":
-        return _take(_integer(tokens[1:] if tokens[0] == "-" else tokens), ")")
-    if head == "Symbol":
-        if not tokens[0].startswith("'"):
-            raise ValueError("symbol name")
-        tokens = tokens[1:]
-        while tokens[0] == ",":
-            if tokens[1] not in SYMBOL_FLAGS or tokens[2] != "=" or tokens[3] not in ("True", "False"):
-                raise ValueError("symbol flag")
-            tokens = tokens[4:]
-        return _take(tokens, ")")
-    if head not in SHAPE_FUNCTIONS:
-        raise ValueError(f"function {head}")
-    tokens = _expression(tokens, depth + 1)
-    while tokens[0] == ",":
-        tokens = _expression(tokens[1:], depth + 1)
-    return _take(tokens, ")")
+    functions = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    for node in ast.walk(tree):
+        if not isinstance(node, SHAPE_NODES + SHAPE_OPERATORS):
+            return False
+        if isinstance(node, ast.Name) and id(node) not in functions and not re.fullmatch(r"[a-z]\d{1,6}", node.id):
+            return False
+        if isinstance(node, ast.Constant) and not (
+            type(node.value) is bool
+            or (type(node.value) is int and node.value < 10**19)
+            or re.fullmatch(r"[a-z]\d{1,6}", str(node.value))
+        ):
+            return False
+        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in SHAPE_FUNCTIONS):
+            return False
+        if isinstance(node, ast.keyword) and not (
+            isinstance(node.value, ast.Constant) and type(node.value.value) is bool
+        ):
+            return False
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            base_ok = isinstance(node.left, (ast.Name, ast.Constant)) or (
+                isinstance(node.left, ast.Call) and node.left.func.id == "Symbol"
+            )
+            if not (base_ok and isinstance(node.right, ast.Constant) and type(node.right.value) is int):
+                return False
+            if node.right.value > 8:
+                return False
+    return True
 
 
 class ExportedProgramModule(torch.nn.Module):

@@ -113,11 +113,19 @@ def test_verify_net_in_out():
     verify_net_in_out(net_id="network_def", meta_file=META, config_file=TRAIN)  # raises on a mismatch
 
 
+@pytest.mark.parametrize("key, value", [("augment", "false"), ("half_res_fraction", 0.5)])
+def test_per_sample_pipeline_refuses_what_it_does_not_do(key, value, tmp_path, mednist):
+    """configs/per_sample.json's per-sample transforms always augment, at full size: asking otherwise is refused,
+    not ignored."""
+    with bundle_error(f"--{key} {value!r}: configs/per_sample.json's per-sample pipeline always runs with") as found:
+        workflow(("train", "per_sample"), "training", dataset_dir=mednist, output_dir=tmp_path, **{key: value})
+    assert "drop --" in found[0].fix and not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize("overrides, message", BAD)
 def test_bad_hyperparameter_is_named(overrides, message, tmp_path, mednist):
-    wf = workflow(("train",), "training", dataset_dir=mednist, output_dir=tmp_path, **overrides)
-    with bundle_error(message) as found:
-        wf.run()
+    with bundle_error(message) as found:  # initialize checks the keys
+        workflow(("train",), "training", dataset_dir=mednist, output_dir=tmp_path, **overrides)
     assert found[0].fix
     assert not os.listdir(tmp_path)  # stopped before any work
 
@@ -138,9 +146,8 @@ def test_bundle_error_arrives_through_monai_as_the_readme_says(tmp_path, mednist
     RuntimeError; the BundleError, a ValueError, is its cause (README, Commands)."""
     from scripts.utils import BundleError
 
-    wf = workflow(("train",), "training", dataset_dir=mednist, output_dir=tmp_path, epochs=0)
     with pytest.raises(RuntimeError, match="Failed to instantiate component 'scripts.checks.check_train_args'") as err:
-        wf.run()
+        workflow(("train",), "training", dataset_dir=mednist, output_dir=tmp_path, epochs=0)
     assert isinstance(err.value.__cause__, BundleError) and isinstance(err.value.__cause__, ValueError)
     assert str(err.value.__cause__).startswith("ERROR: --epochs 0 is not an integer >= 1.")
 
@@ -154,9 +161,8 @@ def test_bundle_error_arrives_through_monai_as_the_readme_says(tmp_path, mednist
     ],
 )
 def test_bad_inference_override_is_named(overrides, message, tmp_path, trained, mednist):
-    wf = workflow(("inference",), "inference", input=mednist, output_dir=tmp_path / "out", **overrides)
     with bundle_error(message):
-        wf.run()
+        workflow(("inference",), "inference", input=mednist, output_dir=tmp_path / "out", **overrides)
     assert not os.listdir(tmp_path)
 
 

@@ -161,8 +161,10 @@ def trust(
     layers: str = LAYERS,
     methods: str = METHODS,
     per_class: int = 20,
+    held_out: str = "",
 ):
-    """Measure and print; writes ``trust.json`` to ``work_dir``."""
+    """Measure and print; writes ``trust.json`` to ``work_dir``. The in-distribution images are the test split,
+    or the images of the folder ``held_out`` (real images not used to train or calibrate)."""
     from sklearn.metrics import roc_auc_score
 
     split_file = os.path.join(output_dir, "split.json")
@@ -170,15 +172,16 @@ def trust(
         raise BundleError(f"need {split_file} and {ckpt_dir}/calibration.json.", "train first (it writes both).")
     os.makedirs(work_dir, exist_ok=True)
     test = test_datalist(split_file, dataset_dir)
-    test_dir, other_dir = os.path.join(work_dir, "test"), os.path.join(work_dir, "not_mednist")
-    shutil.rmtree(test_dir, ignore_errors=True)
-    os.makedirs(test_dir)
-    for i, d in enumerate(test):
-        os.symlink(d["image"], os.path.join(test_dir, f"{i:05d}_{os.path.basename(d['image'])}"))
+    test_dir, other_dir = held_out or os.path.join(work_dir, "test"), os.path.join(work_dir, "not_mednist")
+    if not held_out:
+        shutil.rmtree(test_dir, ignore_errors=True)
+        os.makedirs(test_dir)
+        for i, d in enumerate(test):
+            os.symlink(d["image"], os.path.join(test_dir, f"{i:05d}_{os.path.basename(d['image'])}"))
     kinds = not_mednist(other_dir)
     rows_in = _infer(test_dir, os.path.join(work_dir, "pred_test"), ckpt_dir)
     rows_out = _infer(other_dir, os.path.join(work_dir, "pred_not_mednist"), ckpt_dir)
-    report = {"test_images": len(rows_in), "not_mednist_images": len(rows_out)}
+    report = {"held_out": held_out or "test split", "test_images": len(rows_in), "not_mednist_images": len(rows_out)}
     report["test_flagged"] = float(np.mean([bool(r["flag"]) for r in rows_in]))
     report["test_flags"] = {f: sum(r["flag"] == f for r in rows_in) for f in sorted({r["flag"] for r in rows_in})}
     report["not_mednist_flagged"] = float(np.mean([bool(r["flag"]) for r in rows_out]))
