@@ -130,6 +130,13 @@ def test_bad_hyperparameter_is_named(overrides, message, tmp_path, mednist):
     assert not os.listdir(tmp_path)  # stopped before any work
 
 
+def test_config_file_that_does_not_exist_is_named(tmp_path):
+    """MONAI reads the config files before any of the bundle's code runs: its error names the missing file
+    (README, Commands)."""
+    proc = run_bundle("run", "training", "--config_file", "configs/trian.json", check=False)
+    assert proc.returncode == 1 and "FileNotFoundError" in proc.stderr and "configs/trian.json" in proc.stderr
+
+
 def test_bad_override_on_the_command_line_is_one_message(tmp_path, mednist):
     proc = run_bundle("run", "training", "--config_file", TRAIN, dataset_dir=mednist, output_dir=tmp_path,
                       check=False, epochs=0)  # fmt: skip
