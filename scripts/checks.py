@@ -135,10 +135,9 @@ FRACTIONS = {  # key: (low, high, bounds included)
     "test_frac": (0.0, 1.0, False),
     "lr_warmup": (0, 1, True),
     "target_accuracy": (0, 1, True),
-    "half_res_fraction": (0, 1, True),
 }
 FLAGS = ("amp", "channels_last", "augment", "download", "resume", "skip_unreadable")
-PER_SAMPLE = {"augment": True, "half_res_fraction": 0}  # what configs/per_sample.json's pipeline always does
+PER_SAMPLE = {"augment": True}  # what configs/per_sample.json's pipeline always does
 
 
 def check_train_args(learning_rate, epoch_length, cpu_bf16, device, image_size, pipeline="batched", **keys) -> None:

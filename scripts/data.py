@@ -278,7 +278,7 @@ def preload(
     ``transform`` (the deterministic preprocessing), held in memory as plain data, under the same names.
 
     MONAI's ``CacheDataset`` builds its cache with threads, but LoadImage and the other transforms are
-    Python-bound, so threads wait on each other (2 threads were 1.3x slower than 1 on 2 cores). Here
+    Python-bound, so threads wait on each other. Here
     ``num_workers`` forked processes (Linux; elsewhere, or with 1, this process) each take chunks and send them
     back as one array; they die with this process. Each item comes back as ``{"image": float32 tensor, "path":
     its file, ...the other keys}`` for a plain ``monai.data.Dataset``. Every image of every list that cannot be

@@ -1,5 +1,5 @@
 """Ignite handlers the bundle needs beyond MONAI's own: per-epoch history, device report, loss progress bar,
-progressive resizing and early stopping (on a plateau or at a target accuracy)."""
+and early stopping (on a plateau or at a target accuracy)."""
 
 from __future__ import annotations
 
@@ -152,28 +152,6 @@ class LossProgressBar(ProgressBar):
     def attach(self, engine: Engine, *args, **kwargs) -> None:
         kwargs.setdefault("output_transform", lambda output: {"loss": output["loss"].detach().item()})
         super().attach(engine, *args, **kwargs)
-
-
-class ProgressiveResize:
-    """Train the first ``fraction`` of the first epoch's iterations at ``size`` (e.g. 32x32), then at full size.
-
-    Sets ``prepare_batch.size`` (a ``scripts.pipeline.PrepareBatch``) before each iteration. On a CPU a 32x32
-    image costs about half the time of a 64x64 one; validation and inference always see the full size.
-    ``fraction`` 0 turns it off; after its phase it detaches.
-    """
-
-    def __init__(self, prepare_batch, size, fraction: float):
-        self.prepare_batch, self.size, self.fraction = prepare_batch, tuple(int(s) for s in size), float(fraction)
-
-    def attach(self, engine: Engine) -> None:
-        if self.fraction > 0:
-            engine.add_event_handler(Events.ITERATION_STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        low = engine.state.iteration <= self.fraction * engine.state.epoch_length
-        self.prepare_batch.size = self.size if low else None
-        if not low:
-            engine.remove_event_handler(self, Events.ITERATION_STARTED)
 
 
 class EarlyStop:

@@ -30,7 +30,7 @@ import torch
 from .utils import BUNDLE_ROOT, BundleError
 
 SUFFIXES = (".pt", ".ts", ".pt2", ".onnx")
-MAX_FILE_BYTES = 1 << 30  # DenseNet121's model files hold about 30 MB
+MAX_FILE_BYTES = 1 << 30  # far above any model file of DenseNet121
 MAX_ENTRIES = 4096
 TRUSTED = "use a model exported by this bundle (python -m scripts.export) from a source you trust."
 # the entries of a torch.export archive of this bundle's network, under its top folder

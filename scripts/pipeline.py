@@ -1,10 +1,10 @@
-"""Speed pieces the configs plug into MONAI's engines: batched augmentation (optionally at a lower resolution),
-batches sliced on the device, CPU bf16 autocast, the learning-rate schedule.
+"""Speed pieces the configs plug into MONAI's engines: batched augmentation, batches sliced on the device, CPU
+bf16 autocast where it is fast, the learning-rate schedule.
 
-MONAI's random transforms work on one sample at a time in Python (about 2.4 ms per 64x64 image here);
-``PrepareBatch`` applies the same three augmentations to a whole batch with one ``grid_sample`` call on the
-batch's device. ``DeviceBatches`` (opt-in, configs/device_batches.json) keeps the preprocessed training set as
-one tensor on the training device and slices each batch from it. ``AutocastInferer`` adds CPU bf16 autocast,
+MONAI's random transforms work on one sample at a time in Python; ``PrepareBatch`` applies the same three
+augmentations to a whole batch with one ``grid_sample`` call on the batch's device. ``DeviceBatches`` (opt-in,
+configs/device_batches.json) keeps the preprocessed training set as one tensor on the training device and
+slices each batch from it. ``AutocastInferer`` adds CPU bf16 autocast,
 which MONAI's ``amp`` flag (CUDA only) lacks, where a timed probe finds it faster than fp32.
 """
 
@@ -70,18 +70,14 @@ def to_device(network: torch.nn.Module, device, channels_last=True) -> torch.nn.
 class PrepareBatch:
     """A ``prepare_batch`` for MONAI's engines: batch to device, as plain tensors, optionally augmented there.
 
-    Images leave as plain ``torch.Tensor``: a ``MetaTensor`` through DenseNet121 costs about 40% of the
-    training throughput on a CPU (its ``__torch_function__`` wraps each of the network's operations).
+    Images leave as plain ``torch.Tensor``: a ``MetaTensor``'s ``__torch_function__`` would wrap each of the
+    network's operations.
 
     With ``augment``, each image independently gets, with probability ``prob`` each: a rotation by an angle
     drawn uniformly in [-``rotate_degrees``, ``rotate_degrees``], a flip along ``flip_axis`` (0: the first
     spatial axis, as ``RandFlipd(spatial_axis=0)``) and a zoom drawn uniformly in ``zoom_range`` (>1 zooms in, as
     ``RandZoomd``). All three are folded into one affine matrix per image and resampled bilinearly with border
     padding, as ``RandRotated`` does.
-
-    ``size`` (set by ``scripts.handlers.ProgressiveResize``; ``None``: unchanged) resamples the training images
-    to a lower resolution in the same call (an area average for a factor of 2), a fraction of the work per image;
-    DenseNet's global pooling takes any size.
     """
 
     def __init__(
@@ -94,7 +90,6 @@ class PrepareBatch:
     ):
         self.enabled, self.rotate_range = as_bool(augment, "augment"), math.radians(rotate_degrees)
         self.zoom, self.prob, self.flip_axis = tuple(zoom_range), prob, flip_axis
-        self.size: tuple[int, int] | None = None
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         b, dev = images.shape[0], images.device
@@ -110,7 +105,7 @@ class PrepareBatch:
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
         # affine_grid's rows are (x: last axis, y: first spatial axis); a flip negates that input coordinate
         theta[:, 1 - self.flip_axis] *= flip[:, None]
-        grid = F.affine_grid(theta, [*images.shape[:2], *(self.size or images.shape[2:])], align_corners=False)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
@@ -118,11 +113,7 @@ class PrepareBatch:
         images = images.as_tensor() if isinstance(images, MetaTensor) else images
         if isinstance(labels, MetaTensor):
             labels = labels.as_tensor()
-        if self.enabled:
-            images = self.augment(images)
-        elif self.size is not None and tuple(images.shape[2:]) != tuple(self.size):
-            images = F.interpolate(images, size=self.size, mode="area")
-        return images, labels
+        return (self.augment(images) if self.enabled else images), labels
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float):
@@ -149,7 +140,7 @@ BF16_MIN_SPEEDUP = 1.15  # below it, fp32 (the probe's noise stays well away fro
 def bf16_speedup() -> float:
     """How many times faster a training step (forward and backward) of a DenseNet-like block runs under CPU bf16
     autocast than in fp32 on this machine: over 1 where the processor computes bf16 natively (AVX-512 BF16, AMX),
-    well under 1 where it only emulates it (AVX2: about 0.1). Timed, not looked up, so it follows what the
+    well under 1 where it only emulates it (AVX2). Timed, not looked up, so it follows what the
     processor does, and ``ONEDNN_MAX_CPU_ISA`` / ``ATEN_CPU_CAPABILITY``; takes under a second."""
     torch.manual_seed(0)
     block = torch.nn.Sequential(
@@ -183,8 +174,8 @@ def bf16_speedup() -> float:
 @functools.lru_cache(maxsize=None)
 def use_cpu_bf16(setting="auto") -> bool:
     """Whether CPU training uses bf16 autocast: ``true``/``false`` as given, ``auto`` when :func:`bf16_speedup`
-    finds it at least ``BF16_MIN_SPEEDUP`` times as fast as fp32 (every process of a distributed run must find so). Logged with
-    the reason."""
+    finds it at least ``BF16_MIN_SPEEDUP`` times as fast as fp32 (every process of a distributed run must find
+    so). Logged with the reason."""
     text = str(setting).strip().lower()
     if text != "auto":
         chosen = as_bool(setting, "cpu_bf16")

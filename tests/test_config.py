@@ -29,7 +29,6 @@ BAD = [
     ({"val_interval": 2, "epochs": 1}, "the run would never validate, so it would write no model.pt"),
     ({"val_interval": 2, "val_per_epoch": 3, "epochs": 4}, "validate either every N epochs or N times an epoch"),
     ({"target_accuracy": 99}, "--target_accuracy 99 is not a number in [0, 1]"),
-    ({"half_res_fraction": -0.5}, "--half_res_fraction -0.5 is not a number in [0, 1]"),
     ({"lr_warmup": 2}, "--lr_warmup 2 is not a number in [0, 1]"),
     ({"epoch_length": 0}, "--epoch_length 0 is not an integer >= 1"),
 ]
@@ -113,10 +112,9 @@ def test_verify_net_in_out():
     verify_net_in_out(net_id="network_def", meta_file=META, config_file=TRAIN)  # raises on a mismatch
 
 
-@pytest.mark.parametrize("key, value", [("augment", "false"), ("half_res_fraction", 0.5)])
+@pytest.mark.parametrize("key, value", [("augment", "false")])
 def test_per_sample_pipeline_refuses_what_it_does_not_do(key, value, tmp_path, mednist):
-    """configs/per_sample.json's per-sample transforms always augment, at full size: asking otherwise is refused,
-    not ignored."""
+    """configs/per_sample.json's per-sample transforms always augment: asking otherwise is refused, not ignored."""
     with bundle_error(f"--{key} {value!r}: configs/per_sample.json's per-sample pipeline always runs with") as found:
         workflow(("train", "per_sample"), "training", dataset_dir=mednist, output_dir=tmp_path, **{key: value})
     assert "drop --" in found[0].fix and not os.listdir(tmp_path)

@@ -65,7 +65,7 @@ def test_time_to_accuracy_trains_evaluates_and_reports(mednist, tmp_path, capsys
     from tools.time_to_accuracy import time_to_accuracy  # runs `monai.bundle run training|evaluating` processes
 
     work = tmp_path / "tta"
-    overrides = {"epochs": 3, "batch_size": 16, "val_per_epoch": 2, "half_res_fraction": 0.5}
+    overrides = {"epochs": 3, "batch_size": 16, "val_per_epoch": 2}
     time_to_accuracy(dataset_dir=mednist, work_dir=str(work), target=0.5, stop=True, **overrides)
     printed = capsys.readouterr().out
     report = json.loads((work / "time_to_accuracy.json").read_text())

@@ -214,28 +214,6 @@ def test_batch_larger_than_the_training_set_is_refused(mednist, tmp_path):
     assert "--batch_size 96 or less" in found[0].fix and not os.listdir(tmp_path / "models")[1:]
 
 
-def test_half_resolution_phase_averages_2x2_blocks_then_returns_to_full_size():
-    """ProgressiveResize sets the size for the first half of the first epoch's iterations; PrepareBatch resamples to
-    it (with no augmentation drawn, exactly the mean of each 2x2 block) and leaves later batches at full size."""
-    from ignite.engine import Engine
-    from monai.engines.utils import default_prepare_batch
-
-    from scripts.handlers import ProgressiveResize
-    from scripts.pipeline import PrepareBatch
-
-    images = torch.rand(4, 1, 64, 64)
-    batch = {"image": images, "label": torch.arange(4)}
-    expected = torch.nn.functional.avg_pool2d(images, 2)
-    for prepare in (PrepareBatch(augment=True, prob=0.0), PrepareBatch(augment=False)):
-        outputs = []
-        engine = Engine(lambda e, b: outputs.append(prepare(b)[0]))
-        ProgressiveResize(prepare, (32, 32), fraction=0.5).attach(engine)
-        engine.run([batch] * 4, max_epochs=2)
-        assert [tuple(o.shape[2:]) for o in outputs] == [(32, 32)] * 2 + [(64, 64)] * 6  # first epoch only
-        torch.testing.assert_close(outputs[0], expected, atol=1e-6, rtol=0)
-        torch.testing.assert_close(outputs[2], default_prepare_batch(batch)[0], atol=1e-5, rtol=0)
-
-
 @pytest.mark.parametrize("accuracies, stop_iteration", [([0.5, 0.7, 0.96, 0.99], 6), ([0.5, 0.7, 0.8, 0.9], 8)])
 def test_validation_twice_an_epoch_stops_at_the_target(accuracies, stop_iteration):
     """With validation every 2 iterations of 4, a mid-epoch validation reaching the target ends that epoch (its

@@ -18,6 +18,8 @@ process and measures, in this order, so that the machine's drift touches both si
   from its third batch to its last;
 - the bare forward again. Each ratio divides the bundle's speed by the mean of the bare speeds around it.
 
+With ``--choices true``, each round also times the bare step for each precision and memory format at the default
+batch, and batches 32 and 128 at the default precision: how far the default is from the best choice here.
 With ``--per_sample true``, each round also times configs/per_sample.json, the original project's pipeline
 (MONAI's per-sample transforms on each decoded JPEG, batch 4 x 2, fp32), over the same images. The table gives
 each figure's median over the rounds. Extra ``--key value`` pairs override train.json (not per_sample.json).
@@ -175,6 +177,22 @@ def _measure(dataset_dir: str, num_images: int, overrides: dict) -> dict:
     return {**result, "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
+def _measure_choices(dataset_dir: str, num_images: int, overrides: dict) -> dict:
+    """The bare training step for each choice a CPU default stands for: precision and memory format at the
+    default batch, and other batches at the default precision."""
+    work, rates = _scratch(), {}
+    for bf16 in ("false", "true"):
+        for channels_last in ("true", "false"):
+            parser = _parser(["train.json"], work, dataset_dir, num_images, {**overrides, "cpu_bf16": bf16})
+            parser["channels_last"] = channels_last
+            name = f"{'bf16' if bf16 == 'true' else 'fp32'}, {'channels-last' if channels_last == 'true' else 'NCHW'}"
+            rates[name] = round(_bare_training(parser, 3), 1)
+    for batch in (32, 128):
+        parser = _parser(["train.json"], work, dataset_dir, num_images, {**overrides, "batch_size": batch})
+        rates[f"default precision, batch {batch}"] = round(_bare_training(parser, max(2, 384 // batch)), 1)
+    return {"choices": rates}
+
+
 def _measure_per_sample(dataset_dir: str, num_images: int) -> dict:
     """One epoch of configs/per_sample.json over the same training images."""
     work = _scratch()
@@ -213,13 +231,14 @@ def benchmark(
     num_images: int = 2048,
     repeats: int = 3,
     per_sample: bool = False,
+    choices: bool = False,
     out: str = "outputs/benchmark.json",
     _one: str = "",
     **overrides,
 ) -> None:
     """Run ``repeats`` rounds, print each round and the medians against the targets, save them as JSON."""
     if _one:
-        measure = _measure if _one == "bundle" else lambda d, n, o: _measure_per_sample(d, n)
+        measure = {"bundle": _measure, "choices": _measure_choices}.get(_one, lambda d, n, o: _measure_per_sample(d, n))
         print("RESULT " + json.dumps(measure(dataset_dir, num_images, overrides)), flush=True)
         return
     import torch
@@ -232,7 +251,8 @@ def benchmark(
     unknown = [key for key in overrides if key not in config]
     if unknown:  # checked once here, before any round starts a process
         sys.exit(f"ERROR: no key {', '.join(unknown)} in configs/train.json. Fix: override keys that train.json has.")
-    kinds = ["bundle", "per_sample"] if str(per_sample).lower() in ("true", "1") else ["bundle"]
+    asked = {"per_sample": per_sample, "choices": choices}
+    kinds = ["bundle"] + [kind for kind, on in asked.items() if str(on).lower() in ("true", "1")]
     runs = []
     for round_ in range(int(repeats)):
         row = {}
@@ -249,6 +269,8 @@ def benchmark(
     median = {
         k: (statistics.median(r[k] for r in runs) if isinstance(v, (int, float)) else v) for k, v in runs[0].items()
     }
+    if "choices" in median:
+        median["choices"] = {k: statistics.median(r["choices"][k] for r in runs) for k in runs[0]["choices"]}
     machine = {
         "cpu": cpu_name(),
         "capability": torch.backends.cpu.get_cpu_capability(),
@@ -263,10 +285,16 @@ def benchmark(
     )
     print("| metric | median |\n|---|---|")
     for key, value in median.items():
-        print(f"| {key} | {value} |")
+        if key != "choices":
+            print(f"| {key} | {value} |")
     for key, target in TARGETS.items():
         verdict = "met" if median[key] >= target else "NOT met"
         print(f"{key}: {median[key]:.0%} (target >= {target:.0%}: {verdict})")
+    if "choices" in median:
+        best = max(median["choices"].values())
+        print("bare training step for each choice (images/s, median):")
+        for choice, rate in median["choices"].items():
+            print(f"  {choice}: {rate} ({rate / best:.0%} of the best)")
     if "per_sample_training_img_per_s" in median:
         speedup = median["training_img_per_s"] / median["per_sample_training_img_per_s"]
         print(f"training speed-up over the per-sample pipeline: {speedup:.1f}x")
