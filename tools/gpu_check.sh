@@ -7,7 +7,7 @@
 # nibabel, fire, termcolor); they are installed with their bytecode compiled, as pip normally does, into a scratch
 # folder put on PYTHONPATH. MEDNIST_TARBALL (../shared/data/MedNIST-dev.tar.gz) is unpacked beside it. Then it
 # prints the device (scripts.check_gpu) and runs tools.time_to_accuracy with the defaults, target 0.995, once per
-# seed in SEEDS (default "0"): whole-command split (imports, cache, start-up, training, after), images/s, time
+# seed in SEEDS (default "0"): whole-command split (before, during and after training), images/s, time
 # to 99.5% and test accuracy. Run from the repository root; nothing is written outside the scratch folder.
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: bash tools/gpu_check.sh WHEELS_DIR MEDNIST_TARBALL [SEEDS]" >&2; exit 2; }
