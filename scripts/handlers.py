@@ -61,7 +61,7 @@ class HistoryWriter:
         self.evaluator.add_event_handler(Events.COMPLETED, self.validated)
 
     def started(self, engine: Engine) -> None:
-        self.rows, self._t0, self._resumed = None, time.perf_counter(), False
+        self.rows, self._t0 = None, time.perf_counter()
 
     def _load_earlier_rows(self, epoch: int) -> None:
         """Keep the rows of epochs before ``epoch`` from a resumed run's history (none on a fresh run)."""
@@ -160,6 +160,7 @@ class EarlyStop:
     never). A handler of the trainer, which it stops; it watches the evaluator, whose own handlers cannot name
     the trainer (the trainer names the evaluator).
 
+    Validations outside a training run (an evaluation workflow built on the same evaluator) are not judged.
     A validation within an epoch that reaches the target ends that epoch first, so its history row, checkpoint
     and model.pt are written as at any epoch's end; then the run completes (calibration included).
     ``state_dict`` holds the early-stopping counter and best loss, for resuming.
@@ -167,15 +168,23 @@ class EarlyStop:
 
     def __init__(self, evaluator: Engine, patience: int, target: float = 0.0):
         self.evaluator, self.patience, self.target = evaluator, int(patience), float(target or 0)
-        self.reached, self.plateau = False, None
+        self.reached, self.plateau, self.training = False, None, False
 
     def attach(self, trainer: Engine) -> None:
         self.plateau = EarlyStopping(self.patience, lambda evaluator: -evaluator.state.metrics["val_loss"], trainer)
-        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.plateau)
+        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.judge)
         self.evaluator.add_event_handler(Events.COMPLETED, lambda evaluator: self.validated(evaluator, trainer))
+        trainer.add_event_handler(Events.STARTED, lambda _: setattr(self, "training", True))
+        trainer.add_event_handler(Events.COMPLETED, lambda _: setattr(self, "training", False))
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
+    def judge(self, evaluator: Engine) -> None:
+        if self.training:
+            self.plateau(evaluator)
+
     def validated(self, evaluator: Engine, trainer: Engine) -> None:
+        if not self.training:
+            return
         accuracy = evaluator.state.metrics.get("val_acc", 0.0)
         if self.target and accuracy >= self.target:
             logger.info(f"validation accuracy {accuracy:.4f} reached the target {self.target}: training ends")

@@ -237,3 +237,24 @@ def test_validation_twice_an_epoch_stops_at_the_target(accuracies, stop_iteratio
     trainer.run([0] * 4, max_epochs=2)
     assert ended == ([4, 6, "completed"] if stop_iteration == 6 else [4, 8, "completed"])
     assert trainer.state.iteration == stop_iteration
+
+
+def test_evaluation_outside_training_is_not_judged():
+    """An evaluation workflow built on the training config (train.json + evaluate.json, as the Zoo's CI runs it)
+    instantiates the trainer's handlers but runs only the evaluator, whose metrics hold no val_loss: EarlyStop
+    leaves it alone; in the trainer's next run it judges again."""
+    from ignite.engine import Engine, Events
+
+    from scripts.handlers import EarlyStop
+
+    evaluator = Engine(lambda e, b: None)
+    trainer = Engine(lambda e, b: None)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0]))  # as ValidationHandler does
+    stop = EarlyStop(evaluator, patience=1, target=0.95)
+    stop.attach(trainer)
+    evaluator.add_event_handler(Events.STARTED, lambda e: e.state.metrics.update(val_acc=1.0))
+    evaluator.run([0])  # no val_loss: a KeyError if judged
+    assert not stop.reached
+    evaluator.add_event_handler(Events.STARTED, lambda e: e.state.metrics.update(val_loss=1.0))
+    trainer.run([0] * 3, max_epochs=3)
+    assert stop.reached and trainer.state.epoch == 1
