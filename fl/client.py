@@ -14,6 +14,7 @@ import argparse
 import os
 
 import nvflare.client as flare
+import torch
 from monai.fl.client import MonaiAlgo
 from monai.fl.utils.constants import FlStatistics
 from monai.fl.utils.exchange_object import ExchangeObject
@@ -50,7 +51,10 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--val_frac", type=float, default=0.1)
     parser.add_argument("--test_frac", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of this site (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     flare.init()
     site = flare.get_site_name()
     overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "val_frac", "test_frac")}

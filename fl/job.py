@@ -127,6 +127,7 @@ def federated(
     report["data"] = prepare(dataset_dir, work, sites, shards, images, seed)
     args = f"--bundle_root {BUNDLE_ROOT} --sites_dir {os.path.join(work, 'sites')} --local_epochs {local_epochs}"
     args += f" --epochs {rounds * local_epochs} --batch_size {batch_size} --test_frac {test_frac}"
+    args += f" --threads {max(1, (os.cpu_count() or 1) // sites)}"  # the sites share this machine's cores
     parser = inference_config()  # the network as FLARE's server builds it: class and arguments of network_def
     arguments = {k: parser.get_parsed_content(f"network_def#{k}") for k in parser["network_def"] if k != "_target_"}
     network = parser.get_parsed_content("network_def")
@@ -141,7 +142,8 @@ def federated(
     )
     add_experiment_tracking(recipe, tracking_type="tensorboard")
     start = time.perf_counter()
-    run = recipe.execute(SimEnv(num_clients=sites, num_threads=1, workspace_root=os.path.join(work, "flare")))
+    # one simulator thread per site: a site's process (its trainer, optimizer and schedule) lives through all rounds
+    run = recipe.execute(SimEnv(num_clients=sites, num_threads=sites, workspace_root=os.path.join(work, "flare")))
     report["federated_wall_s"], report["result"] = round(time.perf_counter() - start, 1), run.get_result()
     (saved,) = glob.glob(os.path.join(work, "flare", "**", "FL_global_model.pt"), recursive=True)
     state = torch.load(saved, map_location="cpu", weights_only=True)

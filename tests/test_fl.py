@@ -3,6 +3,7 @@ FLARE simulator job (``fl/job.py``, run by .ci/run once requirements-fl.txt is i
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -85,7 +86,8 @@ def test_monai_algo_still_refuses_bad_values_before_work(mednist, tmp_path):
 
 def test_flare_simulator_job_with_two_sites(mednist, tmp_path):
     """FedAvg in NVIDIA FLARE's simulator: 2 sites, 2 rounds, each evaluating the global model every round (read
-    back from TensorBoard), then the global model evaluated on the held-out test split."""
+    back from TensorBoard) and training on where its last round ended, then the global model evaluated on the
+    held-out test split."""
     pytest.importorskip("nvflare")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -110,3 +112,6 @@ def test_flare_simulator_job_with_two_sites(mednist, tmp_path):
         if "global_model/val_acc" in events.Tags()["scalars"]:
             steps[path.parent.name] = sorted(e.step for e in events.Scalars("global_model/val_acc"))
     assert steps == {"site-1": [0, 1], "site-2": [0, 1]}  # each site evaluated the global model each round
+    for site in ("site-1", "site-2"):  # one trainer per site through the rounds: its epochs and schedule go on
+        with open(work / "sites" / site / "out" / "history.csv") as f:
+            assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]

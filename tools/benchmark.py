@@ -18,8 +18,9 @@ process and measures, in this order, so that the machine's drift touches both si
   from its third batch to its last;
 - the bare forward again. Each ratio divides the bundle's speed by the mean of the bare speeds around it.
 
-With ``--choices true``, each round also times the bare step for each precision and memory format at the default
-batch, and batches 32 and 128 at the default precision: how far the default is from the best choice here.
+With ``--choices true``, each round also times the bare step (384 images after a warm-up) for each precision and
+memory format at the default batch, and batches 32 and 128 at the default precision: how far the default is from
+the best choice here.
 With ``--per_sample true``, each round also times configs/per_sample.json, the original project's pipeline
 (MONAI's per-sample transforms on each decoded JPEG, batch 4 x 2, fp32), over the same images. The table gives
 each figure's median over the rounds. Extra ``--key value`` pairs override train.json (not per_sample.json).
@@ -46,6 +47,7 @@ from scripts.utils import BUNDLE_ROOT as BUNDLE
 from scripts.utils import remove_stale
 
 TARGETS = {"training_of_bare": 0.95, "inference_of_bare": 0.80}
+CHOICE_IMAGES = 384  # images timed for each choice, after two warm-up steps
 
 
 def cpu_name() -> str:
@@ -93,7 +95,7 @@ def _bare_training(parser, steps: int) -> float:
         loss(inferer(images, network), labels).backward()
         optimizer.step()
 
-    step()  # warm-up
+    step(), step()  # warm-up: oneDNN picks and caches its kernels in the first steps
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -181,15 +183,16 @@ def _measure_choices(dataset_dir: str, num_images: int, overrides: dict) -> dict
     """The bare training step for each choice a CPU default stands for: precision and memory format at the
     default batch, and other batches at the default precision."""
     work, rates = _scratch(), {}
+    _bare_training(_parser(["train.json"], work, dataset_dir, num_images, overrides), 2)  # the process warms up
     for bf16 in ("false", "true"):
         for channels_last in ("true", "false"):
             parser = _parser(["train.json"], work, dataset_dir, num_images, {**overrides, "cpu_bf16": bf16})
             parser["channels_last"] = channels_last
             name = f"{'bf16' if bf16 == 'true' else 'fp32'}, {'channels-last' if channels_last == 'true' else 'NCHW'}"
-            rates[name] = round(_bare_training(parser, 3), 1)
+            rates[name] = round(_bare_training(parser, CHOICE_IMAGES // parser.get_parsed_content("batch_size")), 1)
     for batch in (32, 128):
         parser = _parser(["train.json"], work, dataset_dir, num_images, {**overrides, "batch_size": batch})
-        rates[f"default precision, batch {batch}"] = round(_bare_training(parser, max(2, 384 // batch)), 1)
+        rates[f"default precision, batch {batch}"] = round(_bare_training(parser, CHOICE_IMAGES // batch), 1)
     return {"choices": rates}
 
 
@@ -293,8 +296,9 @@ def benchmark(
     if "choices" in median:
         best = max(median["choices"].values())
         print("bare training step for each choice (images/s, median):")
+        default = f"{median['precision']}, channels-last"
         for choice, rate in median["choices"].items():
-            print(f"  {choice}: {rate} ({rate / best:.0%} of the best)")
+            print(f"  {choice}: {rate} ({rate / best:.0%} of the best){' (default)' if choice == default else ''}")
     if "per_sample_training_img_per_s" in median:
         speedup = median["training_img_per_s"] / median["per_sample_training_img_per_s"]
         print(f"training speed-up over the per-sample pipeline: {speedup:.1f}x")
