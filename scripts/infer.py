@@ -15,8 +15,8 @@ import os
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.data import PILReader
-from monai.transforms import LoadImage, MapTransform, Resized
+from monai.data import PILReader, get_track_meta, set_track_meta
+from monai.transforms import Compose, LoadImage, MapTransform, Resized
 
 from .calibration import Outputs
 from .data import CLASSES, IMAGE_SUFFIXES
@@ -98,7 +98,7 @@ class LoadImageSafelyd(MapTransform):
     """Load ``keys`` with MONAI's ``LoadImage`` as a (1, W, H) image, as training's ``LoadImaged`` and
     ``EnsureChannelFirstd`` do, its smaller side under ``min_side``; a file that cannot be used becomes zeros of
     ``image_size`` with the reason under ``error``. The image is a plain tensor: the later transforms and the
-    network need no metadata, and tracking it would cost more than decoding the image."""
+    network need no metadata (``WithoutMetadata``)."""
 
     def __init__(self, keys="image", image_size=(64, 64), max_pixels: int = 25_000_000):
         super().__init__(keys)
@@ -113,7 +113,7 @@ class LoadImageSafelyd(MapTransform):
         except Exception as e:  # truncated or corrupt pixel data
             cause = root_cause(e)
             raise ValueError(f"cannot read image: {type(cause).__name__}: {cause}") from e
-        image = image.as_tensor().squeeze()  # a NIfTI slice is (W, H, 1)
+        image = torch.as_tensor(image).squeeze()  # a NIfTI slice is (W, H, 1)
         if image.ndim != 2 or not torch.isfinite(image).all():
             raise ValueError("image is not one 2D channel of finite values")
         return image[None]
@@ -128,6 +128,20 @@ class LoadImageSafelyd(MapTransform):
             except ValueError as e:
                 d[key], d["error"] = torch.zeros(1, *self.image_size), str(e)
         return d
+
+
+class WithoutMetadata(Compose):
+    """MONAI's ``Compose`` with metadata tracking off while it runs (``monai.data.set_track_meta``, restored
+    after): inference needs only the pixels, and building a ``MetaTensor`` at each transform costs more than
+    decoding a 64x64 image."""
+
+    def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
+        tracking = get_track_meta()
+        set_track_meta(False)
+        try:
+            return super().__call__(input_, start, end, threading, lazy)
+        finally:
+            set_track_meta(tracking)
 
 
 class ResizeIfNeededd(Resized):

@@ -214,3 +214,23 @@ def test_gradcam_heat_lies_on_the_anatomy(tmp_path):
             area.append(body.mean())
         # seen on 2 cores: 0.45 (Hand, HeadCT) to 0.55 (AbdomenCT) of the mass on bodies covering 0.17 to 0.18
         assert np.mean(heat_share) > 1.5 * np.mean(area), (name, np.mean(heat_share), np.mean(area))
+
+
+def test_preprocessing_drops_metadata_only_while_it_runs(mixed_folder):
+    """Inference's preprocessing yields plain tensors (no MetaTensor built at each transform) and leaves MONAI's
+    metadata tracking on for whatever runs next in the process (training's transforms need it)."""
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.data import MetaTensor, get_track_meta
+    from monai.transforms import LoadImage
+
+    from conftest import BUNDLE
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLE, "configs", "inference.json"))
+    for name in ("hand.jpeg", "large.png"):  # as it is, and resized
+        item = parser.get_parsed_content("preprocessing")({"image": str(mixed_folder["dir"] / name)})
+        assert type(item["image"]) is torch.Tensor and item["error"] == ""
+        assert item["image"].shape == (1, 64, 64) and 0.9 < float(item["image"].max()) <= 1.0  # scaled
+    assert get_track_meta()
+    assert isinstance(LoadImage(image_only=True)(str(mixed_folder["dir"] / "hand.jpeg")), MetaTensor)

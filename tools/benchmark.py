@@ -95,7 +95,8 @@ def _bare_training(parser, steps: int) -> float:
         loss(inferer(images, network), labels).backward()
         optimizer.step()
 
-    step(), step()  # warm-up: oneDNN picks and caches its kernels in the first steps
+    for _ in range(2):  # warm-up: oneDNN picks and caches its kernels in the first steps
+        step()
     start = time.perf_counter()
     for _ in range(steps):
         step()
