@@ -69,7 +69,7 @@ def test_export_that_gives_other_logits_is_not_written(trained, tmp_path):
     loading) is refused and leaves no file."""
     import torch
 
-    from scripts.export import _export, export_pt2
+    from scripts.export import _export
 
     def write(network, path, calibration):
         with torch.no_grad():
@@ -79,6 +79,4 @@ def test_export_that_gives_other_logits_is_not_written(trained, tmp_path):
 
     with bundle_error("gives other logits than its checkpoint"):
         _export(str(trained / "models" / "model.pt"), str(tmp_path / "model.pt2"), write)
-    assert os.listdir(tmp_path) == []
-    export_pt2(str(trained / "models" / "model.pt"), str(tmp_path / "model.pt2"))  # the real one passes
-    assert os.listdir(tmp_path) == ["model.pt2"]
+    assert os.listdir(tmp_path) == []  # the genuine export passes the same check: the ``exported`` fixture

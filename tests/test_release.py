@@ -141,10 +141,9 @@ def test_release_without_model_says_so_and_writes_nothing(tmp_path):
     assert "Fix: train first" in proc.stderr and not out.exists()
 
 
-def test_release_refuses_truncated_or_tampered_models(trained, tmp_path):
+def test_release_refuses_truncated_or_tampered_models(trained, exported, tmp_path):
     from test_model_file import attack, genuine_entries
 
-    from scripts.export import export_pt2
     from scripts.release import release
 
     models = tmp_path / "models"
@@ -153,8 +152,7 @@ def test_release_refuses_truncated_or_tampered_models(trained, tmp_path):
     with bundle_error(f"checkpoint {models / 'model.pt'} cannot be read"):
         release(str(models), str(tmp_path / "dist"))
     shutil.copy(trained / "models" / "model.pt", models / "model.pt")
-    export_pt2(str(models / "model.pt"), str(tmp_path / "good.pt2"))
-    attacked = attack(genuine_entries(tmp_path / "good.pt2"), tmp_path / "payload-ran", "duplicate config first")
+    attacked = attack(genuine_entries(exported / "model.pt2"), tmp_path / "payload-ran", "duplicate config first")
     (models / "model.pt2").write_bytes(attacked)
     with bundle_error(f"refused to load {models / 'model.pt2'}"):
         release(str(models), str(tmp_path / "dist"))

@@ -43,8 +43,9 @@ import time
 
 import fire
 
+from scripts.data import check_class_folders
 from scripts.utils import BUNDLE_ROOT as BUNDLE
-from scripts.utils import remove_stale
+from scripts.utils import BundleError, remove_stale
 
 TARGETS = {"training_of_bare": 0.95, "inference_of_bare": 0.80}
 CHOICE_IMAGES = 384  # images timed for each choice, after two warm-up steps
@@ -255,6 +256,10 @@ def benchmark(
     unknown = [key for key in overrides if key not in config]
     if unknown:  # checked once here, before any round starts a process
         sys.exit(f"ERROR: no key {', '.join(unknown)} in configs/train.json. Fix: override keys that train.json has.")
+    try:
+        check_class_folders(os.path.join(dataset_dir, "MedNIST"), "dataset_dir")
+    except BundleError as e:
+        sys.exit(str(e))
     asked = {"per_sample": per_sample, "choices": choices}
     kinds = ["bundle"] + [kind for kind, on in asked.items() if str(on).lower() in ("true", "1")]
     runs = []
