@@ -19,8 +19,8 @@ process and measures, in this order, so that the machine's drift touches both si
 - the bare forward again. Each ratio divides the bundle's speed by the mean of the bare speeds around it.
 
 With ``--choices true``, each round also times the bare step (384 images after a warm-up) for each precision and
-memory format at the default batch, and batches 32 and 128 at the default precision: how far the default is from
-the best choice here.
+memory format at the default batch, batches 32 and 128 and half the threads at the default precision: how far
+the default is from the best choice here.
 With ``--per_sample true``, each round also times configs/per_sample.json, the original project's pipeline
 (MONAI's per-sample transforms on each decoded JPEG, batch 4 x 2, fp32), over the same images. The table gives
 each figure's median over the rounds. Extra ``--key value`` pairs override train.json (not per_sample.json).
@@ -183,7 +183,9 @@ def _measure(dataset_dir: str, num_images: int, overrides: dict) -> dict:
 
 def _measure_choices(dataset_dir: str, num_images: int, overrides: dict) -> dict:
     """The bare training step for each choice a CPU default stands for: precision and memory format at the
-    default batch, and other batches at the default precision."""
+    default batch, other batches and half the threads at the default precision."""
+    import torch
+
     work, rates = _scratch(), {}
     _bare_training(_parser(["train.json"], work, dataset_dir, num_images, overrides), 2)  # the process warms up
     for bf16 in ("false", "true"):
@@ -195,6 +197,13 @@ def _measure_choices(dataset_dir: str, num_images: int, overrides: dict) -> dict
     for batch in (32, 128):
         parser = _parser(["train.json"], work, dataset_dir, num_images, {**overrides, "batch_size": batch})
         rates[f"default precision, batch {batch}"] = round(_bare_training(parser, CHOICE_IMAGES // batch), 1)
+    threads = torch.get_num_threads()
+    if threads > 1:  # torch's default, every core, against half of them
+        parser = _parser(["train.json"], work, dataset_dir, num_images, overrides)
+        torch.set_num_threads(threads // 2)
+        steps = CHOICE_IMAGES // parser.get_parsed_content("batch_size")
+        rates[f"default precision, {threads // 2} of {threads} threads"] = round(_bare_training(parser, steps), 1)
+        torch.set_num_threads(threads)
     return {"choices": rates}
 
 
