@@ -24,10 +24,13 @@ import fire
 import torch
 
 from scripts.utils import BUNDLE_ROOT
+from tools.benchmark import _bare_forward
+from tools.benchmark import _rate as _batch_rate
+from tools.benchmark import _timed
 
 
 def _rate(step, batch: int, steps: int) -> float:
-    """Images/s of ``step`` after one warm-up call."""
+    """Images/s of a training ``step`` after one warm-up call."""
     step()
     start = time.perf_counter()
     for _ in range(steps):
@@ -45,16 +48,13 @@ def _parser(config: str, **updates):
 
 
 def _inference_rate(files: list, ckpt_dir: str, work: str, num_workers: int) -> float:
-    from ignite.engine import Events
-
+    """The bundle's inference speed on ``files`` from its third batch, as ``tools.benchmark`` times it."""
     parser = _parser("inference.json", input=files, ckpt_dir=ckpt_dir, output_dir=f"{work}/nw{num_workers}")
     parser["dataloader"]["num_workers"] = num_workers
-    times: list[float] = []
-    evaluator = parser.get_parsed_content("evaluator")
-    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda _: times.append(time.perf_counter()))
+    times = _timed(parser.get_parsed_content("evaluator"))
     parser.get_parsed_content("inference")
     parser.get_parsed_content("finalize")
-    return round((len(times) - 3) * parser["batch_size"] / (times[-1] - times[2]), 1)
+    return round(_batch_rate(times, 2, parser["batch_size"]), 1)
 
 
 def levers(images: str, ckpt_dir: str = "models", num_images: int = 2048) -> None:
@@ -75,10 +75,9 @@ def levers(images: str, ckpt_dir: str = "models", num_images: int = 2048) -> Non
             out[f"inference_num_workers_{workers}_img_per_s"] = round(sum(measured) / len(measured), 1)
         x = torch.rand(64, 1, 64, 64)
         network = load_model(os.path.join(ckpt_dir, "model.pt")).to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            out["torch_forward_img_per_s"] = _rate(lambda: network(x), 64, 10)
+        out["torch_forward_img_per_s"] = round(_bare_forward(network, 64, (64, 64), 10), 1)
         onnx = load_model(export_onnx(os.path.join(ckpt_dir, "model.pt"), os.path.join(work, "model.onnx")))
-        out["onnxruntime_forward_img_per_s"] = _rate(lambda: onnx(x), 64, 10)
+        out["onnxruntime_forward_img_per_s"] = round(_bare_forward(onnx, 64, (64, 64), 10), 1)
 
         train = _parser("train.json")
         model, optimizer = train.get_parsed_content("network"), train.get_parsed_content("optimizer")
