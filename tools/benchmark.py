@@ -4,19 +4,19 @@
                                 [--per_sample false] [--out outputs/benchmark.json] [--any_train_json_key value ...]
 
 Developer tooling, run from the repository root (not part of the bundle's release). Each round runs in a fresh
-process and measures, in this order, so that the machine's drift touches both sides of each ratio alike:
+process and interleaves each bundle iteration with one bare step, so that the machine's drift touches both
+sides of each ratio alike:
 
-- the bare network's training step: train.json's network, loss, optimizer and inferer (the precision
-  ``--cpu_bf16 auto`` chose, and why) on one fixed random batch, no data and no engine;
 - the bundle's training: one epoch of train.json's trainer over ``num_images`` training images (cached,
-  augmented, with its handlers); images/s from its second iteration to its last, and the whole epoch with its
-  validation and saving;
-- the bare step again, then the bare network's forward pass (inference.json's network, eval mode, no gradient)
-  at the training batch size (64 by default, as inference's);
+  augmented, with its handlers), and after each of its iterations one bare training step: train.json's
+  network, loss, optimizer and inferer (the precision ``--cpu_bf16 auto`` chose, and why) on one fixed random
+  batch, no data and no engine. Also timed: the whole run with its validation and saving;
 - the bundle's inference on the ``num_images`` training image files, read from disk (decode, preprocess,
-  predict, calibrate, write predictions.csv), at the same batch size, with the model just trained; images/s
-  from its third batch to its last;
-- the bare forward again. Each ratio divides the bundle's speed by the mean of the bare speeds around it.
+  predict, calibrate, write predictions.csv) at the training batch size, with the model just trained, and after
+  each of its batches one bare forward pass (inference.json's network, eval mode, no gradient) of that size.
+
+Each ratio is the bundle's time per batch against the bare step's, over the same iterations (training from its
+second, inference from its third, both without the last, which may be partial).
 
 With ``--choices true``, each round also times the bare step (384 images after a warm-up) for each precision and
 memory format at the default batch, batches 32 and 128 and half the threads at the default precision: how far
@@ -82,8 +82,8 @@ def _parser(names: list[str], work: str, dataset_dir: str, num_images: int, over
     return parser
 
 
-def _bare_training(parser, steps: int) -> float:
-    """Images/s of the bundle's network, loss, optimizer and inferer on one fixed random batch."""
+def _training_step(parser):
+    """One step of the bundle's network, loss, optimizer and inferer on one fixed random batch, warmed up."""
     import torch
 
     network, optimizer, loss = (parser.get_parsed_content(k) for k in ("network", "optimizer", "loss"))
@@ -98,23 +98,39 @@ def _bare_training(parser, steps: int) -> float:
 
     for _ in range(2):  # warm-up: oneDNN picks and caches its kernels in the first steps
         step()
+    return step
+
+
+def _forward_step(network, batch: int, size):
+    """One forward pass of ``network`` in eval mode without gradients on one fixed random batch, warmed up."""
+    import torch
+
+    images = torch.rand(batch, 1, *size)
+
+    def step():
+        with torch.no_grad():
+            network(images)
+
+    step()
+    return step
+
+
+def _steps_rate(step, steps: int, batch: int) -> float:
+    """Images/s of ``steps`` calls of ``step``."""
     start = time.perf_counter()
     for _ in range(steps):
         step()
     return steps * batch / (time.perf_counter() - start)
 
 
+def _bare_training(parser, steps: int) -> float:
+    """Images/s of the bundle's training step on one fixed random batch."""
+    return _steps_rate(_training_step(parser), steps, parser.get_parsed_content("batch_size"))
+
+
 def _bare_forward(network, batch: int, size, steps: int) -> float:
     """Images/s of ``network``'s forward pass in eval mode without gradients, one fixed random batch."""
-    import torch
-
-    images = torch.rand(batch, 1, *size)
-    with torch.no_grad():
-        network(images)  # warm-up
-        start = time.perf_counter()
-        for _ in range(steps):
-            network(images)
-    return steps * batch / (time.perf_counter() - start)
+    return _steps_rate(_forward_step(network, batch, size), steps, batch)
 
 
 def _timed(engine) -> list:
@@ -132,6 +148,34 @@ def _rate(times: list, skip: int, batch: int) -> float:
     return (len(times) - 1) * batch / (times[-1] - times[0])
 
 
+def _interleaved(engine, bare_step) -> list:
+    """Runs ``bare_step`` after each of ``engine``'s iterations; returns, as it runs, pairs of (the engine's own
+    time for an iteration, counted from the end of the previous bare step, the bare step's time after it)."""
+    from ignite.engine import Events
+
+    pairs: list[tuple[float, float]] = []
+    ended: list[float] = []
+
+    def after_iteration(_):
+        now = time.perf_counter()
+        bare_step()
+        if ended:
+            pairs.append((now - ended[-1], time.perf_counter() - now))
+        ended.append(time.perf_counter())
+
+    engine.add_event_handler(Events.ITERATION_COMPLETED, after_iteration)
+    return pairs
+
+
+def _pair_rates(pairs: list, skip: int, batch: int) -> tuple[float, float]:
+    """Images/s of the engine and of the bare step over the same iterations: from the ``skip``-th pair (fewer for
+    short runs), without the last pair (a partial batch) where there are others."""
+    pairs = pairs[: max(1, len(pairs) - 1)]
+    pairs = pairs[min(skip, len(pairs) - 1) :]
+    own, bare = (sum(p[i] for p in pairs) for i in (0, 1))
+    return len(pairs) * batch / own, len(pairs) * batch / bare
+
+
 def _measure(dataset_dir: str, num_images: int, overrides: dict) -> dict:
     """One round of the bundle and its bare network, in this process."""
     import torch
@@ -143,22 +187,19 @@ def _measure(dataset_dir: str, num_images: int, overrides: dict) -> dict:
     parser = _parser(["train.json"], work, dataset_dir, num_images, overrides)
     parser.update({"cache#data#training": "@bench_train", "cache#data#validation": "@bench_val"})
     batch = parser.get_parsed_content("batch_size")
-    steps = max(2, num_images // batch // 2)
     result = {"bf16_speedup": round(bf16_speedup(), 2), "batch": batch, "threads": torch.get_num_threads()}
     result["precision"] = "bf16" if parser.get_parsed_content("train#inferer").enabled else "fp32"
-    bare = [_bare_training(parser, steps)]
+    bare_step = _training_step(_parser(["train.json"], work, dataset_dir, num_images, overrides))
     parser.get_parsed_content("datalist")
     start = time.perf_counter()
     train_images = len(parser.get_parsed_content("train#dataset"))
     result["cache_build_s"] = round(time.perf_counter() - start, 1)
-    trainer = parser.get_parsed_content("train#trainer")
-    times = _timed(trainer)
+    pairs = _interleaved(parser.get_parsed_content("train#trainer"), bare_step)
     start = time.perf_counter()
     parser.get_parsed_content("training")  # the bundle's run: one epoch, its validation, saving, calibration
     result["training_run_s"] = round(time.perf_counter() - start, 1)
-    result["training_img_per_s"] = round(_rate(times, 0, batch), 1)
-    bare.append(_bare_training(_parser(["train.json"], work, dataset_dir, num_images, overrides), steps))
-    result["bare_training_img_per_s"] = round(statistics.mean(bare), 1)
+    rates = _pair_rates(pairs, 0, batch)
+    result["training_img_per_s"], result["bare_training_img_per_s"] = (round(r, 1) for r in rates)
 
     inference = ConfigParser()
     inference.read_config(os.path.join(BUNDLE, "configs", "inference.json"))
@@ -168,13 +209,11 @@ def _measure(dataset_dir: str, num_images: int, overrides: dict) -> dict:
     inference.update({"input": files[:num_images], "output_dir": os.path.join(work, "inference")})
     inference.update({"ckpt_dir": os.path.join(work, "models"), "bundle_root": BUNDLE, "batch_size": batch})
     network, size = inference.get_parsed_content("network"), inference.get_parsed_content("image_size")
-    forward = [_bare_forward(network, batch, size, steps)]
-    times = _timed(inference.get_parsed_content("evaluator"))
+    pairs = _interleaved(inference.get_parsed_content("evaluator"), _forward_step(network, batch, size))
     inference.get_parsed_content("inference")
     result["inference_images"] = len(files[:num_images])
-    result["inference_img_per_s"] = round(_rate(times, 2, batch), 1)
-    forward.append(_bare_forward(network, batch, size, steps))
-    result["bare_forward_img_per_s"] = round(statistics.mean(forward), 1)
+    rates = _pair_rates(pairs, 1, batch)
+    result["inference_img_per_s"], result["bare_forward_img_per_s"] = (round(r, 1) for r in rates)
     result["training_of_bare"] = round(result["training_img_per_s"] / result["bare_training_img_per_s"], 3)
     result["inference_of_bare"] = round(result["inference_img_per_s"] / result["bare_forward_img_per_s"], 3)
     result["train_images"] = train_images

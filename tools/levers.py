@@ -24,18 +24,13 @@ import fire
 import torch
 
 from scripts.utils import BUNDLE_ROOT
-from tools.benchmark import _bare_forward
-from tools.benchmark import _rate as _batch_rate
-from tools.benchmark import _timed
+from tools.benchmark import _bare_forward, _rate, _steps_rate, _timed
 
 
-def _rate(step, batch: int, steps: int) -> float:
+def _warm_rate(step, batch: int, steps: int) -> float:
     """Images/s of a training ``step`` after one warm-up call."""
     step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return round(steps * batch / (time.perf_counter() - start), 1)
+    return round(_steps_rate(step, steps, batch), 1)
 
 
 def _parser(config: str, **updates):
@@ -54,7 +49,7 @@ def _inference_rate(files: list, ckpt_dir: str, work: str, num_workers: int) -> 
     times = _timed(parser.get_parsed_content("evaluator"))
     parser.get_parsed_content("inference")
     parser.get_parsed_content("finalize")
-    return round(_batch_rate(times, 2, parser["batch_size"]), 1)
+    return round(_rate(times, 2, parser["batch_size"]), 1)
 
 
 def levers(images: str, ckpt_dir: str = "models", num_images: int = 2048) -> None:
@@ -89,7 +84,7 @@ def levers(images: str, ckpt_dir: str = "models", num_images: int = 2048) -> Non
             loss(inferer(x, net), labels).backward()
             optimizer.step()
 
-        out["eager_train_img_per_s"] = _rate(lambda: step(model), 64, 6)
+        out["eager_train_img_per_s"] = _warm_rate(lambda: step(model), 64, 6)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(work, "inductor")  # a cold compile, as a user's first
         try:
             compiled = torch.compile(model)
@@ -97,7 +92,7 @@ def levers(images: str, ckpt_dir: str = "models", num_images: int = 2048) -> Non
             for _ in range(2):
                 step(compiled)
             out["compile_first_two_steps_s"] = round(time.perf_counter() - start, 1)
-            out["compiled_train_img_per_s"] = _rate(lambda: step(compiled), 64, 6)
+            out["compiled_train_img_per_s"] = _warm_rate(lambda: step(compiled), 64, 6)
         except Exception as e:  # no C++ compiler, or inductor cannot handle the graph here
             out["compile_error"] = f"{type(e).__name__}: {e}"[:300]
 
