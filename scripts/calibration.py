@@ -1,19 +1,12 @@
 """Calibrated confidence and the out-of-distribution score, fitted after training and kept with the model.
 
-Temperature scaling (Guo et al., 2017): one temperature ``T`` divides the logits so that the validation split's
-negative log-likelihood is smallest; accuracy is unchanged, probabilities become honest.
-
-The out-of-distribution score is the Mahalanobis distance (Lee et al., 2018) of an image's pooled features (the
-1,024 inputs of the classifier, ``class_layers.flatten``) to the nearest class mean. The class means and the
-shared within-class covariance come from training images, the covariance shrunk towards a multiple of the
-identity (Ledoit and Wolf, 2004) so that it stays well-conditioned with fewer images than dimensions; the
-threshold is the 97th percentile of the validation images' scores, images that did not make the statistics, so
-that about 3% of unseen in-distribution images are flagged. Where features cannot be read (an exported model),
-the score is the energy (Liu et al., 2020), ``-T * logsumexp(logits / T)``, with its own validation threshold.
-
-``calibration.json`` (plain JSON) and ``calibration.npz`` (arrays, read without pickle) sit beside ``model.pt``
-and name the weights they were fitted for (a hash of the network's state dict); they are refused for other
-weights. The exports this bundle writes carry the JSON part inside them.
+Temperature scaling (Guo et al., 2017) divides the logits by the ``T`` that minimises the validation negative
+log-likelihood. The out-of-distribution score is the Mahalanobis distance (Lee et al., 2018) of an image's pooled
+features (``class_layers.flatten``) to the nearest class mean, with the training images' within-class covariance
+shrunk as Ledoit and Wolf (2004) do; without features (an export), the energy ``-T * logsumexp(logits / T)``
+(Liu et al., 2020). Thresholds: the validation scores' 97th percentile, so about 3% of unseen MedNIST is flagged.
+``calibration.json`` and ``calibration.npz`` (no pickle) sit beside ``model.pt``, bound to its weights' hash;
+exports carry the JSON part inside them.
 """
 
 from __future__ import annotations
@@ -27,6 +20,7 @@ import os
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.metrics import calibration_binning
 
 from .model_file import load_model
 from .utils import BundleError, atomic_write, is_main_process
@@ -38,12 +32,8 @@ STATISTICS_IMAGES = 6000  # training images, stratified, that make the class mea
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature minimising the negative log-likelihood of ``labels`` under ``softmax(logits / T)``.
-
-    When every image is classified correctly the likelihood only grows as T shrinks: there is no finite
-    optimum, and any fitted T < 1 would make the network more confident than the data can show. Then T = 1
-    (the network's own probabilities), with a warning.
-    """
+    """The temperature minimising the negative log-likelihood of ``labels`` under ``softmax(logits / T)``; 1, with a
+    warning, when every image is right (the likelihood then only grows as T shrinks: no finite optimum)."""
     logits, labels = logits.double(), labels.long()
     if len(labels) and bool((logits.argmax(1) == labels).all()):
         logger.warning(
@@ -70,21 +60,17 @@ def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """ECE: the gap between confidence and accuracy, averaged over ``bins`` equal-width confidence bins."""
-    confidence, predicted = probs.max(1)
+    """ECE: the gap between confidence and accuracy over ``bins`` equal-width confidence bins (MONAI's
+    ``calibration_binning`` of the top label's confidence against its correctness)."""
+    confidence, predicted = probs.double().max(1)
     correct = (predicted == labels).double()
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    ece = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
-        inside = (confidence > low) & (confidence <= high)
-        if inside.any():
-            ece += inside.double().mean().item() * abs(confidence[inside].mean().item() - correct[inside].mean().item())
-    return ece
+    mean_p, mean_correct, counts = calibration_binning(confidence[None, None], correct[None, None], bins, right=True)
+    return float(torch.nansum(counts * (mean_p - mean_correct).abs()) / counts.sum())
 
 
 def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean ``-log p(label)``."""
-    return float(-torch.log(probs.double().gather(1, labels.long().view(-1, 1)).clamp_min(1e-12)).mean())
+    return float(torch.nn.functional.nll_loss(probs.double().clamp_min(1e-12).log(), labels.long()))
 
 
 def calibration_figures(logits: torch.Tensor, labels: torch.Tensor, calibration: Calibration) -> dict:
@@ -130,8 +116,7 @@ def weights_sha256(network: torch.nn.Module) -> str:
 
 
 class Calibration:
-    """A fitted temperature and out-of-distribution statistics for the weights ``weights``; the identity (T = 1,
-    no threshold: ``fitted`` false) when there is none."""
+    """A temperature and out-of-distribution statistics fitted for ``weights``; unfitted: T = 1, no threshold."""
 
     def __init__(self, temperature=1.0, energy_threshold=None, weights="", counts=None):
         self.temperature, self.energy_threshold = float(temperature), energy_threshold
@@ -144,8 +129,8 @@ class Calibration:
 
     @classmethod
     def fit(cls, validation: dict, statistics: dict | None, weights: str) -> Calibration:
-        """Fit on ``validation`` (``logits``, ``labels``, ``features``): the temperature and thresholds; the
-        class means and covariance on ``statistics`` (``features``, ``labels`` of training images)."""
+        """The temperature and thresholds from ``validation``, the class statistics from ``statistics`` (training
+        images), each ``Outputs.gathered()``."""
         logits, labels = validation["logits"], validation["labels"]
         temperature = fit_temperature(logits, labels)
         threshold = float(np.quantile(energy(logits, temperature).numpy(), UNFLAGGED))
@@ -231,9 +216,8 @@ def arrays_path(path: str) -> str:
 
 
 def calibration_for(model_path: str | None) -> Calibration:
-    """The calibration of the model file ``model_path``: the one an export carries inside it, else
-    ``calibration.json`` beside the file, checked against the file's weights; the identity, with a warning,
-    where there is none (or no model file yet). A calibration fitted for other weights is refused."""
+    """The calibration of the model file ``model_path``: the one an export carries, else ``calibration.json`` beside
+    it, refused if fitted for other weights; unfitted, with a warning, where there is none."""
     if not model_path or not os.path.isfile(model_path):
         return Calibration()
     network = load_model(model_path)
@@ -256,8 +240,7 @@ def calibration_for(model_path: str | None) -> Calibration:
 
 
 class FeatureHook:
-    """The pooled features of a PyTorch network's last forward pass (a forward hook on ``FEATURE_LAYER``);
-    ``features`` is None for a network without that layer (an exported model)."""
+    """The pooled features of a network's last forward pass (a hook on ``FEATURE_LAYER``; None for an export)."""
 
     def __init__(self, network):
         self.features, self.handle = None, None
@@ -274,10 +257,9 @@ class FeatureHook:
 
 
 class Outputs:
-    """The one collector of what an engine predicts: after each iteration, ``last`` holds the batch's
-    ``logits``, pooled ``features`` (None for an export), ``labels`` (None without) and the ``batch``; with
-    ``keep``, :meth:`gathered` joins those of every iteration. Calibration, evaluation and inference all read
-    their logits and features here, from the engines' own ``prepare_batch`` and inferer."""
+    """The one collector of what an engine predicts, read by calibration, evaluation and inference: after each
+    iteration ``last`` holds the batch's ``logits``, ``features``, ``labels`` (or None) and ``batch``; with
+    ``keep``, :meth:`gathered` joins every iteration's."""
 
     def __init__(self, network, keep: bool = False):
         self.hook, self.keep, self.last, self.kept = FeatureHook(network), keep, None, []
@@ -319,10 +301,9 @@ def statistics_subset(items: list[dict], limit: int = STATISTICS_IMAGES) -> list
 
 
 def fit_calibration(network, model_path: str, training, validation, prepare_batch, batch_size: int, device):
-    """After training: the best weights (``model_path``) into ``network``; its features on a stratified subset
-    of the ``training`` items (:func:`statistics_subset`) and its logits and features on the ``validation``
-    loader, each through a MONAI evaluator with ``prepare_batch`` and a plain fp32 inferer (as evaluation and
-    inference run); :meth:`Calibration.fit`; saved beside ``model_path``. The main process only."""
+    """After training (main process): ``model_path``'s weights into ``network``, its features on a stratified subset
+    of the ``training`` items and its logits and features on ``validation`` through MONAI evaluators (with
+    ``prepare_batch``, fp32, as evaluation and inference run), fitted and saved beside ``model_path``."""
     from monai.data import DataLoader
     from monai.engines import SupervisedEvaluator
 
@@ -356,9 +337,8 @@ def fit_calibration(network, model_path: str, training, validation, prepare_batc
 
 
 def calibrate(config_file: str = "configs/train.json", **overrides) -> str:
-    """Fit and save the calibration of an already trained model, as training's last step does: the split of
-    ``<output_dir>/split.json`` through ``<ckpt_dir>/model.pt``. ``overrides`` are training keys
-    (``--dataset_dir``, ``--output_dir``, ``--ckpt_dir``, ...)."""
+    """Fit and save the calibration of a trained ``<ckpt_dir>/model.pt`` on its ``<output_dir>/split.json``, as
+    training's last step does; ``overrides`` are training keys (``--dataset_dir``, ``--ckpt_dir``, ...)."""
     from monai.bundle import ConfigParser
 
     from .utils import BUNDLE_ROOT

@@ -1,9 +1,7 @@
-"""Report the compute device: versions, each GPU's properties, a timed matrix product, fp16/bf16 autocast support
-and, on a CPU, whether bf16 is faster than fp32 there (the probe training's ``--cpu_bf16 auto`` runs).
+"""Report the compute device: versions, each GPU, a timed matrix product, autocast support and, on a CPU,
+whether bf16 is faster than fp32 (training's ``--cpu_bf16 auto`` probe). Fails only with ``--require_gpu``.
 
     python -m scripts.check_gpu [--require_gpu true] [--size 2048]
-
-Exits 0 unless ``--require_gpu`` is set and no CUDA GPU is usable.
 """
 
 from __future__ import annotations

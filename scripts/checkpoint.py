@@ -1,9 +1,5 @@
-"""Training checkpoints: crash-safe saving, what they hold, and where a resumed run starts.
-
-At every instant the newest complete ``checkpoint_epoch=N.pt`` and the best ``model.pt`` are on disk: a new file
-is written beside its target, flushed to disk and renamed into place, and only then is the file it replaces
-removed. A run killed at any moment loses at most the epoch in progress.
-"""
+"""Training checkpoints: crash-safe saving (a run killed at any moment loses at most the epoch in progress), what
+they hold, and where a resumed run starts."""
 
 from __future__ import annotations
 
@@ -24,13 +20,9 @@ logger = logging.getLogger(__name__)
 
 
 class SafeDiskSaver(BaseSaveHandler):
-    """ignite ``Checkpoint``'s save handler that writes the new file before removing the old one.
-
-    ``Checkpoint`` asks its handler to remove the file it replaces before it saves the new one; ignite's
-    ``DiskSaver`` (and so MONAI's ``CheckpointSaver``) obeys at once, so a kill between the two leaves no
-    checkpoint. Here removals wait until the next file is safely in place (and a file replaced under the same
-    name, as ``model.pt``, is not removed at all). Only the main process of a distributed run writes.
-    """
+    """ignite ``Checkpoint``'s save handler, writing the new file (atomically) before removing the one it replaces:
+    ignite's ``DiskSaver`` (so MONAI's ``CheckpointSaver``) removes first, and a kill between leaves none. Only
+    the main process writes."""
 
     def __init__(self, dirname: str):
         self.dirname = dirname
@@ -59,8 +51,7 @@ def world_size() -> int:
 
 
 class RunSettings:
-    """The settings a resumed run must share with its checkpoint (together they set the epoch length), saved in
-    it (``state_dict``) and checked by :func:`check_resume` before any work."""
+    """The settings that set the epoch length, saved in each checkpoint for :func:`check_resume` to compare."""
 
     def __init__(self, batch_size: int):
         self.settings = {"batch_size": int(batch_size), "processes": world_size()}
@@ -68,26 +59,17 @@ class RunSettings:
     def state_dict(self) -> dict:
         return dict(self.settings)
 
-    def load_state_dict(self, state: dict) -> None:
-        """Nothing to restore: :func:`check_resume` refused the run if the saved settings differ."""
+    def load_state_dict(self, state: dict) -> None:  # check_resume refused the run if they differ
+        pass
 
 
 class TrainingCheckpoints:
-    """What training saves, crash-safely (:class:`SafeDiskSaver`), and how a run resumes: a handler of the trainer.
-
-    - ``model_path`` (``model.pt``): the network's weights at the validation of ``evaluator`` with the best
-      accuracy so far (ignite's ``Checkpoint``);
-    - ``checkpoint_epoch=N.pt`` beside it, after every epoch: ``state`` (network, optimizer, scheduler, early
-      stop: anything with ``state_dict``), the trainer, its AMP scaler, the best-model record, the
-      :class:`RunSettings` and this checkpoint's own record;
-    - with ``resume_from`` (a checkpoint checked by :func:`check_resume`), all of it restored by MONAI's
-      ``CheckpointLoader`` when the trainer starts (the best-model record only if ``model.pt`` is still there, so
-      that the next validation writes a new one), then the older checkpoints a killed run left are removed.
-
-    The trainer, and the savers that attach to it, are added when the trainer attaches this handler: the config
-    cannot name the trainer in its own handler list. It comes after the history writer in that list: a run killed
-    between the two has a history row that its resumed run writes again, never a checkpoint without its row.
-    """
+    """A trainer handler saving, with :class:`SafeDiskSaver`, ``model_path`` (the weights at ``evaluator``'s best
+    accuracy so far) and after every epoch ``checkpoint_epoch=N.pt`` beside it (``state``: anything with a
+    ``state_dict``; the trainer, AMP scaler, best-model record, :class:`RunSettings`). With ``resume_from`` MONAI's
+    ``CheckpointLoader`` restores it all when the trainer starts (the best-model record only while model.pt
+    exists), then older checkpoints are removed. Listed after the history writer: a kill between the two leaves
+    a history row the resumed run rewrites, never a checkpoint without its row."""
 
     def __init__(self, model_path: str, evaluator: Engine, state: dict, batch_size: int, resume_from: str = ""):
         unsaveable = [k for k, v in state.items() if not callable(getattr(v, "state_dict", None))]
@@ -126,8 +108,7 @@ class TrainingCheckpoints:
             trainer.add_event_handler(Events.STARTED, self.remove_older)
 
     def remove_older(self, trainer: Engine) -> None:
-        """Remove the checkpoints older than the one resumed from (a run killed between writing its newest and
-        removing the previous one leaves both)."""
+        """Remove the checkpoints older than the one resumed from (a kill after saving can leave two)."""
         for old in checkpoints(self.dirname):
             if checkpoint_epoch(old) < checkpoint_epoch(self.resume_from) and is_main_process():
                 os.remove(old)
@@ -145,14 +126,9 @@ def checkpoints(ckpt_dir: str) -> list[str]:
 
 
 def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path: str) -> str:
-    """With ``resume``, the newest ``checkpoint_epoch=N.pt`` of ``ckpt_dir``, checked against this run before any
-    work or file is written; without, ``""``.
-
-    Refused in one message: no checkpoint, an unreadable one or one without run settings (made before version
-    0.6.0), ``epochs`` below the epochs it already trained, a ``batch_size`` or number of processes other than the
-    checkpoint's (ignite would keep the old epoch length and train on part of the data). A missing ``model.pt``
-    is only warned about: the next validation writes a new one.
-    """
+    """With ``resume``, the newest ``checkpoint_epoch=N.pt`` of ``ckpt_dir`` (else ``""``), refused before any work
+    if missing, unreadable, without run settings, past ``epochs``, or of another ``batch_size`` or number of
+    processes (ignite would keep the old epoch length)."""
     if not as_bool(resume, "resume"):
         return ""
     found = checkpoints(ckpt_dir)

@@ -24,13 +24,9 @@ def _integer(key: str, value, minimum: int) -> int:
 
 def _number(key: str, value, low: float, high: float | None = None, closed: bool = False) -> float:
     """``value`` as a float in (low, high), or in [low, high] with ``closed``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = (
-        ok
-        and (low <= value if closed else low < value)
-        and (high is None or (value <= high if closed else value < high))
-    )
-    if not ok:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    inside = number and (low <= value if closed else low < value)
+    if not (inside and (high is None or (value <= high if closed else value < high))):
         bounds = f"in [{low}, {high}]" if closed else f"in ({low}, {high})" if high is not None else f"> {low}"
         raise BundleError(f"--{key} {value!r} is not a number {bounds}.", f"pass a value {bounds}.")
     return float(value)
@@ -118,36 +114,22 @@ def check_inference_args(device, batch_size, image_size) -> None:
     check_image_size(image_size)
 
 
-INTEGERS = {  # key: smallest value
-    "epochs": 1,
-    "batch_size": 1,
-    "accumulation_steps": 1,
-    "val_interval": 1,
-    "val_per_epoch": 1,
-    "val_batch_size": 1,
-    "early_stop_patience": 1,
-    "num_workers": 0,
-    "cache_num_workers": 1,
-    "seed": 0,
-}
-FRACTIONS = {  # key: (low, high, bounds included)
+INTEGERS = {"epochs": 1, "batch_size": 1, "accumulation_steps": 1, "val_interval": 1, "val_per_epoch": 1}  # minima
+INTEGERS.update(val_batch_size=1, early_stop_patience=1, num_workers=0, cache_num_workers=1, seed=0)
+FRACTIONS = {
     "val_frac": (0.0, 1.0, False),
     "test_frac": (0.0, 1.0, False),
     "lr_warmup": (0, 1, True),
-    "target_accuracy": (0, 1, True),
-}
+}  # low, high, closed
+FRACTIONS["target_accuracy"] = (0, 1, True)
 FLAGS = ("amp", "channels_last", "augment", "download", "resume", "skip_unreadable")
 PER_SAMPLE = {"augment": True}  # what configs/per_sample.json's pipeline always does
 
 
 def check_train_args(learning_rate, epoch_length, cpu_bf16, device, image_size, pipeline="batched", **keys) -> None:
-    """Check the training keys before any work: stop with one message naming the key and the fix if one is out
-    of range, if two contradict each other, if the command line names a key the configs do not have, or if
-    ``pipeline`` is ``per_sample`` (configs/per_sample.json) and a key asks for what it does not do.
-
-    ``keys`` holds the integer keys of :data:`INTEGERS`, the fractions of :data:`FRACTIONS` and the flags of
-    :data:`FLAGS`. Nothing is returned: each consumer reads its key, and parses a flag itself.
-    """
+    """Check the training keys before any work (``keys``: those of :data:`INTEGERS`, :data:`FRACTIONS` and
+    :data:`FLAGS`): one message naming the key and the fix if one is out of range, two contradict each other, the
+    command line names a key the configs lack, or ``per_sample`` (configs/per_sample.json) cannot honour one."""
     check_command_line()
     unknown = set(keys) - set(INTEGERS) - set(FRACTIONS) - set(FLAGS)
     if unknown:

@@ -1,18 +1,14 @@
-"""MedNIST on disk: find or download it, check it, make the train/validation/test split once, and preprocess it
-into memory with worker processes."""
+"""MedNIST on disk: find or download it, check it, split it once, preprocess it into memory in worker processes."""
 
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
 import numpy as np
@@ -58,12 +54,8 @@ def check_class_folders(root: str, key: str = "dataset_dir") -> dict[str, list[s
 
 
 def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> tuple[str, dict[str, list[str]]]:
-    """Return ``dataset_dir/MedNIST`` and its image names per class, downloading and extracting it first if it is
-    absent and ``download``.
-
-    Extraction goes to a temporary folder beside the target and is renamed into place only when complete,
-    so an interrupted or failed download never leaves a half-extracted ``MedNIST`` folder that looks usable.
-    """
+    """``dataset_dir/MedNIST`` and its image names per class, downloaded and extracted first if absent and
+    ``download``: extracted beside it and renamed into place when complete, never half-extracted."""
     root = os.path.join(dataset_dir, "MedNIST")
     if os.path.isdir(root):
         return root, check_class_folders(root)
@@ -93,9 +85,8 @@ def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> tup
 
 
 def fetch_tarball(url: str, md5: str, tarball: str, manual: str) -> None:
-    """Download ``url`` to ``tarball`` with MONAI's ``download_url`` (MD5-checked), staged in a
-    ``.MedNIST-download-<pid>-*`` folder beside it: MONAI stages in ``tempfile``'s folder, set to that one for the
-    call, so a download killed midway leaves its partial file there, where the next run removes it."""
+    """Download ``url`` to ``tarball`` with MONAI's ``download_url`` (MD5-checked), staged (``tempfile``'s folder,
+    for the call) in a ``.MedNIST-download-<pid>-*`` folder beside it, which the next run removes if killed."""
     logger.info(f"downloading MedNIST from {url} to {tarball}")
     staging = tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-", dir=os.path.dirname(tarball))
     saved, tempfile.tempdir = tempfile.tempdir, staging
@@ -133,11 +124,8 @@ def load_split(
     url: str = "",
     md5: str = "",
 ) -> dict[str, list[dict]]:
-    """The data lists ``{"training", "validation", "test"}`` with absolute image paths and integer labels.
-
-    The split is made once and written to ``split_file``; later runs, evaluation included, reuse exactly that
-    split, and stop if it was made with other fractions or seed, or names images that are gone.
-    """
+    """The data lists ``{"training", "validation", "test"}`` (absolute paths, integer labels) of the split made once
+    into ``split_file`` and reused by later runs, refused if made with other fractions or seed or images are gone."""
     root, found = prepare_mednist(dataset_dir, as_bool(download, "download"), url, md5)
     params = {"seed": int(seed), "val_frac": float(val_frac), "test_frac": float(test_frac)}
     if os.path.isfile(split_file):
@@ -226,11 +214,8 @@ def folder_datalist(folder: str) -> list[dict]:
     return data
 
 
-_worker_transform = None  # set in each worker process by _start_worker
-
-
-def _die_with_parent(parent: int) -> None:
-    """Linux: have the kernel kill this process when its parent dies, so no orphan holds memory."""
+def _die_with_parent(parent: int, worker_id: int = 0) -> None:
+    """A worker's ``worker_init_fn`` (Linux): the kernel kills it when ``parent`` dies, so no orphan holds memory."""
     import ctypes
     import signal
 
@@ -240,19 +225,6 @@ def _die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:  # the parent died before the call above
         os._exit(1)
-
-
-def _start_worker(transform, parent: int) -> None:
-    """A worker's initializer: killed with its parent, one torch thread (a forked OpenMP pool must not be
-    reused), and the transform, inherited through ``fork`` rather than pickled."""
-    global _worker_transform
-    _die_with_parent(parent)
-    torch.set_num_threads(1)
-    _worker_transform = transform
-
-
-def _preprocess_in_worker(items: list[dict]) -> tuple:
-    return _preprocess(_worker_transform, items)
 
 
 def _preprocess(transform, items: list[dict]) -> tuple:
@@ -271,36 +243,29 @@ def _preprocess(transform, items: list[dict]) -> tuple:
     return (np.stack(images) if images else None), rest, failed
 
 
-def preload(
-    data: dict[str, list[dict]], transform, num_workers: int = 1, skip_unreadable=False, chunk_size: int = 256
-) -> dict[str, list[dict]]:
+def preload(data: dict, transform, num_workers: int = 1, skip_unreadable=False, chunk_size: int = 256) -> dict:
     """Every item of each list of ``data`` (e.g. ``{"training": [...], "validation": [...]}``) through
-    ``transform`` (the deterministic preprocessing), held in memory as plain data, under the same names.
-
-    MONAI's ``CacheDataset`` builds its cache with threads, but LoadImage and the other transforms are
-    Python-bound, so threads wait on each other. Here
-    ``num_workers`` forked processes (Linux; elsewhere, or with 1, this process) each take chunks and send them
-    back as one array; they die with this process. Each item comes back as ``{"image": float32 tensor, "path":
-    its file, ...the other keys}`` for a plain ``monai.data.Dataset``. Every image of every list that cannot be
-    read is named in one message at the end; with ``skip_unreadable`` they are left out instead, and counted.
-    """
-    workers = max(1, int(num_workers))
-    chunks = {
-        name: [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)] for name, items in data.items()
-    }
+    ``transform`` (the deterministic preprocessing), in memory under the same names, each as ``{"image": float32
+    tensor, "path": its file, ...}`` for a plain ``monai.data.Dataset``. Chunks go to ``num_workers`` forked
+    processes (a ``DataLoader``'s, on Linux; else this process), not threads as in MONAI's ``CacheDataset``: the
+    transforms hold Python's lock. Unreadable images are named together at the end, or with ``skip_unreadable``
+    left out and counted."""
+    workers = max(1, int(num_workers)) if sys.platform.startswith("linux") else 1
     bar = tqdm(total=sum(map(len, data.values())), desc="Loading dataset") if has_tqdm else None
-    cached, failed, pool = {}, [], None
+    cached, failed = {}, []
     try:
-        if workers > 1 and sys.platform.startswith("linux"):  # fork is safe on Linux only
-            fork = multiprocessing.get_context("fork")
-            init = (transform, os.getpid())
-            pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_start_worker, initargs=init)
-        else:
-            workers = 1
-        for name, parts in chunks.items():
+        for name, items in data.items():
             start, cached[name] = time.perf_counter(), []
-            results = pool.map(_preprocess_in_worker, parts) if pool else map(partial(_preprocess, transform), parts)
-            for stacked, rest, bad in results:
+            chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
+            loader = torch.utils.data.DataLoader(
+                chunks,
+                batch_size=None,
+                collate_fn=partial(_preprocess, transform),
+                num_workers=workers if workers > 1 else 0,
+                multiprocessing_context="fork" if workers > 1 else None,
+                worker_init_fn=partial(_die_with_parent, os.getpid()),
+            )
+            for stacked, rest, bad in loader:
                 failed += bad
                 if stacked is not None:
                     tensor = torch.from_numpy(stacked)
@@ -309,14 +274,14 @@ def preload(
                     bar.update(len(rest) + len(bad))
             took = time.perf_counter() - start
             logger.info(f"cached {len(cached[name])} items in {took:.1f} s ({workers} process(es)): {name}")
-    except BrokenProcessPool as e:  # a worker was killed, e.g. by the out-of-memory killer
+    except RuntimeError as e:  # a worker was killed, e.g. by the out-of-memory killer
+        if "DataLoader worker" not in str(e):
+            raise
         raise BundleError(
             f"a process preprocessing the images died ({e}).",
             f"pass a smaller --cache_num_workers (it was {workers}; 1 works in the training process).",
         ) from e
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     if failed:

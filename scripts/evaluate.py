@@ -1,14 +1,9 @@
-"""Evaluation report: metrics.json, confusion matrix (CSV and PNG) and a printed table (predictions.csv is
-``scripts.predictions``'s, as inference's).
-
-The figures are the evaluator's metrics, declared in configs/evaluate.json (ignite's ``Accuracy``,
-``ClassificationReport`` and ``ConfusionMatrix``), MONAI's ``compute_roc_auc`` on the calibrated probabilities
-and the calibration figures; this module writes them out.
-"""
+"""Evaluation report: metrics.json, the confusion matrix (CSV and PNG) and a printed table, from the evaluator's
+metrics (configs/evaluate.json: ignite's ``Accuracy``, ``ClassificationReport``, ``ConfusionMatrix``), MONAI's
+``compute_roc_auc`` and the calibration figures (predictions.csv: ``scripts.predictions``)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -23,15 +18,15 @@ from monai.networks import one_hot
 
 from .calibration import Calibration, Outputs, calibration_figures
 from .data import CLASSES
-from .utils import BundleError, atomic_write, pyplot, save_figure
+from .utils import BundleError, atomic_write, pyplot, save_figure, write_csv
 
 logger = logging.getLogger(__name__)
 
 
 def classification_metrics(metrics: dict, probs: torch.Tensor, labels: torch.Tensor) -> dict:
-    """metrics.json's content: accuracy, per-class precision/recall/F1 (ignite's ``ClassificationReport``) and
-    support, per-class ROC AUC (MONAI's ``compute_roc_auc`` on ``probs`` and ``labels``), their macro and
-    support-weighted averages (classes without images left out), and the confusion matrix."""
+    """metrics.json's content: accuracy, per class precision, recall, F1 (ignite's ``ClassificationReport``), ROC AUC
+    (MONAI's ``compute_roc_auc``) and support, their macro and support-weighted averages over classes with images,
+    and the confusion matrix."""
     cm = np.asarray(torch.as_tensor(metrics["confusion_matrix"]).cpu(), dtype=np.int64)
     support = cm.sum(1)
     report = metrics["report"]
@@ -107,20 +102,16 @@ def plot_confusion(cm: np.ndarray, path: str) -> None:
 
 
 def _json_safe(obj):
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
+    """``obj`` with NaN as None (null in JSON)."""
+    if isinstance(obj, (dict, list)):
+        return {k: _json_safe(v) for k, v in obj.items()} if isinstance(obj, dict) else list(map(_json_safe, obj))
+    return None if isinstance(obj, float) and math.isnan(obj) else obj
 
 
 class ClassificationReport:
-    """At the end of an evaluation (``EPOCH_COMPLETED``, before MONAI's trackers log): metrics.json, the
-    confusion matrix (CSV and PNG) and the printed table, from the evaluator's metrics and what the ``outputs``
-    collector gathered (calibrated with ``calibration``: ECE and NLL before and after, the share of images above
-    the out-of-distribution threshold). The evaluator's ``state.metrics`` then become the report's scalars."""
+    """At the end of an evaluation (``EPOCH_COMPLETED``, before MONAI's trackers log) the report of the evaluator's
+    metrics and ``outputs`` under ``calibration`` (ECE and NLL before and after, the share flagged out of
+    distribution); ``state.metrics`` then become its scalars."""
 
     def __init__(self, output_dir: str, outputs: Outputs, calibration: Calibration):
         self.output_dir, self.outputs, self.calibration = output_dir, outputs, calibration
@@ -143,13 +134,8 @@ class ClassificationReport:
             os.path.join(self.output_dir, "metrics.json"), lambda f: json.dump(_json_safe(metrics), f, indent=2)
         )
         cm = np.array(metrics["confusion_matrix"])
-
-        def _cm(f):
-            w = csv.writer(f)
-            w.writerow(["true/predicted", *CLASSES])
-            w.writerows([[c, *row] for c, row in zip(CLASSES, cm.tolist())])
-
-        atomic_write(os.path.join(self.output_dir, "confusion_matrix.csv"), _cm)
+        rows = [{"true/predicted": c, **dict(zip(CLASSES, row))} for c, row in zip(CLASSES, cm.tolist())]
+        write_csv(os.path.join(self.output_dir, "confusion_matrix.csv"), ["true/predicted", *CLASSES], rows)
         plot_confusion(cm, os.path.join(self.output_dir, "confusion_matrix.png"))
         engine.state.report = metrics
         engine.state.metrics = scalars(metrics)

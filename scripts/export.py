@@ -1,16 +1,8 @@
-"""Export the trained network to a ``torch.export`` program (.pt2) or ONNX (.onnx), and check that the export
-gives the checkpoint's logits.
+"""Export the trained network to a ``torch.export`` program (.pt2) or ONNX (.onnx) carrying its calibration,
+renamed into place only once loaded back by ``scripts.model_file`` with the checkpoint's logits (TorchScript:
+MONAI's ``ckpt_export``, see README)::
 
-TorchScript (.ts) export is MONAI's own ``python -m monai.bundle ckpt_export`` (see README). From the bundle
-folder::
-
-    python -m scripts.export pt2    # models/model.pt -> models/model.pt2
-    python -m scripts.export onnx   # models/model.pt -> models/model.onnx (needs onnx, onnxscript, onnxruntime)
-
-Both take ``--ckpt_path`` and ``--out``. The network is ``network_def`` of configs/inference.json. Each export
-carries the checkpoint's calibration (temperature and energy threshold), and is written beside its target and
-renamed into place only once ``check_parity`` has loaded it back through the bundle's model loader
-(``scripts.model_file``) and compared its logits with the checkpoint's.
+    python -m scripts.export pt2|onnx [--ckpt_path models/model.pt] [--out models/model.pt2|.onnx]
 """
 
 from __future__ import annotations
@@ -54,9 +46,8 @@ def image_size() -> list[int]:
 
 
 def _export(ckpt_path: str, out: str, write) -> str:
-    """Write ``write(network, path, calibration)`` to a temporary file beside ``out``, check its parity, rename it
-    to ``out``. ``calibration`` is the JSON of the checkpoint's calibration (found beside it, fitted for its
-    weights), for the export to carry, or None."""
+    """``write(network, path, calibration JSON or None)`` to a temporary file beside ``out``, parity-checked, then
+    renamed to ``out``."""
     calibration = calibration_for(ckpt_path)
     carried = json.dumps(calibration.to_json()) if calibration.fitted else None
     folder = os.path.dirname(os.path.abspath(out))

@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping, ProgressBar
 
-from .utils import atomic_write, is_main_process, pyplot, save_figure
+from .utils import is_main_process, pyplot, save_figure, write_csv
 
 logger = logging.getLogger(__name__)
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "elapsed_s")
@@ -23,15 +23,13 @@ def plot_history(rows: list[dict], path: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
-    for ax, what in zip(axes, ("loss", "acc")):
-        for split, style in (("train", "o-"), ("val", "s-")):
+    for ax, what, title in zip(axes, ("loss", "acc"), ("cross-entropy loss", "accuracy")):
+        for split, style, label in (("train", "o-", "training"), ("val", "s-", "validation")):
             pts = [(r["epoch"], r[f"{split}_{what}"]) for r in rows if r.get(f"{split}_{what}") not in (None, "")]
             if pts:
-                ax.plot(*zip(*pts), style, label={"train": "training", "val": "validation"}[split])
-        ax.set_xlabel("epoch")
+                ax.plot(*zip(*pts), style, label=label)
+        ax.set(xlabel="epoch", ylabel=title, title=title.capitalize())
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel({"loss": "cross-entropy loss", "acc": "accuracy"}[what])
-        ax.set_title({"loss": "Loss", "acc": "Accuracy"}[what])
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -39,20 +37,15 @@ def plot_history(rows: list[dict], path: str) -> None:
 
 
 class HistoryWriter:
-    """Write ``history.csv`` and ``training_history.png`` after every epoch, atomically.
-
-    Each row holds the epoch's mean training loss and accuracy, the validation loss and accuracy (blank on
-    epochs without validation), the learning rate used and the timings. The files are therefore complete
-    whether the run ends normally, by early stopping or by a crash; a resumed run keeps the earlier rows.
-    It also sets ``engine.state.lr`` so that ``TensorBoardStatsHandler(state_attributes=["lr"])`` can log it.
-    """
+    """After every epoch, ``history.csv`` and ``training_history.png`` (atomically): the epoch's training loss
+    and accuracy, its validation's (blank without one), the learning rate and timings; complete after an early
+    stop or a crash, and a resumed run keeps the earlier rows. Sets ``engine.state.lr`` for TensorBoard."""
 
     def __init__(self, output_dir: str, evaluator: Engine, optimizer: torch.optim.Optimizer):
         self.csv_path = os.path.join(output_dir, "history.csv")
         self.png_path = os.path.join(output_dir, "training_history.png")
         self.evaluator, self.optimizer = evaluator, optimizer
-        self.rows: list[dict] = []
-        self._val: dict = {}
+        self.rows, self.val = None, {}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -61,61 +54,38 @@ class HistoryWriter:
         self.evaluator.add_event_handler(Events.COMPLETED, self.validated)
 
     def started(self, engine: Engine) -> None:
-        self.rows, self._t0 = None, time.perf_counter()
-
-    def _load_earlier_rows(self, epoch: int) -> None:
-        """Keep the rows of epochs before ``epoch`` from a resumed run's history (none on a fresh run)."""
-        self.rows = []
-        if epoch > 1 and os.path.isfile(self.csv_path):
-            with open(self.csv_path) as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
-            for r in self.rows:
-                r.update({k: float(v) if v not in ("", None) else "" for k, v in r.items() if k != "epoch"})
-                r["epoch"] = int(r["epoch"])
-        self._offset = float(self.rows[-1]["elapsed_s"]) if self.rows else 0.0
+        self.rows, self.t0 = None, time.perf_counter()
 
     def epoch_started(self, engine: Engine) -> None:
-        if self.rows is None:  # first epoch of this process: the checkpoint (if resuming) is loaded by now
-            self._load_earlier_rows(engine.state.epoch)
+        if self.rows is None:  # the first epoch of this process: a resumed checkpoint is loaded by now
+            self.rows = []
+            if engine.state.epoch > 1 and os.path.isfile(self.csv_path):  # keep the earlier epochs' rows
+                with open(self.csv_path) as f:
+                    self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < engine.state.epoch]
+                for r in self.rows:
+                    r.update({k: float(v) if v not in ("", None) else "" for k, v in r.items()}, epoch=int(r["epoch"]))
+            self.offset = float(self.rows[-1]["elapsed_s"]) if self.rows else 0.0
         engine.state.lr = self.optimizer.param_groups[0]["lr"]
-        self._epoch_t0 = time.perf_counter()
+        self.epoch_t0 = time.perf_counter()
 
     def validated(self, evaluator: Engine) -> None:
-        self._val = {
-            "val_loss": evaluator.state.metrics.get("val_loss"),
-            "val_acc": evaluator.state.metrics.get("val_acc"),
-        }
+        self.val = {k: evaluator.state.metrics.get(k) for k in ("val_loss", "val_acc")}
 
     def epoch_completed(self, engine: Engine) -> None:
-        now = time.perf_counter()
-        metrics = engine.state.metrics
-        row = {
-            "epoch": engine.state.epoch,
-            "train_loss": metrics.get("train_loss", ""),
-            "train_acc": metrics.get("train_acc", ""),
-            "val_loss": self._val.get("val_loss", ""),
-            "val_acc": self._val.get("val_acc", ""),
-            "lr": engine.state.lr,
-            "epoch_time_s": round(now - self._epoch_t0, 3),
-            "elapsed_s": round(self._offset + now - self._t0, 3),
-        }
-        self._val = {}
+        now, metrics = time.perf_counter(), engine.state.metrics
+        row = {"epoch": engine.state.epoch, **{k: metrics.get(k, "") for k in ("train_loss", "train_acc")}}
+        row.update({k: self.val.get(k, "") for k in ("val_loss", "val_acc")}, lr=engine.state.lr)
+        row.update(epoch_time_s=round(now - self.epoch_t0, 3), elapsed_s=round(self.offset + now - self.t0, 3))
+        self.val = {}
         self.rows.append(row)
         if is_main_process():
-            self.write()
-
-    def write(self) -> None:
-        def _csv(f):
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            w.writeheader()
-            w.writerows(self.rows)
-
-        atomic_write(self.csv_path, _csv)
-        plot_history(self.rows, self.png_path)
+            write_csv(self.csv_path, COLUMNS, self.rows)
+            plot_history(self.rows, self.png_path)
 
 
 class DeviceLogger:
-    """Log the device at the start of a run (GPU name, CUDA version, memory) and peak GPU memory at the end."""
+    """Log the device (GPU name, CUDA version, memory; or CPU threads) at the start and the run's time (and peak
+    GPU memory) at the end."""
 
     def __init__(self, device):
         self.device = torch.device(device)
@@ -125,25 +95,22 @@ class DeviceLogger:
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def started(self, engine: Engine) -> None:
-        self._t0 = time.perf_counter()
+        self.t0 = time.perf_counter()
         if torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             logger.info(f"rank {rank} of {world} ({torch.distributed.get_backend()})")
         if self.device.type == "cuda":
             p = torch.cuda.get_device_properties(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            logger.info(
-                f"device: {self.device} {p.name}, CUDA {torch.version.cuda}, {p.total_memory / 2**30:.1f} GiB, "
-                f"torch {torch.__version__}"
-            )
+            about = f"{p.name}, CUDA {torch.version.cuda}, {p.total_memory / 2**30:.1f} GiB"
         else:
-            logger.info(f"device: {self.device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+            about = f"({torch.get_num_threads()} threads)"
+        logger.info(f"device: {self.device} {about}, torch {torch.__version__}")
 
     def completed(self, engine: Engine) -> None:
-        msg = f"run finished in {time.perf_counter() - self._t0:.1f} s"
-        if self.device.type == "cuda":
-            msg += f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
-        logger.info(msg)
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        memory = f", peak GPU memory {peak:.2f} GiB" if peak is not None else ""
+        logger.info(f"run finished in {time.perf_counter() - self.t0:.1f} s{memory}")
 
 
 class LossProgressBar(ProgressBar):
@@ -155,16 +122,10 @@ class LossProgressBar(ProgressBar):
 
 
 class EarlyStop:
-    """End training early, judged at each validation of ``evaluator``: after ``patience`` validations without a
-    lower validation loss (ignite's ``EarlyStopping``), or at the first whose accuracy reaches ``target`` (0:
-    never). A handler of the trainer, which it stops; it watches the evaluator, whose own handlers cannot name
-    the trainer (the trainer names the evaluator).
-
-    Validations outside a training run (an evaluation workflow built on the same evaluator) are not judged.
-    A validation within an epoch that reaches the target ends that epoch first, so its history row, checkpoint
-    and model.pt are written as at any epoch's end; then the run completes (calibration included).
-    ``state_dict`` holds the early-stopping counter and best loss, for resuming.
-    """
+    """A trainer handler ending training after ``patience`` validations of ``evaluator`` without a lower loss
+    (ignite's ``EarlyStopping``) or at the first whose accuracy reaches ``target`` (0: never). Only validations
+    while the trainer runs count; one reaching the target mid-epoch ends that epoch first, so that its history
+    row, checkpoint and model.pt are written. ``state_dict``: the early-stopping state, for resuming."""
 
     def __init__(self, evaluator: Engine, patience: int, target: float = 0.0):
         self.evaluator, self.patience, self.target = evaluator, int(patience), float(target or 0)

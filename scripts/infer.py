@@ -1,10 +1,6 @@
-"""Inference on users' own files: find the inputs, load each with MONAI's ``LoadImage`` (the reader training
-uses), draw pictures with Grad-CAM++ (rows go to ``predictions.csv``: ``scripts.predictions``).
-
-Every input gets one row in ``predictions.csv``; a file that cannot be used (missing, empty, truncated, not an
-image, a 3D volume, a directory, too many pixels) gets its reason in the ``error`` column while every other
-file is still predicted.
-"""
+"""Inference on users' own files: find the inputs, load each with MONAI's ``LoadImage`` (a file that cannot be
+used gets its reason in its row of ``predictions.csv``, ``scripts.predictions``, and the others are still
+predicted), draw pictures with Grad-CAM++."""
 
 from __future__ import annotations
 
@@ -95,10 +91,8 @@ def check_file(path: str, max_pixels: int) -> None:
 
 
 class LoadImageSafelyd(MapTransform):
-    """Load ``keys`` with MONAI's ``LoadImage`` as a (1, W, H) image, as training's ``LoadImaged`` and
-    ``EnsureChannelFirstd`` do, its smaller side under ``min_side``; a file that cannot be used becomes zeros of
-    ``image_size`` with the reason under ``error``. The image is a plain tensor: the later transforms and the
-    network need no metadata (``WithoutMetadata``)."""
+    """Load ``keys`` with MONAI's ``LoadImage`` as a (1, W, H) tensor, as training does, its smaller side under
+    ``min_side``; a file that cannot be used becomes zeros of ``image_size`` with the reason under ``error``."""
 
     def __init__(self, keys="image", image_size=(64, 64), max_pixels: int = 25_000_000):
         super().__init__(keys)
@@ -131,9 +125,8 @@ class LoadImageSafelyd(MapTransform):
 
 
 class WithoutMetadata(Compose):
-    """MONAI's ``Compose`` with metadata tracking off while it runs (``monai.data.set_track_meta``, restored
-    after): inference needs only the pixels, and building a ``MetaTensor`` at each transform costs more than
-    decoding a 64x64 image."""
+    """MONAI's ``Compose`` with metadata tracking off while it runs (``set_track_meta``, restored after): inference
+    needs only the pixels, and a ``MetaTensor`` at each transform costs more than decoding a 64x64 image."""
 
     def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
         tracking = get_track_meta()
@@ -145,8 +138,7 @@ class WithoutMetadata(Compose):
 
 
 class ResizeIfNeededd(Resized):
-    """MONAI's ``Resized``, skipped for images that already have its ``spatial_size`` (MedNIST's own 64x64),
-    which it would only copy: an exact identity, and a fifth of the preprocessing time."""
+    """MONAI's ``Resized``, skipped for images already of its ``spatial_size``, which it would only copy."""
 
     def __call__(self, data, lazy=None):
         size = tuple(self.resizer.spatial_size)
@@ -156,9 +148,8 @@ class ResizeIfNeededd(Resized):
 
 
 def gradcam_maps(network: torch.nn.Module, images: torch.Tensor, target_layer: str, plus: bool = True):
-    """The Grad-CAM++ heat map (MONAI's ``GradCAMpp``; plain ``GradCAM`` without ``plus``) of each image
-    (N x 1 x H x W) for its predicted class, a list of H x W arrays in [0, 1], 1 = hot. Grad-CAM++ weighs each
-    channel by its positive gradients only (docs/README.md, "Explanations", compares the two)."""
+    """The Grad-CAM++ heat map (MONAI's ``GradCAMpp``; ``GradCAM`` without ``plus``) of each image (N x 1 x H x W)
+    for its predicted class: a list of H x W arrays in [0, 1], 1 = hot."""
     from monai.visualize import GradCAM, GradCAMpp
 
     network.eval()
@@ -171,9 +162,8 @@ def gradcam_maps(network: torch.nn.Module, images: torch.Tensor, target_layer: s
 
 
 class PredictionPicture:
-    """One figure, drawn once and updated for every picture: the image, its class-probability bars and the
-    Grad-CAM++ heat map over the image with its colour bar, or, without a map (an export), a line saying why.
-    Reusing the figure spares matplotlib building a new one for every picture."""
+    """One figure, built once and updated for every picture (faster than a new one each): the image, its class
+    probabilities and its Grad-CAM++ map, or, for an export, a line saying why there is none."""
 
     def __init__(self):
         plt = pyplot()
@@ -231,10 +221,9 @@ def _unit_range(cams: torch.Tensor) -> torch.Tensor:
 
 
 class PictureWriter:
-    """With ``visualize`` (None or ``auto``: when there is exactly one input, ``num_inputs``), a picture per
-    predicted image in ``output_dir/visualizations``: the image, its calibrated probabilities and the Grad-CAM++
-    map of ``network`` on ``target_layer`` (an export, ``network`` None, has none). Numbered on across a
-    resumed run."""
+    """With ``visualize`` (``auto``: when ``num_inputs`` is 1), a picture per predicted image in
+    ``output_dir/visualizations`` with its calibrated probabilities and the Grad-CAM++ map of ``network`` on
+    ``target_layer`` (none for an export), numbered on across a resumed run."""
 
     def __init__(self, output_dir, outputs: Outputs, calibration, network=None, visualize=None, num_inputs=None,
                  target_layer: str = "features.transition2.relu"):  # fmt: skip
@@ -251,8 +240,7 @@ class PictureWriter:
             engine.add_event_handler(Events.COMPLETED, self.close)
 
     def started(self, engine: Engine) -> None:
-        """Number on from the pictures of the rows a resumed run kept (the prediction writer, attached first,
-        has rewritten predictions.csv by now)."""
+        """Number on from the rows a resumed run kept (the prediction writer, attached first, has kept them)."""
         done = read_predictions(os.path.join(os.path.dirname(self.folder), "predictions.csv"))
         self.drawn = sum(not r["error"] for r in done)
 

@@ -1,16 +1,10 @@
-"""Model files, read once and loaded exactly as checked, so that none runs code: ``model.pt`` (weights) and the
-exports ``.ts`` (TorchScript), ``.pt2`` (``torch.export``) and ``.onnx``.
+"""Model files, read into memory once and loaded from exactly the bytes checked, so that none runs code.
 
-Each file is read into memory once; its checks and its load see those bytes and never open the path again.
-
-- ``.pt``: ``torch.load(weights_only=True)``, then every key and shape must be ``network_def``'s.
-- ``.pt2``: ``torch.export.load`` would unpickle weights marked ``use_pickle``, custom objects and sample inputs
-  without restriction, evaluate shape expressions with sympy and compile guard code as Python. Every zip entry
-  is read once and checked (name, size, content: see :func:`check_pt2`), and torch loads a new archive built
-  from the checked entries, so a duplicate name, a second central directory or data outside the entries never
-  reaches it.
-- ``.ts``: TorchScript's own loader, which compiles TorchScript and unpickles with its C++ unpickler (no Python
-  objects); the program then runs at every prediction and may use any TorchScript operator.
+- ``model.pt``: ``torch.load(weights_only=True)``; every key and shape must be ``network_def``'s.
+- ``.pt2``: ``torch.export.load`` would unpickle ``use_pickle`` weights, custom objects and sample inputs, ``eval``
+  shape expressions and compile guard code; every zip entry is checked (:func:`check_pt2`) and torch loads an
+  archive rebuilt from the checked entries alone.
+- ``.ts``: TorchScript's loader (its C++ unpickler makes no Python objects); its program may use any operator.
 - ``.onnx``: onnxruntime, from the bytes (no external data files).
 """
 
@@ -89,9 +83,8 @@ def read_model_file(path: str) -> bytes:
 
 
 def load_model(path: str, network: torch.nn.Module | None = None, device="cpu") -> torch.nn.Module:
-    """The network of the model file ``path`` on ``device``, in eval mode: ``network`` with the weights of a
-    ``.pt``, or the program of an export. Stops with a ``BundleError`` naming the file if it is missing, not of
-    this bundle, or would run code."""
+    """The network of the model file ``path`` on ``device``, in eval mode (``network`` with a ``.pt``'s weights, or
+    an export's program), or a ``BundleError`` naming the file if missing, not of this bundle or running code."""
     path, device = str(path), torch.device(device)
     data = read_model_file(path)
     suffix = os.path.splitext(path)[1].lower()
@@ -139,13 +132,10 @@ def load_weights(data: bytes, network: torch.nn.Module, path: str) -> None:
 
 
 def zip_entries(data: bytes, path: str, allowed: re.Pattern) -> dict[str, bytes]:
-    """Each entry of the zip archive ``data``, read once: ``{name under the top folder: bytes}``.
-
-    Refused before any entry is read: more than ``MAX_ENTRIES`` entries or declared sizes over the file bound,
-    names outside one top folder or not matched by ``allowed`` (so no ``..``, absolute path or backslash),
-    two names that differ at most in case, encrypted or unusually compressed entries. Python's ``zipfile``
-    then checks each entry's local header name and CRC as it reads it.
-    """
+    """Each entry of the zip archive ``data``, read once: ``{name under the top folder: bytes}``. Refused before
+    any is read: over ``MAX_ENTRIES`` entries or the size bound, names outside one top folder or not ``allowed``
+    (no ``..``, absolute path or backslash), names equal but for case, encrypted or unusual compression.
+    ``zipfile`` checks each local header's name and CRC as it reads."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
@@ -202,10 +192,9 @@ def checked_pt2(data: bytes, path: str) -> bytes:
 
 
 def check_pt2(entries: dict[str, bytes]) -> list[str]:
-    """What in a torch.export archive's ``entries`` would run code or is not of this bundle's export: pickled or
-    custom payloads, weight files whose size is not their tensors', sample inputs that need unrestricted
-    unpickling, operators other than ATen's and a few of Python's, shape expressions outside
-    :func:`shape_expression_ok`'s grammar, and guard code."""
+    """What in a torch.export archive's ``entries`` would run code or is not this bundle's: pickled or custom
+    payloads, weight files not of their tensors' size, sample inputs needing unrestricted unpickling, operators
+    other than ATen's and a few of Python's, shape expressions outside :func:`shape_expression_ok`, guard code."""
     problems = [
         f"a {name} entry of {entries.get(name, b'')[:20]!r}"
         for name, form in PT2_METADATA.items()
@@ -285,10 +274,9 @@ SHAPE_OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.Pow, a
 
 
 def shape_expression_ok(text: str) -> bool:
-    """Whether a symbolic shape expression, which sympy evaluates with ``eval``, keeps to a strict grammar: at
-    most 512 characters of symbols (``s77``), integers of at most 19 digits, ``+ - * // % **`` (a power only of
-    a symbol or an integer, by an integer up to 8), :data:`SHAPE_FUNCTIONS` called with such expressions or
-    ``flag=True/False``, and strings only as symbol names; nothing else (parsed by ``ast``, never run)."""
+    """Whether a shape expression (sympy ``eval``s it) keeps to a strict grammar, parsed by ``ast``, never run: at
+    most 512 characters of symbols (``s77``), integers under 20 digits, ``+ - * // % **`` (powers of a symbol or
+    integer by an integer up to 8), :data:`SHAPE_FUNCTIONS` of such, ``flag=True/False``, strings as symbols."""
     depth = max(itertools.accumulate({"(": 1, ")": -1}.get(c, 0) for c in text), default=0)
     if not SHAPE_TEXT.fullmatch(text) or depth > 20:
         return False
@@ -326,8 +314,8 @@ def shape_expression_ok(text: str) -> bool:
 
 
 class ExportedProgramModule(torch.nn.Module):
-    """A ``torch.export`` program behind a plain ``nn.Module`` (the program's own module refuses ``.eval()``), its
-    weights as ``state_dict``, and the calibration it carries (JSON text, or None)."""
+    """A ``torch.export`` program as a plain ``nn.Module`` (the program's refuses ``.eval()``), its weights as
+    ``state_dict``, and the calibration JSON it carries (or None)."""
 
     def __init__(self, program_module, calibration: str | None = None):
         super().__init__()
@@ -342,8 +330,7 @@ class ExportedProgramModule(torch.nn.Module):
 
 
 class OnnxModule(torch.nn.Module):
-    """An ONNX model run by onnxruntime behind the ``nn.Module`` call the engines use, and the calibration it
-    carries (JSON text in its metadata, or None)."""
+    """An ONNX model run by onnxruntime as the engines' ``nn.Module``, and the calibration JSON it carries."""
 
     def __init__(self, data: bytes, path: str):
         super().__init__()

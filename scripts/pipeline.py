@@ -1,12 +1,6 @@
-"""Speed pieces the configs plug into MONAI's engines: batched augmentation, batches sliced on the device, CPU
-bf16 autocast where it is fast, the learning-rate schedule.
-
-MONAI's random transforms work on one sample at a time in Python; ``PrepareBatch`` applies the same three
-augmentations to a whole batch with one ``grid_sample`` call on the batch's device. ``DeviceBatches`` (opt-in,
-configs/device_batches.json) keeps the preprocessed training set as one tensor on the training device and
-slices each batch from it. ``AutocastInferer`` adds CPU bf16 autocast,
-which MONAI's ``amp`` flag (CUDA only) lacks, where a timed probe finds it faster than fp32.
-"""
+"""Speed pieces the configs plug into MONAI's engines: augmentation of whole batches on their device, batches
+sliced on the device, CPU bf16 autocast where a timed probe finds it faster (MONAI's ``amp`` is CUDA only), the
+learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -27,16 +21,9 @@ logger = logging.getLogger(__name__)
 
 
 class DeviceBatches:
-    """Training batches sliced from the whole preprocessed training set, held as one tensor per key on ``device``.
-
-    A ``DataLoader`` still gathers ``batch_size`` items and collates them for every step, on the CPU. This
-    stacks the images and labels of ``data`` (the items of ``scripts.data.preload``) once, on first use, moves
-    them to ``device``, and each epoch yields ``{"image": ..., "label": ...}`` batches indexed by a new
-    permutation (drawn from ``seed`` and the epoch) or in order. Like the training ``DataLoader``
-    (``drop_last``), it leaves out the last partial batch, whose few images would move BatchNorm's statistics
-    and the weights as much as a whole batch; shuffled, other images are left out each epoch. Augment whole
-    batches with ``PrepareBatch``.
-    """
+    """Batches sliced from the preprocessed training set (``scripts.data.preload``'s items), stacked once on
+    ``device`` (configs/device_batches.json): each epoch a new permutation from ``seed`` and the epoch, or in
+    order; the last partial batch left out, as the training ``DataLoader``'s ``drop_last``."""
 
     def __init__(self, data, batch_size: int, device="cpu", shuffle: bool = True, seed: int = 0):
         self.items, self.batch_size, self.device = data, int(batch_size), torch.device(device)
@@ -68,17 +55,10 @@ def to_device(network: torch.nn.Module, device, channels_last=True) -> torch.nn.
 
 
 class PrepareBatch:
-    """A ``prepare_batch`` for MONAI's engines: batch to device, as plain tensors, optionally augmented there.
-
-    Images leave as plain ``torch.Tensor``: a ``MetaTensor``'s ``__torch_function__`` would wrap each of the
-    network's operations.
-
-    With ``augment``, each image independently gets, with probability ``prob`` each: a rotation by an angle
-    drawn uniformly in [-``rotate_degrees``, ``rotate_degrees``], a flip along ``flip_axis`` (0: the first
-    spatial axis, as ``RandFlipd(spatial_axis=0)``) and a zoom drawn uniformly in ``zoom_range`` (>1 zooms in, as
-    ``RandZoomd``). All three are folded into one affine matrix per image and resampled bilinearly with border
-    padding, as ``RandRotated`` does.
-    """
+    """A ``prepare_batch`` for MONAI's engines: the batch on its device as plain tensors (a ``MetaTensor`` would
+    wrap every network operation), with ``augment`` each image rotated in +-``rotate_degrees``, flipped along
+    ``flip_axis`` and zoomed in ``zoom_range``, each with probability ``prob``: one affine ``grid_sample`` per
+    batch, bilinear with border padding (as MONAI's ``RandRotated``, ``RandFlipd``, ``RandZoomd``)."""
 
     def __init__(
         self,
@@ -117,13 +97,9 @@ class PrepareBatch:
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float):
-    """A per-iteration schedule: the learning rate rises linearly over the first ``warmup`` fraction of
-    ``total_steps``, then follows a half cosine down to 0 at ``total_steps`` (and stays there).
-
-    As ``monai.optimizers.WarmupCosineSchedule``, except that the length is not part of the scheduler's state:
-    a checkpoint restores the step reached, and the length follows the resumed run's ``--epochs``, so resuming
-    with more epochs goes on along the longer schedule instead of restarting the cosine.
-    """
+    """Linear warm-up over the first ``warmup`` fraction of ``total_steps``, then a half cosine to 0. Unlike
+    MONAI's ``WarmupCosineSchedule`` the length is not in the saved state, so a run resumed with more
+    ``--epochs`` follows the longer schedule."""
     total, ramp = max(1, int(total_steps)), max(1, round(float(warmup) * int(total_steps)))
 
     def factor(step: int) -> float:
@@ -138,19 +114,13 @@ BF16_MIN_SPEEDUP = 1.15  # below it, fp32 (the probe's noise stays well away fro
 
 
 def bf16_speedup() -> float:
-    """How many times faster a training step (forward and backward) of a DenseNet-like block runs under CPU bf16
-    autocast than in fp32 on this machine: over 1 where the processor computes bf16 natively (AVX-512 BF16, AMX),
-    well under 1 where it only emulates it (AVX2). Timed, not looked up, so it follows what the
-    processor does, and ``ONEDNN_MAX_CPU_ISA`` / ``ATEN_CPU_CAPABILITY``; takes under a second."""
+    """How many times faster a training step of a DenseNet block runs under CPU bf16 autocast than in fp32 here:
+    over 1 where the processor computes bf16 natively (AVX-512 BF16, AMX), well under 1 where it emulates it
+    (AVX2). Timed, so it follows ``ONEDNN_MAX_CPU_ISA`` / ``ATEN_CPU_CAPABILITY`` too; under a second."""
     torch.manual_seed(0)
-    block = torch.nn.Sequential(
-        torch.nn.BatchNorm2d(128),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(128, 128, 1, bias=False),
-        torch.nn.BatchNorm2d(128),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(128, 32, 3, padding=1, bias=False),
-    ).to(memory_format=torch.channels_last)
+    nn = torch.nn
+    layers = [nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU()]
+    block = nn.Sequential(*layers, nn.Conv2d(128, 32, 3, padding=1, bias=False)).to(memory_format=torch.channels_last)
     x = torch.rand(32, 128, 16, 16).to(memory_format=torch.channels_last).requires_grad_()
 
     def step(bf16: bool) -> float:

@@ -1,10 +1,7 @@
-"""``predictions.csv``, one schema for evaluation and inference: a row per image, written batch by batch.
-
-Columns: ``path``, ``true_label`` (evaluation), ``label`` and ``confidence`` (calibrated), the six calibrated
-class probabilities, ``ood_score`` and ``ood_score_kind`` (``mahalanobis`` on the network's features, ``energy``
-for an export), ``flag`` (why not to trust the row, empty if nothing) and ``error`` (why an input could not be
-predicted).
-"""
+"""``predictions.csv``, one schema for evaluation and inference, written batch by batch: ``path``, ``true_label``
+(evaluation), calibrated ``label``, ``confidence`` and class probabilities, ``ood_score`` and its kind
+(``mahalanobis``, or ``energy`` for an export), ``flag`` (why not to trust the row) and ``error`` (why an input
+could not be predicted)."""
 
 from __future__ import annotations
 
@@ -17,7 +14,7 @@ from ignite.engine import Engine, Events
 
 from .calibration import Calibration, Outputs
 from .data import CLASSES
-from .utils import BundleError, as_bool, atomic_write
+from .utils import BundleError, as_bool, write_csv
 
 logger = logging.getLogger(__name__)
 COLUMNS = ("path", "true_label", "label", "confidence", *CLASSES, "ood_score", "ood_score_kind", "flag", "error")
@@ -26,8 +23,7 @@ MIN_SIDE = 32  # pixels: smaller images are flagged (MedNIST's are 64 x 64)
 
 def flag(probs: np.ndarray, score: float, threshold, constant: bool, min_side: int, low_confidence: float) -> str:
     """Why not to trust one prediction, or ``""``: the first of ``constant image``, ``small image`` (a side under
-    32 pixels), ``uncalibrated`` (no calibration: no threshold), ``out-of-distribution`` (score above the
-    threshold), ``low confidence`` (calibrated confidence under ``low_confidence``)."""
+    32 pixels), ``uncalibrated``, ``out-of-distribution`` (score over ``threshold``), ``low confidence``."""
     if constant:
         return "constant image"
     if min_side < MIN_SIDE:
@@ -77,8 +73,7 @@ def read_predictions(path: str) -> list[dict]:
 
 
 def skip_done(data: list[dict], output_dir: str, resume=False) -> list[dict]:
-    """``data`` without the inputs ``predictions.csv`` in ``output_dir`` already holds a row for, with
-    ``resume``; all of ``data`` without."""
+    """``data`` without, with ``resume``, the inputs ``output_dir/predictions.csv`` already has rows for."""
     if not as_bool(resume, "resume"):
         return data
     done = {r["path"] for r in read_predictions(os.path.join(output_dir, "predictions.csv"))}
@@ -88,13 +83,9 @@ def skip_done(data: list[dict], output_dir: str, resume=False) -> list[dict]:
 
 
 class PredictionWriter:
-    """Write each batch's rows (:func:`prediction_rows` of ``outputs``) to ``output_dir/predictions.csv`` as soon
-    as it is predicted.
-
-    Each batch is flushed to disk (``fsync``) before the next is predicted, so a killed run, or a power cut, keeps
-    every batch written; with ``resume`` the rows already there (without a last row cut short) are kept, through a
-    temporary file renamed over the old one, and the new ones appended. Nothing is held across batches.
-    """
+    """Append each batch's rows (:func:`prediction_rows` of ``outputs``) to ``output_dir/predictions.csv``, on disk
+    (``fsync``) before the next batch, so a kill or power cut keeps every batch written; with ``resume`` the
+    complete rows already there are kept (rewritten atomically first). Nothing is held across batches."""
 
     def __init__(self, output_dir: str, outputs: Outputs, calibration: Calibration, low_confidence=0.5, resume=False):
         self.path = os.path.join(output_dir, "predictions.csv")
@@ -102,7 +93,6 @@ class PredictionWriter:
         self.resume = as_bool(resume, "resume")
         self.rows = self.predicted = 0
         self.failed: list[dict] = []
-        self.kept: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.open)
@@ -110,14 +100,7 @@ class PredictionWriter:
         engine.add_event_handler(Events.COMPLETED, self.close)
 
     def open(self, engine: Engine | None = None) -> None:
-        self.kept = read_predictions(self.path) if self.resume else []
-
-        def start(f) -> None:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.kept)
-
-        atomic_write(self.path, start)
+        write_csv(self.path, COLUMNS, read_predictions(self.path) if self.resume else [])
         self.file = open(self.path, "a", newline="")
         self.csv = csv.DictWriter(self.file, fieldnames=COLUMNS, extrasaction="ignore")
 
@@ -137,8 +120,7 @@ class PredictionWriter:
         logger.info(f"{self.predicted} of {self.rows} input(s) predicted; wrote {self.path}")
 
     def finish(self, skipped: int = 0) -> int:
-        """After the run: stop with a non-zero exit if nothing was predicted (and nothing was left to predict by
-        an earlier run, ``skipped``), naming why."""
+        """After the run: a ``BundleError`` naming why if nothing was predicted (unless an earlier run did it all)."""
         if self.predicted == 0 and not (skipped and self.rows == 0):
             first = self.failed[0] if self.failed else {"path": "", "error": "no input"}
             more = f" (and {len(self.failed) - 1} more; see the error column)" if len(self.failed) > 1 else ""

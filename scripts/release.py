@@ -1,15 +1,7 @@
-"""Build the Model Zoo release zip of this bundle, byte-for-byte reproducible.
+"""Build the Model Zoo release zip of this bundle, byte-for-byte reproducible (sorted entries, fixed time and
+mode): configs, docs, scripts, LICENSE and the checked model files (model.pt, its calibration and exports).
 
     python -m scripts.release [--ckpt_dir models] [--out_dir dist]
-
-Writes ``dist/mednist_classification_v<version>.zip`` (version from configs/metadata.json) holding the folder
-``mednist_classification/`` with configs, docs, scripts, LICENSE and ``models/model.pt`` (plus
-calibration.json/.npz, model.ts, model.pt2 and model.onnx when present), as the Model Zoo packs a bundle:
-``large_files.yml`` stays out, since the zip carries the weights. Entries are sorted and stamped with a fixed
-time and mode, so the same inputs give the same bytes. Every model file is checked first (complete, and
-loadable without running code: see ``scripts.model_file``; the calibration fitted for these weights). A model.pt
-other than the published one is labelled a local build (version and model card). Prints the zip's size and
-SHA-256.
 """
 
 from __future__ import annotations
@@ -71,12 +63,9 @@ def release_files(ckpt_dir: str) -> dict[str, str]:
 
 
 def release(ckpt_dir: str = "models", out_dir: str = "dist") -> None:
-    """Write the release zip and print its path, size and SHA-256.
-
-    A model.pt other than the published one (large_files.yml) is released as a local build: version
-    ``<version>+local.<first 8 of its SHA-256>``, in the zip's name and metadata.json, and a first line in the
-    model card saying that its figures are the published model's.
-    """
+    """Write ``<out_dir>/mednist_classification_v<version>.zip`` and print its size and SHA-256; a model.pt other
+    than the published one (large_files.yml) is a local build: ``<version>+local.<sha256[:8]>``, and a model
+    card whose first line says its figures are the published model's."""
     with open(os.path.join(BUNDLE_ROOT, "configs", "metadata.json")) as f:
         metadata = json.load(f)
     files = sorted(release_files(ckpt_dir).items())  # first: no empty out_dir is left behind when a model is missing

@@ -1,8 +1,9 @@
 """Helpers shared by the bundle's scripts: the one error type, booleans from the command line, durable atomic
-writes, one run per folder, leftovers of killed processes, the distributed rank and matplotlib without a display."""
+writes, one run per folder, leftovers of killed runs, the distributed rank, matplotlib without a display."""
 
 from __future__ import annotations
 
+import csv
 import glob
 import logging
 import os
@@ -19,11 +20,8 @@ _TRUE, _FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off"
 
 
 class BundleError(ValueError):
-    """A bad input, with a message naming the problem and its fix.
-
-    A ``ValueError``, so that Python callers (``ConfigWorkflow``, the Model Zoo's CI) can catch it. From the
-    command line, :func:`report_bundle_error` prints it as one message instead of a traceback.
-    """
+    """A bad input, with a message naming the problem and its fix; a ``ValueError`` for Python callers, one message
+    without a traceback on the command line (:func:`report_bundle_error`)."""
 
     def __init__(self, problem: str, fix: str):
         super().__init__(problem, fix)
@@ -41,11 +39,8 @@ def root_cause(error: BaseException) -> BaseException:
 
 
 def report_bundle_error(exc_type, exc, tb) -> None:
-    """``sys.excepthook``: an uncaught exception caused by a ``BundleError`` prints only that error's message.
-
-    MONAI wraps errors raised while it evaluates a config in its own exceptions; the ``BundleError`` is found
-    along their causes. Any other exception keeps Python's traceback. The exit status stays 1.
-    """
+    """``sys.excepthook``: an uncaught exception caused by a ``BundleError`` (MONAI wraps errors raised while it
+    evaluates a config) prints only that error's message; any other keeps its traceback. The exit status is 1."""
     cause, seen = exc, set()
     while cause is not None and not isinstance(cause, BundleError) and id(cause) not in seen:
         seen.add(id(cause))
@@ -91,9 +86,8 @@ def fsync_folder(folder: str) -> None:
 
 
 def atomic_write(path: str, write, mode: str = "w") -> None:
-    """Call ``write(file)`` on a temporary file ``.tmp-*`` beside ``path``, flush it to disk, then rename it over
-    ``path``: at every instant ``path`` is either the old complete file or the new one, even across a power cut.
-    A temporary file left by a killed process is removed by the next run's :class:`FolderLock`."""
+    """Call ``write(file)`` on a temporary file ``.tmp-*`` beside ``path``, flush it to disk, rename it over ``path``:
+    ``path`` is always the old complete file or the new one, even across a power cut."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1], dir=folder)
@@ -112,6 +106,17 @@ def atomic_write(path: str, write, mode: str = "w") -> None:
             os.remove(tmp)
 
 
+def write_csv(path: str, columns, rows) -> None:
+    """``rows`` (dicts: other keys left out) under a header of ``columns``, written atomically."""
+
+    def write(f):
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
 TMP_PREFIX = ".tmp-"
 IGNITE_TMP = re.compile(r"^tmp[a-z0-9_]{8}$")  # ignite DiskSaver(atomic=True)'s temporary files
 
@@ -123,15 +128,13 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
-        return True
+        pass
     return True
 
 
 def remove_stale(folder: str, prefix: str) -> list[str]:
-    """Remove ``folder/<prefix><pid>-*`` files and folders whose process ``pid`` is gone (left by a killed run).
-
-    Names without a process id (from older versions) count as stale. Returns what was removed.
-    """
+    """Remove ``folder/<prefix><pid>-*`` files and folders whose process ``pid`` is gone (left by a killed run), and
+    such names without a process id; returns what was removed."""
     removed = []
     for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*")):
         match = re.match(r"(\d+)-", os.path.basename(path)[len(prefix) :])
@@ -145,14 +148,9 @@ def remove_stale(folder: str, prefix: str) -> list[str]:
 
 
 class FolderLock:
-    """One run per folder: an exclusive ``fcntl`` lock on ``<folder>/.mednist.lock`` for each of ``folders``.
-
-    The lock file holds the running process's id, named in the refusal a second run gets. The operating system
-    drops the lock when its process ends, however it ends, so the lock of a killed run is simply taken over.
-    Taking a folder also removes the temporary files a killed run left there (its writes are atomic, so nothing
-    else is half-written). Only the main process of a distributed run takes the lock. ``acquire`` is idempotent
-    within a process; ``release`` frees the folders (``finalize`` calls it).
-    """
+    """One run per folder: an exclusive ``fcntl`` lock on ``<folder>/.mednist.lock`` (holding the process id a
+    refused run is told) for each of ``folders``, dropped by the system however its process ends. Taking a folder
+    removes the temporary files a killed run left there. Main process only; ``acquire`` is idempotent."""
 
     NAME = ".mednist.lock"
     _held: dict[str, object] = {}  # real folder path -> open lock file, for this process
