@@ -42,35 +42,34 @@ def check_gpu(require_gpu: bool = False, size: int = 2048) -> None:
 
     print(f"python {platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}")
     print(f"CUDA build: {torch.version.cuda or 'none (CPU-only torch)'}; cuDNN: {torch.backends.cudnn.version()}")
-    if not torch.cuda.is_available():
-        print(f"No CUDA GPU is available: training runs on the CPU ({torch.get_num_threads()} threads).")
-        print(f"  CPU matmul {size}x{size} fp32: {_timed_matmul(torch.device('cpu'), size):.1f} GFLOP/s")
-        speedup = bf16_speedup()
-        fast = "faster: training uses bf16" if speedup >= BF16_MIN_SPEEDUP else "not faster: training uses fp32"
-        print(f"  CPU bf16 autocast: {_autocast_works('cpu', torch.bfloat16)}")
-        print(
-            f"  CPU bf16 speed: a training step ran {speedup:.2f}x as fast as fp32 on this "
-            f"{torch.backends.cpu.get_cpu_capability()} CPU, {fast} (--cpu_bf16 auto)"
-        )
-        print("To use an NVIDIA GPU, install a CUDA build of torch that matches your driver, e.g.")
-        print("  pip install torch --index-url https://download.pytorch.org/whl/cu128")
-        print("and check that `nvidia-smi` lists the GPU.")
-        if as_bool(require_gpu, "require_gpu"):
-            sys.exit("ERROR: --require_gpu was given but no GPU is usable.")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p, dev = torch.cuda.get_device_properties(i), torch.device("cuda", i)
+            print(
+                f"GPU {i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, compute capability {p.major}.{p.minor}, "
+                f"{p.multi_processor_count} multiprocessors"
+            )
+            for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+                print(f"  matmul {size}x{size} {name}: {_timed_matmul(dev, size, dtype):.0f} GFLOP/s")
+        print(f"fp16 autocast: {_autocast_works('cuda', torch.float16)}")
+        bf16 = f"{_autocast_works('cuda', torch.bfloat16)} (bf16 supported: {torch.cuda.is_bf16_supported()})"
+        print(f"bf16 autocast: {bf16}")
         return
-    for i in range(torch.cuda.device_count()):
-        p = torch.cuda.get_device_properties(i)
-        dev = torch.device("cuda", i)
-        print(
-            f"GPU {i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, compute capability {p.major}.{p.minor}, "
-            f"{p.multi_processor_count} multiprocessors"
-        )
-        print(f"  matmul {size}x{size} fp32: {_timed_matmul(dev, size):.0f} GFLOP/s")
-        print(f"  matmul {size}x{size} fp16: {_timed_matmul(dev, size, torch.float16):.0f} GFLOP/s")
-    print(f"fp16 autocast: {_autocast_works('cuda', torch.float16)}")
+    print(f"No CUDA GPU is available: training runs on the CPU ({torch.get_num_threads()} threads).")
+    print(f"  CPU matmul {size}x{size} fp32: {_timed_matmul(torch.device('cpu'), size):.1f} GFLOP/s")
+    speedup = bf16_speedup()
+    fast = "faster: training uses bf16" if speedup >= BF16_MIN_SPEEDUP else "not faster: training uses fp32"
+    print(f"  CPU bf16 autocast: {_autocast_works('cpu', torch.bfloat16)}")
     print(
-        f"bf16 autocast: {_autocast_works('cuda', torch.bfloat16)} (bf16 supported: {torch.cuda.is_bf16_supported()})"
+        f"  CPU bf16 speed: a training step ran {speedup:.2f}x as fast as fp32 on this "
+        f"{torch.backends.cpu.get_cpu_capability()} CPU, {fast} (--cpu_bf16 auto)"
     )
+    print(
+        "To use an NVIDIA GPU, install a CUDA build of torch that matches your driver, e.g.\n"
+        "  pip install torch --index-url https://download.pytorch.org/whl/cu128\nand check `nvidia-smi` lists it."
+    )
+    if as_bool(require_gpu, "require_gpu"):
+        sys.exit("ERROR: --require_gpu was given but no GPU is usable.")
 
 
 if __name__ == "__main__":

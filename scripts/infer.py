@@ -173,10 +173,9 @@ class PredictionPicture:
         self.image = self.ax_image.imshow(blank, cmap="gray")
         self.ax_image.axis("off")
         self.bars = self.ax_bars.barh(CLASSES, np.zeros(len(CLASSES)))
-        self.ax_bars.set_xlim(0, 1)
-        self.ax_bars.invert_yaxis()
-        self.ax_bars.set_xlabel("probability")
-        self.ax_bars.set_title("class probabilities")
+        self.ax_bars.set(
+            xlim=(0, 1), ylim=(len(CLASSES) - 0.5, -0.5), xlabel="probability", title="class probabilities"
+        )
         self.texts = [self.ax_bars.text(0, i, "", va="center") for i in range(len(CLASSES))]
         self.under = self.ax_cam.imshow(blank, cmap="gray")
         self.cam = self.ax_cam.imshow(blank, cmap="jet", alpha=0.45, vmin=0, vmax=1)

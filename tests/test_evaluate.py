@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CLASSES, EVALUATE, bundle_error, evaluate, run_bundle, write_mednist
+from conftest import BUNDLE, CLASSES, EVALUATE, bundle_error, evaluate, run_bundle, write_mednist
 
 
 def read_csv(path) -> list[dict]:
@@ -21,10 +21,12 @@ def read_csv(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def evaluated(trained, mednist, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval")
-    # the test split saved by training, results to a fresh folder; from the command line, as a user runs it
+    out, elsewhere = tmp_path_factory.mktemp("eval"), tmp_path_factory.mktemp("elsewhere")
+    # the test split saved by training, results to a fresh folder; from the command line, as a user runs it, in a
+    # folder without `scripts` (so with --bundle_root)
     proc = run_bundle("run", "evaluating", "--config_file", EVALUATE, dataset_dir=mednist, output_dir=out,
-                      split_file=trained / "out" / "split.json", ckpt_dir=trained / "models")  # fmt: skip
+                      split_file=trained / "out" / "split.json", ckpt_dir=trained / "models", cwd=elsewhere,
+                      bundle_root=BUNDLE)  # fmt: skip
     return out, proc, trained
 
 
