@@ -1,7 +1,7 @@
 """Measure the bundle's training and inference against its bare network on this machine.
 
     python -m tools.benchmark --dataset_dir /path/holding/MedNIST [--num_images 2048] [--repeats 3]
-                                [--per_sample false] [--out outputs/benchmark.json] [--any_train_json_key value ...]
+                                [--per_sample false] [--choices false] [--out outputs/benchmark.json] [--train_json_key value]
 
 Developer tooling, run from the repository root (not part of the bundle's release). Each round runs in a fresh
 process and interleaves each bundle iteration with one bare step, so that the machine's drift touches both
@@ -279,6 +279,13 @@ def _run_one(kind: str, dataset_dir: str, num_images: int, overrides: dict) -> d
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def _median(values: list):
+    """The median of the rounds' values: one of them for counts, rounded for rates and ratios."""
+    if all(isinstance(v, int) for v in values):
+        return statistics.median_low(values)
+    return round(statistics.median(values), 3)
+
+
 def benchmark(
     dataset_dir: str,
     num_images: int = 2048,
@@ -323,11 +330,9 @@ def benchmark(
             f"({row['inference_of_bare']:.0%})",
             flush=True,
         )
-    median = {
-        k: (statistics.median(r[k] for r in runs) if isinstance(v, (int, float)) else v) for k, v in runs[0].items()
-    }
+    median = {k: (_median([r[k] for r in runs]) if isinstance(v, (int, float)) else v) for k, v in runs[0].items()}
     if "choices" in median:
-        median["choices"] = {k: statistics.median(r["choices"][k] for r in runs) for k in runs[0]["choices"]}
+        median["choices"] = {k: _median([r["choices"][k] for r in runs]) for k in runs[0]["choices"]}
     machine = {
         "cpu": cpu_name(),
         "capability": torch.backends.cpu.get_cpu_capability(),
