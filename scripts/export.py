@@ -67,15 +67,16 @@ def _export(ckpt_path: str, out: str, write) -> str:
     return out
 
 
+def write_pt2(network: torch.nn.Module, path: str, calibration: str | None) -> None:
+    """A ``torch.export`` program of ``network`` with a dynamic batch dimension, carrying ``calibration``."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    program = torch.export.export(network, (torch.rand(2, 1, *image_size()),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, path, extra_files={CALIBRATION_ENTRY: calibration} if calibration else None)
+
+
 def export_pt2(ckpt_path: str = "models/model.pt", out: str = "models/model.pt2") -> str:
     """Write a ``torch.export`` program with a dynamic batch dimension."""
-
-    def write(network, path, calibration):
-        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-        program = torch.export.export(network, (torch.rand(2, 1, *image_size()),), dynamic_shapes=({0: batch},))
-        torch.export.save(program, path, extra_files={CALIBRATION_ENTRY: calibration} if calibration else None)
-
-    return _export(ckpt_path, out, write)
+    return _export(ckpt_path, out, write_pt2)
 
 
 def export_onnx(ckpt_path: str = "models/model.pt", out: str = "models/model.onnx", opset: int = 18) -> str:

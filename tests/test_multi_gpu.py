@@ -40,28 +40,9 @@ def history(tmp_path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_two_processes_train_one_model(mednist, tmp_path):
-    logs = torchrun(tmp_path, dataset_dir=mednist, epochs=2, batch_size=8, accumulation_steps=1)
-    assert "rank 0 of 2 (gloo)" in logs[0] and "rank 1 of 2 (gloo)" in logs[1]
-    # validation metrics are reduced over both ranks' shards: both print the same figures
-    pattern = r"Epoch\[1\] Metrics -- val_acc: ([\d.]+) val_loss: ([\d.]+)"
-    assert re.findall(pattern, logs[0]) == re.findall(pattern, logs[1]) != []
-    assert sorted(os.listdir(tmp_path / "models")) == [
-        ".mednist.lock",
-        *CALIBRATION,
-        "checkpoint_epoch=2.pt",
-        "model.pt",
-    ]
-    # each rank preprocessed its own half of the 96 training and 12 validation images
-    assert all(re.findall(r"cached (\d+) items", log) == ["48", "6"] for log in logs)
-    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=6)
-    net.load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))  # no "module." prefix
-    assert [int(r["epoch"]) for r in history(tmp_path)] == [1, 2]
-    events = [f for f in os.listdir(tmp_path / "out") if f.startswith("events.out.tfevents")]
-    assert events and len({f.split(".")[-2] for f in events}) == 1  # TensorBoard from one process (rank 0)
-
-
-def test_forced_early_stop_ends_both_ranks_together(mednist, tmp_path):
+def test_two_processes_train_one_model_and_stop_early_together(mednist, tmp_path):
+    """One run of 2 ranks: reduced validation metrics, one model and checkpoint, each rank's half of the data, and
+    a forced early stop (the loss cannot fall at learning rate 1e-30) ending both ranks after epoch 3."""
     logs = torchrun(
         tmp_path,
         dataset_dir=mednist,
@@ -72,7 +53,23 @@ def test_forced_early_stop_ends_both_ranks_together(mednist, tmp_path):
         learning_rate=1e-30,
         **{"network_def#norm": "instance", "epoch_length": 1},
     )
+    assert "rank 0 of 2 (gloo)" in logs[0] and "rank 1 of 2 (gloo)" in logs[1]
+    # validation metrics are reduced over both ranks' shards: both print the same figures
+    pattern = r"Epoch\[(\d+)\] Metrics -- val_acc: ([\d.]+) val_loss: ([\d.]+)"
+    assert re.findall(pattern, logs[0]) == re.findall(pattern, logs[1]) != []
     for log in logs:  # each rank validated epochs 1-3, then its trainer stopped and the run finished
         assert re.findall(r"Epoch\[(\d+)\] Metrics -- val_acc", log) == ["1", "2", "3"]
         assert "run finished in" in log
     assert [int(r["epoch"]) for r in history(tmp_path)] == [1, 2, 3]
+    assert sorted(os.listdir(tmp_path / "models")) == [
+        ".mednist.lock",
+        *CALIBRATION,
+        "checkpoint_epoch=3.pt",
+        "model.pt",
+    ]
+    # each rank preprocessed its own half of the 96 training and 12 validation images
+    assert all(re.findall(r"cached (\d+) items", log) == ["48", "6"] for log in logs)
+    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=6, norm="instance")
+    net.load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))  # no "module." prefix
+    events = [f for f in os.listdir(tmp_path / "out") if f.startswith("events.out.tfevents")]
+    assert events and len({f.split(".")[-2] for f in events}) == 1  # TensorBoard from one process (rank 0)
