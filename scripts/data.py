@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
 import numpy as np
@@ -214,8 +217,11 @@ def folder_datalist(folder: str) -> list[dict]:
     return data
 
 
-def _die_with_parent(parent: int, worker_id: int = 0) -> None:
-    """A worker's ``worker_init_fn`` (Linux): the kernel kills it when ``parent`` dies, so no orphan holds memory."""
+_worker_transform = None  # set in each worker process by _start_worker
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel kill this process when its parent dies, so no orphan holds memory."""
     import ctypes
     import signal
 
@@ -225,6 +231,19 @@ def _die_with_parent(parent: int, worker_id: int = 0) -> None:
         return
     if os.getppid() != parent:  # the parent died before the call above
         os._exit(1)
+
+
+def _start_worker(transform, parent: int) -> None:
+    """A worker's initializer: killed with its parent, one torch thread (a forked OpenMP pool must not be
+    reused), and the transform, inherited through ``fork`` rather than pickled."""
+    global _worker_transform
+    _die_with_parent(parent)
+    torch.set_num_threads(1)
+    _worker_transform = transform
+
+
+def _preprocess_in_worker(items: list[dict]) -> tuple:
+    return _preprocess(_worker_transform, items)
 
 
 def _preprocess(transform, items: list[dict]) -> tuple:
@@ -243,29 +262,32 @@ def _preprocess(transform, items: list[dict]) -> tuple:
     return (np.stack(images) if images else None), rest, failed
 
 
-def preload(data: dict, transform, num_workers: int = 1, skip_unreadable=False, chunk_size: int = 256) -> dict:
+def preload(
+    data: dict[str, list[dict]], transform, num_workers: int = 1, skip_unreadable=False, chunk_size: int = 256
+) -> dict[str, list[dict]]:
     """Every item of each list of ``data`` (e.g. ``{"training": [...], "validation": [...]}``) through
     ``transform`` (the deterministic preprocessing), in memory under the same names, each as ``{"image": float32
     tensor, "path": its file, ...}`` for a plain ``monai.data.Dataset``. Chunks go to ``num_workers`` forked
-    processes (a ``DataLoader``'s, on Linux; else this process), not threads as in MONAI's ``CacheDataset``: the
+    processes (Linux; else this process) that die with it, not threads as in MONAI's ``CacheDataset``: the
     transforms hold Python's lock. Unreadable images are named together at the end, or with ``skip_unreadable``
     left out and counted."""
-    workers = max(1, int(num_workers)) if sys.platform.startswith("linux") else 1
+    workers = max(1, int(num_workers))
+    chunks = {
+        name: [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)] for name, items in data.items()
+    }
     bar = tqdm(total=sum(map(len, data.values())), desc="Loading dataset") if has_tqdm else None
-    cached, failed = {}, []
+    cached, failed, pool = {}, [], None
     try:
-        for name, items in data.items():
+        if workers > 1 and sys.platform.startswith("linux"):  # fork is safe on Linux only
+            fork = multiprocessing.get_context("fork")
+            init = (transform, os.getpid())
+            pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_start_worker, initargs=init)
+        else:
+            workers = 1
+        for name, parts in chunks.items():
             start, cached[name] = time.perf_counter(), []
-            chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
-            loader = torch.utils.data.DataLoader(
-                chunks,
-                batch_size=None,
-                collate_fn=partial(_preprocess, transform),
-                num_workers=workers if workers > 1 else 0,
-                multiprocessing_context="fork" if workers > 1 else None,
-                worker_init_fn=partial(_die_with_parent, os.getpid()),
-            )
-            for stacked, rest, bad in loader:
+            results = pool.map(_preprocess_in_worker, parts) if pool else map(partial(_preprocess, transform), parts)
+            for stacked, rest, bad in results:
                 failed += bad
                 if stacked is not None:
                     tensor = torch.from_numpy(stacked)
@@ -274,14 +296,14 @@ def preload(data: dict, transform, num_workers: int = 1, skip_unreadable=False, 
                     bar.update(len(rest) + len(bad))
             took = time.perf_counter() - start
             logger.info(f"cached {len(cached[name])} items in {took:.1f} s ({workers} process(es)): {name}")
-    except RuntimeError as e:  # a worker was killed, e.g. by the out-of-memory killer
-        if "DataLoader worker" not in str(e):
-            raise
+    except BrokenProcessPool as e:  # a worker was killed, e.g. by the out-of-memory killer
         raise BundleError(
             f"a process preprocessing the images died ({e}).",
             f"pass a smaller --cache_num_workers (it was {workers}; 1 works in the training process).",
         ) from e
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     if failed:
