@@ -114,14 +114,24 @@ def check_inference_args(device, batch_size, image_size) -> None:
     check_image_size(image_size)
 
 
-INTEGERS = {"epochs": 1, "batch_size": 1, "accumulation_steps": 1, "val_interval": 1, "val_per_epoch": 1}  # minima
-INTEGERS.update(val_batch_size=1, early_stop_patience=1, num_workers=0, cache_num_workers=1, seed=0)
-FRACTIONS = {
+INTEGERS = {  # key: smallest value
+    "epochs": 1,
+    "batch_size": 1,
+    "accumulation_steps": 1,
+    "val_interval": 1,
+    "val_per_epoch": 1,
+    "val_batch_size": 1,
+    "early_stop_patience": 1,
+    "num_workers": 0,
+    "cache_num_workers": 1,
+    "seed": 0,
+}
+FRACTIONS = {  # key: (low, high, bounds included)
     "val_frac": (0.0, 1.0, False),
     "test_frac": (0.0, 1.0, False),
     "lr_warmup": (0, 1, True),
-}  # low, high, closed
-FRACTIONS["target_accuracy"] = (0, 1, True)
+    "target_accuracy": (0, 1, True),
+}
 FLAGS = ("amp", "channels_last", "augment", "download", "resume", "skip_unreadable")
 PER_SAMPLE = {"augment": True}  # what configs/per_sample.json's pipeline always does
 

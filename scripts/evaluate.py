@@ -103,9 +103,13 @@ def plot_confusion(cm: np.ndarray, path: str) -> None:
 
 def _json_safe(obj):
     """``obj`` with NaN as None (null in JSON)."""
-    if isinstance(obj, (dict, list)):
-        return {k: _json_safe(v) for k, v in obj.items()} if isinstance(obj, dict) else list(map(_json_safe, obj))
-    return None if isinstance(obj, float) and math.isnan(obj) else obj
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 class ClassificationReport:

@@ -128,7 +128,7 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
-        pass
+        return True
     return True
 
 

@@ -176,7 +176,7 @@ def genuine_entries(path) -> list:
 
 @pytest.fixture(scope="module")
 def small_pt2(tmp_path_factory):
-    """An export written by the bundle's ``write_pt2`` (dynamic batch, calibration carried) of a MonAI DenseNet
+    """An export written by the bundle's ``write_pt2`` (dynamic batch, calibration carried) of a MONAI DenseNet
     with few, narrow layers: the archive layout of the bundle's exports at a fraction of their 30 MB, so that each
     fuzz case is written and checked in milliseconds."""
     from monai.networks.nets import DenseNet

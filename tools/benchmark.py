@@ -154,14 +154,15 @@ def _interleaved(engine, bare_step) -> list:
     from ignite.engine import Events
 
     pairs: list[tuple[float, float]] = []
-    ended: list[float] = []
+    ended: list[float] = []  # when the last bare step ended
 
     def after_iteration(_):
         now = time.perf_counter()
         bare_step()
+        end = time.perf_counter()
         if ended:
-            pairs.append((now - ended[-1], time.perf_counter() - now))
-        ended.append(time.perf_counter())
+            pairs.append((now - ended[-1], end - now))
+        ended[:] = [end]
 
     engine.add_event_handler(Events.ITERATION_COMPLETED, after_iteration)
     return pairs
