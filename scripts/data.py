@@ -152,13 +152,8 @@ def load_split(
                 )
         atomic_write(split_file, lambda f: json.dump(saved, f, indent=1))
         logger.info(f"wrote the data split to {split_file}")
-    lists = {n: [{"image": os.path.join(root, d["image"]), "label": d["label"]} for d in saved[n]] for n in SPLITS}
-    missing = [d["image"] for n in lists for d in lists[n] if not os.path.isfile(d["image"])]
-    if missing:
-        raise BundleError(
-            f"{len(missing)} image(s) named in {split_file} are gone, e.g. {missing[0]}.",
-            "restore the dataset, or choose another --output_dir to make a new split.",
-        )
+    fix = "restore the dataset, or choose another --output_dir to make a new split."
+    lists = {name: on_disk(saved[name], root, split_file, fix) for name in SPLITS}
     for n, items in lists.items():
         logger.info(f"{n}: {len(items)} images")
     return lists
@@ -174,14 +169,16 @@ def test_datalist(split_file: str, dataset_dir: str) -> list[dict]:
         )
     with open(split_file) as f:
         items = json.load(f)["test"]
-    root = os.path.join(dataset_dir, "MedNIST")
+    return on_disk(items, os.path.join(dataset_dir, "MedNIST"), split_file, "pass the --dataset_dir used for training.")
+
+
+def on_disk(items: list[dict], root: str, split_file: str, fix: str) -> list[dict]:
+    """The items of a saved split with their paths under ``root``, or a ``BundleError`` if an image is not there."""
     data = [{"image": os.path.join(root, d["image"]), "label": d["label"]} for d in items]
     missing = [d["image"] for d in data if not os.path.isfile(d["image"])]
     if missing:
-        raise BundleError(
-            f"{len(missing)} test image(s) named in {split_file} are not under {root}, e.g. {missing[0]}.",
-            "pass the --dataset_dir used for training.",
-        )
+        problem = f"{len(missing)} image(s) named in {split_file} are not under {root}, e.g. {missing[0]}."
+        raise BundleError(problem, fix)
     return data
 
 

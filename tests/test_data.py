@@ -153,6 +153,25 @@ def test_incomplete_dataset_is_refused(damage, mednist, tmp_path):
         train(data, tmp_path, **FAST)
 
 
+def test_split_naming_images_that_are_gone_is_refused(mednist, tmp_path):
+    from scripts.data import eval_datalist, load_split
+
+    data, split_file = tmp_path / "data", str(tmp_path / "split.json")
+    shutil.copytree(mednist, data)
+    with bundle_error("no data split at"):  # evaluation before any training
+        eval_datalist(None, split_file, str(data))
+    lists = load_split(str(data), split_file, 0.2, 0.2, seed=0, download=False)
+    assert eval_datalist(None, split_file, str(data)) == lists["test"]
+    gone = lists["validation"][3]["image"]
+    os.remove(gone)
+    with bundle_error(f"1 image(s) named in {split_file} are not under {data}/MedNIST, e.g. {gone}.") as found:
+        load_split(str(data), split_file, 0.2, 0.2, seed=0, download=False)
+    assert "choose another --output_dir" in found[0].fix
+    with bundle_error(f"24 image(s) named in {split_file} are not under {tmp_path}/elsewhere/MedNIST") as found:
+        eval_datalist(None, split_file, str(tmp_path / "elsewhere"))
+    assert found[0].fix == "pass the --dataset_dir used for training."
+
+
 def _preload(mednist, workers: int, **kwargs):
     """Every synthetic image through train.json's preprocessing, preloaded by ``workers`` processes."""
     from scripts.data import preload
