@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 
 import numpy as np
@@ -81,13 +82,11 @@ def check_file(path: str, max_pixels: int) -> None:
         raise
     except Exception as e:  # not an image at all, a corrupt header, a decompression bomb
         raise ValueError(f"cannot read image: {type(e).__name__}: {e}") from e
-    spatial = [s for s in shape if s > 1]
-    if len(spatial) != 2:
+    if len(shape) < 2 or sum(s > 1 for s in shape) > 2:  # a 1x1 image is 2D; a NIfTI slice may be (W, H, 1)
         raise ValueError(f"image of shape {shape} is not a 2D image (3D volume?): pass one 2D slice")
-    if spatial[0] * spatial[1] > max_pixels:
-        raise ValueError(
-            f"image is {spatial[0]}x{spatial[1]} pixels, over the {max_pixels:,} limit (decompression bomb?)"
-        )
+    if math.prod(shape) > max_pixels:
+        size = "x".join(str(s) for s in shape if s > 1)
+        raise ValueError(f"image is {size} pixels, over the {max_pixels:,} limit (decompression bomb?)")
 
 
 class LoadImageSafelyd(MapTransform):
@@ -107,7 +106,9 @@ class LoadImageSafelyd(MapTransform):
         except Exception as e:  # truncated or corrupt pixel data
             cause = root_cause(e)
             raise ValueError(f"cannot read image: {type(cause).__name__}: {cause}") from e
-        image = torch.as_tensor(image).squeeze()  # a NIfTI slice is (W, H, 1)
+        image = torch.as_tensor(image)
+        while image.ndim > 2 and 1 in image.shape:  # a NIfTI slice is (W, H, 1)
+            image = image.squeeze(image.shape.index(1))
         if image.ndim != 2 or not torch.isfinite(image).all():
             raise ValueError("image is not one 2D channel of finite values")
         return image[None]

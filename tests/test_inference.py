@@ -57,7 +57,10 @@ def mixed_folder(mednist, tmp_path_factory) -> dict:
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.float32), np.eye(4)), d / "volume.nii.gz")
     os.makedirs(d / "folder.png")
     Image.new("L", (6000, 6000)).save(d / "bomb.png")  # 36 MP, a few kB compressed
+    Image.new("L", (1, 1), 128).save(d / "dot.png")  # 2D, however small: predicted and flagged
+    Image.fromarray(gray[:1, :40]).save(d / "line.png")
     good = ["hand.jpeg", "cxr.jpg", "rgb.png", "rgba.png", "gray16.png", "large.png", "slice.nii.gz", "slice1.nii"]
+    good += ["dot.png", "line.png"]
     return {"dir": d, "bad": bad, "good": good}
 
 
@@ -69,6 +72,7 @@ def test_mixed_folder_one_row_per_file(trained, mixed_folder, tmp_path, capsys):
     for name, error in mixed_folder["bad"].items():
         assert error in rows[name]["error"], (name, rows[name]["error"])
         assert rows[name]["label"] == "" and name in logged  # logged too
+    assert (rows["dot.png"]["flag"], rows["line.png"]["flag"]) == ("constant image", "small image")
     for name in mixed_folder["good"]:
         r = rows[name]
         probs = [float(r[c]) for c in CLASS_NAMES]
