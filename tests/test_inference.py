@@ -238,3 +238,23 @@ def test_preprocessing_drops_metadata_only_while_it_runs(mixed_folder):
         assert item["image"].shape == (1, 64, 64) and 0.9 < float(item["image"].max()) <= 1.0  # scaled
     assert get_track_meta()
     assert isinstance(LoadImage(image_only=True)(str(mixed_folder["dir"] / "hand.jpeg")), MetaTensor)
+
+
+def test_preprocessing_of_an_extreme_shape_is_quick(tmp_path):
+    """A 1 x 2,000,000 PNG (2 MB, under the pixel limit) is resized by area averaging in well under a second; a
+    Gaussian anti-aliasing filter, whose width grows with the shrink factor, took 150 s on it (a denial of service)."""
+    import time
+
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE
+
+    path = str(tmp_path / "wide.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1, 2_000_000), dtype=np.uint8)).save(path)
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLE, "configs", "inference.json"))
+    preprocessing = parser.get_parsed_content("preprocessing")
+    start = time.perf_counter()
+    item = preprocessing({"image": path})
+    assert item["error"] == "" and item["image"].shape == (1, 64, 64) and item["min_side"] == 1
+    assert time.perf_counter() - start < 5
