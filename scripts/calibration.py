@@ -215,9 +215,12 @@ def arrays_path(path: str) -> str:
     return os.path.splitext(path)[0] + ".npz"
 
 
-def calibration_for(model_path: str, network: torch.nn.Module) -> Calibration:
-    """The calibration of ``network``, loaded from the model file ``model_path``: the one an export carries, else
-    ``calibration.json`` beside the file, refused if fitted for other weights; unfitted, with a warning, if none."""
+def calibration_for(model_path: str | None) -> Calibration:
+    """The calibration of the model file ``model_path``: the one an export carries, else ``calibration.json`` beside
+    it, refused if fitted for other weights; unfitted, with a warning, where there is none."""
+    if not model_path or not os.path.isfile(model_path):
+        return Calibration()
+    network = load_model(model_path)
     carried = getattr(network, "calibration", None)
     if carried:
         return Calibration.from_json(json.loads(carried), model_path)

@@ -48,14 +48,13 @@ def image_size() -> list[int]:
 def _export(ckpt_path: str, out: str, write) -> str:
     """``write(network, path, calibration JSON or None)`` to a temporary file beside ``out``, parity-checked, then
     renamed to ``out``."""
-    network = load_model(ckpt_path)
-    calibration = calibration_for(ckpt_path, network)
+    calibration = calibration_for(ckpt_path)
     carried = json.dumps(calibration.to_json()) if calibration.fitted else None
     folder = os.path.dirname(os.path.abspath(out))
     suffix = os.path.splitext(out)[1]
     tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-export{suffix}")
     try:
-        write(network, tmp, carried)
+        write(load_model(ckpt_path), tmp, carried)
         gap = check_parity(ckpt_path, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

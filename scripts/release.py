@@ -15,7 +15,7 @@ import fire
 import yaml
 
 from .calibration import calibration_for
-from .model_file import SUFFIXES, load_model
+from .model_file import load_model
 from .utils import BUNDLE_ROOT, BundleError, atomic_write
 
 NAME = "mednist_classification"
@@ -51,11 +51,12 @@ def release_files(ckpt_dir: str) -> dict[str, str]:
     model = os.path.join(ckpt_dir, "model.pt")
     if not os.path.isfile(model):
         raise BundleError(f"no trained model at {model}.", "train first, or pass --ckpt_dir.")
-    calibration_for(model, load_model(model))  # readable, and fitted for these weights
     for name in MODELS:
         path = os.path.join(ckpt_dir, name)
         if os.path.isfile(path):
-            if name.endswith(SUFFIXES) and name != "model.pt":
+            if name.startswith("calibration"):
+                calibration_for(model)  # readable, and fitted for these weights
+            else:
                 load_model(path)  # complete, and loadable without running code
             files[f"models/{name}"] = path
     return files
