@@ -27,6 +27,7 @@ tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 CLASSES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
 SPLITS = ("training", "validation", "test")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+IMAGE_FORMATS = ("JPEG", "PNG")  # what Pillow may open: not EPS, which it renders by running Ghostscript
 DOWNLOAD_PREFIX, EXTRACT_PREFIX = ".MedNIST-download-", ".MedNIST-extract-"
 logger = logging.getLogger(__name__)
 

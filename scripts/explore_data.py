@@ -11,7 +11,7 @@ import fire
 import numpy as np
 from PIL import Image
 
-from .data import CLASSES, check_class_folders
+from .data import CLASSES, IMAGE_FORMATS, check_class_folders
 from .utils import pyplot, save_figure
 
 
@@ -30,7 +30,7 @@ def explore(
         picked = rng.choice(len(files), size=min(len(files), max(per_class, 200)), replace=False)
         sizes, pixels = set(), []
         for i in picked:
-            with Image.open(os.path.join(data_dir, cls, files[i])) as img:
+            with Image.open(os.path.join(data_dir, cls, files[i]), formats=IMAGE_FORMATS) as img:
                 sizes.add(img.size)
                 pixels.append(np.asarray(img.convert("L"), dtype=np.float32).ravel())
         allpx = np.concatenate(pixels)
@@ -52,7 +52,7 @@ def _grid(samples: dict, per_class: int, out: str) -> None:
             ax = axes[r][c]
             ax.axis("off")
             if c < len(samples[cls]):
-                with Image.open(samples[cls][c]) as img:
+                with Image.open(samples[cls][c], formats=IMAGE_FORMATS) as img:
                     ax.imshow(np.asarray(img.convert("L")), cmap="gray", vmin=0, vmax=255)
             if c == 0:
                 ax.set_title(cls, fontsize=9, loc="left")

@@ -16,7 +16,7 @@ from monai.data import PILReader, get_track_meta, set_track_meta
 from monai.transforms import Compose, LoadImage, MapTransform, Resized
 
 from .calibration import Outputs
-from .data import CLASSES, IMAGE_SUFFIXES
+from .data import CLASSES, IMAGE_FORMATS, IMAGE_SUFFIXES
 from .predictions import read_predictions
 from .utils import BundleError, as_bool, atomic_write, pyplot, root_cause
 
@@ -57,7 +57,8 @@ def to_gray(image):
 
 
 def check_file(path: str, max_pixels: int) -> None:
-    """``ValueError`` saying why ``path`` cannot be used, from its header alone (no pixels decoded)."""
+    """``ValueError`` saying why ``path`` cannot be used, from its header alone (no pixels decoded); a .jpeg, .jpg
+    or .png file must hold one of :data:`~scripts.data.IMAGE_FORMATS`."""
     if not os.path.exists(path):
         raise ValueError("file does not exist")
     if os.path.isdir(path):
@@ -67,10 +68,13 @@ def check_file(path: str, max_pixels: int) -> None:
     name = path.lower()
     try:
         if name.endswith(IMAGE_SUFFIXES):
-            from PIL import Image
+            from PIL import Image, UnidentifiedImageError
 
-            with Image.open(path) as img:
-                shape = img.size
+            try:
+                with Image.open(path, formats=IMAGE_FORMATS) as img:
+                    shape = img.size
+            except UnidentifiedImageError:
+                raise ValueError(f"cannot read image: its content is not {' or '.join(IMAGE_FORMATS)}") from None
         elif name.endswith(NIFTI_SUFFIXES):
             import nibabel as nib
 
@@ -91,13 +95,15 @@ def check_file(path: str, max_pixels: int) -> None:
 
 class LoadImageSafelyd(MapTransform):
     """Load ``keys`` with MONAI's ``LoadImage`` as a (1, W, H) tensor, as training does, its smaller side under
-    ``min_side``; a file that cannot be used becomes zeros of ``image_size`` with the reason under ``error``."""
+    ``min_side``; a file that cannot be used becomes zeros of ``image_size`` with the reason under ``error``.
+    Pillow opens only :data:`~scripts.data.IMAGE_FORMATS` (not EPS, which it renders by running Ghostscript)."""
 
     def __init__(self, keys="image", image_size=(64, 64), max_pixels: int = 25_000_000):
         super().__init__(keys)
         self.image_size, self.max_pixels = tuple(image_size), max_pixels
         self.loader = LoadImage(image_only=True, dtype=np.float32)
-        self.loader.register(PILReader(converter=to_gray))  # tried first for .png/.jpeg; NIfTI goes to nibabel
+        # tried first for .png/.jpeg (NIfTI goes to nibabel), with no fallback to the other readers
+        self.loader.register(PILReader(converter=to_gray, formats=IMAGE_FORMATS))
 
     def load(self, path: str) -> torch.Tensor:
         check_file(path, self.max_pixels)

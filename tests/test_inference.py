@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -258,3 +261,52 @@ def test_preprocessing_of_an_extreme_shape_is_quick(tmp_path):
     item = preprocessing({"image": path})
     assert item["error"] == "" and item["image"].shape == (1, 64, 64) and item["min_side"] == 1
     assert time.perf_counter() - start < 5
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the stand-in Ghostscript is a shell script")
+def test_no_image_file_runs_a_program(tmp_path):
+    """Pillow renders an EPS file by running Ghostscript (``gs`` on the PATH), whatever the file is named. A fake
+    ``gs`` that leaves a marker stands in for it, in a fresh process (Pillow remembers where gs is): inference's
+    and training's preprocessing refuse EPS files named .png, .jpeg and .jpg without running it; the control,
+    MONAI's plain ``LoadImage``, runs it."""
+    from conftest import BUNDLE
+
+    marker, gs = tmp_path / "ran", tmp_path / "bin" / "gs"
+    gs.parent.mkdir()
+    gs.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    gs.chmod(0o755)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke\nshowpage\n"
+    files = [str(tmp_path / name) for name in ("a.png", "b.jpeg", "c.jpg")]
+    for f in files:
+        open(f, "wb").write(eps)
+    code = f"""
+import json, os, sys
+sys.path.insert(0, {BUNDLE!r})
+from monai.bundle import ConfigParser
+from monai.transforms import LoadImage
+from scripts.utils import root_cause
+errors = []
+for config in ("inference", "train"):
+    parser = ConfigParser()
+    parser.read_config(os.path.join({BUNDLE!r}, "configs", config + ".json"))
+    preprocessing = parser.get_parsed_content("preprocessing")
+    for f in {files!r}:
+        try:
+            errors.append(preprocessing({{"image": f}})["error"])
+        except Exception as e:
+            errors.append(type(root_cause(e)).__name__)
+print(json.dumps({{"errors": errors, "ran": os.path.exists({str(marker)!r})}}))
+try:
+    LoadImage(image_only=True)({files[0]!r})
+except Exception:
+    pass
+print(json.dumps(os.path.exists({str(marker)!r})))
+"""
+    env = {**os.environ, "PATH": f"{gs.parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    guarded, control = map(json.loads, out.stdout.splitlines()[-2:])
+    assert (
+        guarded["errors"] == ["cannot read image: its content is not JPEG or PNG"] * 3 + ["UnidentifiedImageError"] * 3
+    )
+    assert guarded["ran"] is False
+    assert control is True  # plain MONAI/Pillow ran the stand-in Ghostscript
