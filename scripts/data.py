@@ -37,6 +37,12 @@ def class_names() -> list[str]:
     return list(CLASSES)
 
 
+def to_gray(image):
+    """``PILReader``'s converter: RGB(A), palette and 1-bit images to one luma channel; grayscale (8/16-bit, float)
+    images, as MedNIST's, as they are."""
+    return image if image.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F") else image.convert("L")
+
+
 def list_images(folder: str) -> list[str]:
     """Sorted image file names (not paths) directly inside ``folder``."""
     return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))

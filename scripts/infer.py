@@ -16,7 +16,7 @@ from monai.data import PILReader, get_track_meta, set_track_meta
 from monai.transforms import Compose, LoadImage, MapTransform, Resized
 
 from .calibration import Outputs
-from .data import CLASSES, IMAGE_FORMATS, IMAGE_SUFFIXES
+from .data import CLASSES, IMAGE_FORMATS, IMAGE_SUFFIXES, to_gray
 from .predictions import read_predictions
 from .utils import BundleError, as_bool, atomic_write, pyplot, root_cause
 
@@ -48,12 +48,6 @@ def find_inputs(input) -> list[dict]:
         else:
             items.append(path)  # a file, or a path that does not exist (reported in its row)
     return [{"image": p, "path": p} for p in items]
-
-
-def to_gray(image):
-    """``PILReader``'s converter: RGB(A), palette and 1-bit images to one luma channel; grayscale (8/16-bit, float)
-    images as they are, as training's grayscale JPEGs."""
-    return image if image.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F") else image.convert("L")
 
 
 def check_file(path: str, max_pixels: int) -> None:

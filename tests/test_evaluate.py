@@ -66,11 +66,23 @@ def test_metrics_agree_with_predictions(evaluated):
 
 
 def test_external_folder(trained, tmp_path):
-    external = write_mednist(str(tmp_path / "ext"), per_class=3, seed=7)
-    evaluate(trained, tmp_path / "out", eval_dir=os.path.join(external, "MedNIST"), dataset_dir=tmp_path / "none")
+    """A folder of other images, some in RGB, RGBA and 16-bit PNG (read as one gray channel, as inference does)."""
+    external = os.path.join(write_mednist(str(tmp_path / "ext"), per_class=3, seed=7), "MedNIST")
+    for c in CLASSES:
+        gray = Image.open(os.path.join(external, c, "000000.jpeg"))
+        gray.convert("RGB").save(os.path.join(external, c, "rgb.png"))
+        gray.convert("RGBA").save(os.path.join(external, c, "rgba.png"))
+        Image.fromarray(np.asarray(gray).astype(np.uint16) * 257).save(os.path.join(external, c, "gray16.png"))
+    evaluate(trained, tmp_path / "out", eval_dir=external, dataset_dir=tmp_path / "none")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["num_images"] == 18
-    assert all(metrics["per_class"][c]["support"] == 3 for c in CLASSES)
+    assert metrics["num_images"] == 36
+    assert all(metrics["per_class"][c]["support"] == 6 for c in CLASSES)
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        rows = {os.path.relpath(r["path"], external): r for r in csv.DictReader(f)}
+    for c in CLASSES:  # the same pixels whatever the file's colour type
+        for copy in ("rgb.png", "rgba.png", "gray16.png"):
+            got, expected = rows[f"{c}/{copy}"], rows[f"{c}/000000.jpeg"]
+            assert [float(got[k]) for k in CLASSES] == pytest.approx([float(expected[k]) for k in CLASSES], abs=1e-4)
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "other_network"])
