@@ -63,10 +63,18 @@ def check_class_folders(root: str, key: str = "dataset_dir") -> dict[str, list[s
     return found
 
 
+def mednist_root(dataset_dir: str) -> str:
+    """Where MedNIST's class folders are: ``dataset_dir/MedNIST``, or else ``dataset_dir`` itself if it holds any."""
+    nested = os.path.join(dataset_dir, "MedNIST")
+    if not os.path.isdir(nested) and any(os.path.isdir(os.path.join(dataset_dir, c)) for c in CLASSES):
+        return dataset_dir
+    return nested
+
+
 def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> tuple[str, dict[str, list[str]]]:
     """``dataset_dir/MedNIST`` and its image names per class, downloaded and extracted first if absent and
     ``download``: extracted beside it and renamed into place when complete, never half-extracted."""
-    root = os.path.join(dataset_dir, "MedNIST")
+    root = mednist_root(dataset_dir)
     if os.path.isdir(root):
         return root, check_class_folders(root)
     tarball = os.path.join(dataset_dir, "MedNIST.tar.gz")
@@ -176,7 +184,7 @@ def test_datalist(split_file: str, dataset_dir: str) -> list[dict]:
         )
     with open(split_file) as f:
         items = json.load(f)["test"]
-    return on_disk(items, os.path.join(dataset_dir, "MedNIST"), split_file, "pass the --dataset_dir used for training.")
+    return on_disk(items, mednist_root(dataset_dir), split_file, "pass the --dataset_dir used for training.")
 
 
 def on_disk(items: list[dict], root: str, split_file: str, fix: str) -> list[dict]:

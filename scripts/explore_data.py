@@ -11,7 +11,7 @@ import fire
 import numpy as np
 from PIL import Image
 
-from .data import CLASSES, IMAGE_FORMATS, check_class_folders
+from .data import CLASSES, IMAGE_FORMATS, check_class_folders, mednist_root
 from .utils import pyplot, save_figure
 
 
@@ -19,8 +19,7 @@ def explore(
     data_dir: str = "data/MedNIST", out: str = "outputs/mednist_samples.png", per_class: int = 5, seed: int = 0
 ):
     """Print the per-class table and save a grid of ``per_class`` random samples per class to ``out``."""
-    if os.path.isdir(os.path.join(data_dir, "MedNIST")):
-        data_dir = os.path.join(data_dir, "MedNIST")  # accept the dataset_dir that holds MedNIST/ too
+    data_dir = mednist_root(data_dir)  # the class folders' parent, or the dataset_dir that holds MedNIST/
     found = check_class_folders(data_dir, key="data_dir")
     rng = np.random.default_rng(seed)
     print(f"{'class':<12}{'images':>8}{'size (WxH)':>16}{'mean':>8}{'std':>8}{'min':>6}{'max':>6}")

@@ -172,6 +172,17 @@ def test_split_naming_images_that_are_gone_is_refused(mednist, tmp_path):
     assert found[0].fix == "pass the --dataset_dir used for training."
 
 
+def test_dataset_dir_may_be_the_class_folders_parent(mednist, tmp_path):
+    """``--dataset_dir data/MedNIST`` (the extracted folder itself) finds the images, downloading nothing."""
+    from scripts.data import eval_datalist, load_split
+
+    nested, direct = (load_split(d, str(tmp_path / f"{i}.json"), 0.2, 0.2, seed=0, download=False)
+                      for i, d in enumerate((mednist, os.path.join(mednist, "MedNIST"))))  # fmt: skip
+    assert nested == direct and len(direct["training"]) == 72
+    assert eval_datalist(None, str(tmp_path / "0.json"), os.path.join(mednist, "MedNIST")) == nested["test"]
+    assert sorted(os.listdir(mednist)) == ["MedNIST"]
+
+
 def _preload(mednist, workers: int, **kwargs):
     """Every synthetic image through train.json's preprocessing, preloaded by ``workers`` processes."""
     from scripts.data import preload
