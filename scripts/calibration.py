@@ -12,6 +12,7 @@ exports carry the JSON part inside them.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -184,10 +185,15 @@ class Calibration:
         return cls(temperature, threshold, saved["weights_sha256"], counts)
 
     def save(self, path: str) -> None:
-        atomic_write(path, lambda f: json.dump(self.to_json(), f, indent=1))
+        """The arrays first, then the JSON naming their SHA-256: a kill between the two leaves arrays that the old
+        JSON refuses, never other arrays taken for its own."""
+        saved = self.to_json()
         if self.means is not None:
-            arrays = {"means": self.means.float().numpy(), "precision": self.precision.float().numpy()}
-            atomic_write(arrays_path(path), lambda f: np.savez(f, **arrays), mode="wb")
+            arrays = io.BytesIO()
+            np.savez(arrays, means=self.means.float().numpy(), precision=self.precision.float().numpy())
+            saved["arrays_sha256"] = hashlib.sha256(arrays.getvalue()).hexdigest()
+            atomic_write(arrays_path(path), lambda f: f.write(arrays.getvalue()), mode="wb")
+        atomic_write(path, lambda f: json.dump(saved, f, indent=1))
 
     @classmethod
     def load(cls, path: str) -> Calibration:
@@ -198,11 +204,28 @@ class Calibration:
         except (OSError, ValueError) as e:
             raise BundleError(f"{path} is not readable JSON ({e}).", "fit it again, or delete it.") from e
         calibration = cls.from_json(saved, path)
-        if saved.get("feature_threshold") is not None and os.path.isfile(arrays_path(path)):
-            with np.load(arrays_path(path), allow_pickle=False) as npz:
-                calibration.means = torch.from_numpy(npz["means"])
-                calibration.precision = torch.from_numpy(npz["precision"])
-            calibration.feature_threshold = float(saved["feature_threshold"])
+        arrays = arrays_path(path)
+        if saved.get("feature_threshold") is None:
+            return calibration
+        if not os.path.isfile(arrays):
+            logger.warning(f"no {arrays} beside {path}: ood_score is the energy (copy it with calibration.json)")
+            return calibration
+        try:
+            with open(arrays, "rb") as f:
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() != saved.get("arrays_sha256"):
+                raise ValueError(f"its SHA-256 is not the one {os.path.basename(path)} names")
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                means, precision = npz["means"], npz["precision"]
+            if means.ndim != 2 or precision.shape != (means.shape[1],) * 2:
+                raise ValueError(f"means of shape {means.shape} and a precision matrix of {precision.shape}")
+        except (OSError, ValueError, KeyError) as e:
+            raise BundleError(
+                f"{arrays} cannot be used with {path}: {e}.",
+                "fit the calibration again: python -m scripts.calibration (see README), or delete both files.",
+            ) from e
+        calibration.means, calibration.precision = torch.from_numpy(means), torch.from_numpy(precision)
+        calibration.feature_threshold = float(saved["feature_threshold"])
         return calibration
 
 

@@ -4,6 +4,7 @@ inference."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 
@@ -83,6 +84,39 @@ def test_thresholds_pass_97_percent_of_validation_and_round_trip_without_pickle(
     (tmp_path / "bad.json").write_text('{"temperature": 1.0}')  # no weights named: not one this bundle wrote
     with bundle_error("is not a calibration this bundle wrote"):
         Calibration.load(str(tmp_path / "bad.json"))
+
+
+def test_arrays_are_bound_to_their_json(tmp_path, monkeypatch, caplog):
+    """calibration.npz is written first and calibration.json names its SHA-256: a run killed between the two (the
+    fault injected at the JSON's rename) leaves new arrays that the old JSON refuses; arrays that do not fit are
+    refused too; without arrays, the score is the energy."""
+    training, validation = gaussian_classes(600, 16, seed=1), gaussian_classes(600, 16, seed=2)
+    path = str(tmp_path / "calibration.json")
+    Calibration.fit(validation, training, weights="w" * 64).save(path)
+    assert Calibration.load(path).ood_score(validation["logits"], validation["features"])[2] == "mahalanobis"
+    replace = os.replace
+
+    def killed_at_json(src, dst):
+        if os.path.basename(dst) == "calibration.json":
+            raise KeyboardInterrupt  # the process dies here
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_json)
+    with pytest.raises(KeyboardInterrupt):
+        Calibration.fit(validation, gaussian_classes(600, 16, seed=3), weights="w" * 64).save(path)
+    monkeypatch.undo()
+    with bundle_error(f"{tmp_path / 'calibration.npz'} cannot be used with {path}: its SHA-256 is not the one"):
+        Calibration.load(path)
+
+    saved = json.loads(open(path).read())
+    np.savez(tmp_path / "calibration.npz", means=np.zeros((6, 16)), precision=np.eye(15))
+    saved["arrays_sha256"] = hashlib.sha256((tmp_path / "calibration.npz").read_bytes()).hexdigest()
+    (tmp_path / "calibration.json").write_text(json.dumps(saved))
+    with bundle_error("a precision matrix of (15, 15)"):
+        Calibration.load(path)
+    os.remove(tmp_path / "calibration.npz")
+    assert Calibration.load(path).ood_score(validation["logits"], validation["features"])[2] == "energy"
+    assert "ood_score is the energy" in caplog.text
 
 
 def test_out_of_distribution_statistics_generalise_with_fewer_images_than_dimensions():
