@@ -122,7 +122,9 @@ IGNITE_TMP = re.compile(r"^tmp[a-z0-9_]{8}$")  # ignite DiskSaver(atomic=True)'s
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (on this machine)."""
+    """Whether a process with this id exists (on this machine); assumed so off POSIX, where ``os.kill`` ends it."""
+    if os.name != "posix":
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -159,8 +161,11 @@ class FolderLock:
         self.folders = [folders] if isinstance(folders, str) else list(folders)
 
     def acquire(self) -> FolderLock:
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            fcntl = None
+            logger.warning("this system has no fcntl: one run per folder is not enforced")
         if not is_main_process():
             return self
         for folder in dict.fromkeys(os.path.realpath(str(f)) for f in self.folders):
@@ -178,7 +183,8 @@ class FolderLock:
                     "pass a writable folder (--output_dir or --ckpt_dir), or fix its permissions.",
                 ) from e
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if fcntl is not None:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 f.seek(0)
                 owner = f.read().strip() or "unknown"
@@ -192,7 +198,7 @@ class FolderLock:
             f.write(f"{os.getpid()}\n")
             f.flush()
             self._held[folder] = f
-            for name in os.listdir(folder):
+            for name in os.listdir(folder) if fcntl is not None else ():  # unlocked, another run may be writing
                 stale = name.startswith(TMP_PREFIX) or IGNITE_TMP.match(name)
                 if stale and os.path.isfile(os.path.join(folder, name)):
                     os.remove(os.path.join(folder, name))

@@ -123,3 +123,23 @@ def test_second_run_in_a_folder_is_refused_until_the_first_dies(mednist, tmp_pat
         holder.wait()
     train(mednist, tmp_path, epochs=1, **RUN)  # the killed holder's lock is taken over
     assert (tmp_path / "models" / ".mednist.lock").read_text().strip() == str(os.getpid())
+
+
+def test_without_fcntl_a_run_goes_on_unlocked_and_touches_no_other_runs_files(tmp_path, monkeypatch, caplog):
+    """Where there is no fcntl (Windows) a run is not locked out, with a warning, and leaves the temporary files in
+    its folders alone (another run may be writing them); a killed download's leftovers stay too, since
+    ``os.kill(pid, 0)``, POSIX's test for a process, ends that process there."""
+    from scripts.utils import FolderLock, remove_stale
+
+    (tmp_path / ".tmp-123.pt").write_bytes(b"another run's checkpoint, being written")
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl fails
+    lock = FolderLock([str(tmp_path)]).acquire()
+    try:
+        assert (tmp_path / ".tmp-123.pt").exists() and "one run per folder is not enforced" in caplog.text
+        assert (tmp_path / ".mednist.lock").read_text().strip() == str(os.getpid())
+    finally:
+        lock.release()
+    (tmp_path / ".MedNIST-download-999999999-x").mkdir()
+    monkeypatch.setattr(os, "name", "nt")
+    monkeypatch.setattr(os, "kill", lambda *args: pytest.fail("os.kill would end the process on Windows"))
+    assert remove_stale(str(tmp_path), ".MedNIST-download-") == []
