@@ -37,9 +37,11 @@ def class_names() -> list[str]:
     return list(CLASSES)
 
 
-def to_gray(image):
-    """``PILReader``'s converter: RGB(A), palette and 1-bit images to one luma channel; grayscale (8/16-bit, float)
-    images, as MedNIST's, as they are."""
+def checked_gray(image):
+    """``PILReader``'s converter, before any pixel is decoded: content other than :data:`IMAGE_FORMATS` refused;
+    RGB(A), palette and 1-bit images to one luma channel; grayscale ones (8/16-bit, float), as MedNIST's, as is."""
+    if image.format not in (*IMAGE_FORMATS, "MPO"):  # MPO: a JPEG holding several pictures, as cameras write
+        raise ValueError(f"its content is {image.format}, not {' or '.join(IMAGE_FORMATS)}")
     return image if image.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F") else image.convert("L")
 
 

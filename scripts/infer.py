@@ -16,7 +16,7 @@ from monai.data import PILReader, get_track_meta, set_track_meta
 from monai.transforms import Compose, LoadImage, MapTransform, Resized
 
 from .calibration import Outputs
-from .data import CLASSES, IMAGE_FORMATS, IMAGE_SUFFIXES, to_gray
+from .data import CLASSES, IMAGE_FORMATS, IMAGE_SUFFIXES, checked_gray
 from .predictions import read_predictions
 from .utils import BundleError, as_bool, atomic_write, pyplot, root_cause
 
@@ -90,14 +90,13 @@ def check_file(path: str, max_pixels: int) -> None:
 class LoadImageSafelyd(MapTransform):
     """Load ``keys`` with MONAI's ``LoadImage`` as a (1, W, H) tensor, as training does, its smaller side under
     ``min_side``; a file that cannot be used becomes zeros of ``image_size`` with the reason under ``error``.
-    Pillow opens only :data:`~scripts.data.IMAGE_FORMATS` (not EPS, which it renders by running Ghostscript)."""
+    Pillow decodes only :data:`~scripts.data.IMAGE_FORMATS` (not EPS, which it renders by running Ghostscript)."""
 
     def __init__(self, keys="image", image_size=(64, 64), max_pixels: int = 25_000_000):
         super().__init__(keys)
         self.image_size, self.max_pixels = tuple(image_size), max_pixels
         self.loader = LoadImage(image_only=True, dtype=np.float32)
-        # tried first for .png/.jpeg (NIfTI goes to nibabel), with no fallback to the other readers
-        self.loader.register(PILReader(converter=to_gray, formats=IMAGE_FORMATS))
+        self.loader.register(PILReader(converter=checked_gray))  # tried first for .png/.jpeg; NIfTI goes to nibabel
 
     def load(self, path: str) -> torch.Tensor:
         check_file(path, self.max_pixels)

@@ -60,10 +60,11 @@ def mixed_folder(mednist, tmp_path_factory) -> dict:
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.float32), np.eye(4)), d / "volume.nii.gz")
     os.makedirs(d / "folder.png")
     Image.new("L", (6000, 6000)).save(d / "bomb.png")  # 36 MP, a few kB compressed
+    Image.fromarray(gray).save(d / "camera.jpg", format="MPO", save_all=True, append_images=[Image.fromarray(gray)])
     Image.new("L", (1, 1), 128).save(d / "dot.png")  # 2D, however small: predicted and flagged
     Image.fromarray(gray[:1, :40]).save(d / "line.png")
     good = ["hand.jpeg", "cxr.jpg", "rgb.png", "rgba.png", "gray16.png", "large.png", "slice.nii.gz", "slice1.nii"]
-    good += ["dot.png", "line.png"]
+    good += ["camera.jpg", "dot.png", "line.png"]
     return {"dir": d, "bad": bad, "good": good}
 
 
@@ -120,8 +121,8 @@ def test_single_image_gets_picture_with_gradcam(trained, mixed_folder, tmp_path)
 def test_glob_and_visualize_flag(trained, mixed_folder, tmp_path):
     infer(trained, tmp_path, f"{mixed_folder['dir']}/*.jp*g", visualize="true")
     rows = read_rows(tmp_path / "predictions.csv")
-    assert sorted(os.path.basename(r["path"]) for r in rows) == ["cxr.jpg", "hand.jpeg", "truncated.jpeg"]
-    assert len(os.listdir(tmp_path / "visualizations")) == 2
+    assert sorted(os.path.basename(r["path"]) for r in rows) == ["camera.jpg", "cxr.jpg", "hand.jpeg", "truncated.jpeg"]
+    assert len(os.listdir(tmp_path / "visualizations")) == 3
 
 
 def test_inference_matches_evaluation(trained, mednist, tmp_path):
@@ -294,7 +295,7 @@ for config in ("inference", "train"):
         try:
             errors.append(preprocessing({{"image": f}})["error"])
         except Exception as e:
-            errors.append(type(root_cause(e)).__name__)
+            errors.append(f"{{type(root_cause(e)).__name__}}: {{root_cause(e)}}")
 print(json.dumps({{"errors": errors, "ran": os.path.exists({str(marker)!r})}}))
 try:
     LoadImage(image_only=True)({files[0]!r})
@@ -305,8 +306,8 @@ print(json.dumps(os.path.exists({str(marker)!r})))
     env = {**os.environ, "PATH": f"{gs.parent}{os.pathsep}{os.environ['PATH']}"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     guarded, control = map(json.loads, out.stdout.splitlines()[-2:])
-    assert (
-        guarded["errors"] == ["cannot read image: its content is not JPEG or PNG"] * 3 + ["UnidentifiedImageError"] * 3
-    )
+    inference, training = guarded["errors"][:3], guarded["errors"][3:]
+    assert inference == ["cannot read image: its content is not JPEG or PNG"] * 3
+    assert training == ["ValueError: its content is EPS, not JPEG or PNG"] * 3
     assert guarded["ran"] is False
     assert control is True  # plain MONAI/Pillow ran the stand-in Ghostscript
