@@ -106,12 +106,20 @@ def check_image_size(image_size) -> list[int]:
     return list(image_size)
 
 
-def check_inference_args(device, batch_size, image_size) -> None:
-    """Check the inference keys (and the command line's keys) before any work."""
+def check_inference_args(device, batch_size, image_size, low_confidence, max_image_pixels, gradcam_layer, network):
+    """Check the inference keys (and the command line's keys) before any work; ``gradcam_layer`` must name a module
+    of ``network``."""
     check_command_line()
     check_device(device)
     _integer("batch_size", batch_size, 1)
+    _integer("max_image_pixels", max_image_pixels, 1)
+    _number("low_confidence", low_confidence, 0, 1, closed=True)
     check_image_size(image_size)
+    if gradcam_layer not in dict(network.named_modules()):
+        raise BundleError(
+            f"--gradcam_layer {gradcam_layer!r} is not a layer of the network.",
+            "pass a module name of network_def, e.g. features.transition2.relu (the default).",
+        )
 
 
 INTEGERS = {  # key: smallest value

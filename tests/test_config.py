@@ -159,6 +159,10 @@ def test_bundle_error_arrives_through_monai_as_the_readme_says(tmp_path, mednist
         ({"batch_size": 0}, "--batch_size 0 is not an integer >= 1"),
         ({"device": "cuda:7"}, "--device cuda:7"),
         ({"image_size": [1, 1]}, "--image_size [1, 1] is not two integers of at least 32"),
+        ({"low_confidence": "abc"}, "--low_confidence 'abc' is not a number in [0, 1]"),
+        ({"low_confidence": 2}, "--low_confidence 2 is not a number in [0, 1]"),
+        ({"max_image_pixels": -5}, "--max_image_pixels -5 is not an integer >= 1"),
+        ({"gradcam_layer": "features.nonsense"}, "--gradcam_layer 'features.nonsense' is not a layer of the network"),
     ],
 )
 def test_bad_inference_override_is_named(overrides, message, tmp_path, trained, mednist):
