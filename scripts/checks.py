@@ -139,12 +139,16 @@ FRACTIONS = {  # key: (low, high, bounds included)
     "test_frac": (0.0, 1.0, False),
     "lr_warmup": (0, 1, True),
     "target_accuracy": (0, 1, True),
+    "augment_prob": (0, 1, True),
+    "rotate_degrees": (0, 180, True),
 }
 FLAGS = ("amp", "channels_last", "augment", "download", "resume", "skip_unreadable")
 PER_SAMPLE = {"augment": True}  # what configs/per_sample.json's pipeline always does
 
 
-def check_train_args(learning_rate, epoch_length, cpu_bf16, device, image_size, pipeline="batched", **keys) -> None:
+def check_train_args(
+    learning_rate, epoch_length, cpu_bf16, device, image_size, zoom_range, flip_axis, pipeline="batched", **keys
+) -> None:
     """Check the training keys before any work (``keys``: those of :data:`INTEGERS`, :data:`FRACTIONS` and
     :data:`FLAGS`): one message naming the key and the fix if one is out of range, two contradict each other, the
     command line names a key the configs lack, or ``per_sample`` (configs/per_sample.json) cannot honour one."""
@@ -162,6 +166,17 @@ def check_train_args(learning_rate, epoch_length, cpu_bf16, device, image_size, 
         as_bool(cpu_bf16, "cpu_bf16")
     check_device(device)
     check_image_size(image_size)
+    if flip_axis not in (0, 1) or isinstance(flip_axis, bool):
+        raise BundleError(f"--flip_axis {flip_axis!r} is not 0 or 1.", "pass --flip_axis 0 or --flip_axis 1.")
+    zoom = isinstance(zoom_range, (list, tuple)) and len(zoom_range) == 2
+    if not zoom or not all(isinstance(z, (int, float)) and not isinstance(z, bool) and z > 0 for z in zoom_range):
+        raise BundleError(
+            f"--zoom_range {zoom_range!r} is not two numbers above 0.", "pass e.g. --zoom_range [0.9,1.1]."
+        )
+    if zoom_range[0] > zoom_range[1]:
+        raise BundleError(
+            f"--zoom_range {zoom_range!r} is not [low, high].", f"pass --zoom_range {sorted(zoom_range)}."
+        )
     if numbers.get("val_interval", 1) > 1 and numbers.get("val_per_epoch", 1) > 1:
         raise BundleError(
             f"--val_interval {numbers['val_interval']} and --val_per_epoch {numbers['val_per_epoch']} are both "

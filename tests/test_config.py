@@ -31,6 +31,11 @@ BAD = [
     ({"target_accuracy": 99}, "--target_accuracy 99 is not a number in [0, 1]"),
     ({"lr_warmup": 2}, "--lr_warmup 2 is not a number in [0, 1]"),
     ({"epoch_length": 0}, "--epoch_length 0 is not an integer >= 1"),
+    ({"augment_prob": 5}, "--augment_prob 5 is not a number in [0, 1]"),
+    ({"rotate_degrees": "abc"}, "--rotate_degrees 'abc' is not a number in [0, 180]"),
+    ({"flip_axis": 3}, "--flip_axis 3 is not 0 or 1"),
+    ({"zoom_range": [1.1]}, "--zoom_range [1.1] is not two numbers above 0"),
+    ({"zoom_range": [1.1, 0.9]}, "--zoom_range [1.1, 0.9] is not [low, high]"),
 ]
 
 
