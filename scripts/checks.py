@@ -133,6 +133,7 @@ INTEGERS = {  # key: smallest value
     "num_workers": 0,
     "cache_num_workers": 1,
     "seed": 0,
+    "quick_images": 1,  # configs/quick.json
 }
 FRACTIONS = {  # key: (low, high, bounds included)
     "val_frac": (0.0, 1.0, False),

@@ -121,6 +121,12 @@ def test_per_sample_pipeline_refuses_what_it_does_not_do(key, value, tmp_path, m
     assert "drop --" in found[0].fix and not os.listdir(tmp_path)
 
 
+def test_bad_quick_images_is_named(tmp_path, mednist):
+    with bundle_error("--quick_images 0 is not an integer >= 1"):
+        workflow(("train", "quick"), "training", dataset_dir=mednist, output_dir=tmp_path, quick_images=0)
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize("overrides, message", BAD)
 def test_bad_hyperparameter_is_named(overrides, message, tmp_path, mednist):
     with bundle_error(message) as found:  # initialize checks the keys
