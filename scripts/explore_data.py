@@ -12,13 +12,15 @@ import numpy as np
 from PIL import Image
 
 from .data import CLASSES, IMAGE_FORMATS, check_class_folders, mednist_root
-from .utils import pyplot, save_figure
+from .utils import BundleError, pyplot, save_figure
 
 
 def explore(
     data_dir: str = "data/MedNIST", out: str = "outputs/mednist_samples.png", per_class: int = 5, seed: int = 0
 ):
     """Print the per-class table and save a grid of ``per_class`` random samples per class to ``out``."""
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise BundleError(f"--per_class {per_class!r} is not an integer >= 1.", "pass e.g. --per_class 5.")
     data_dir = mednist_root(data_dir)  # the class folders' parent, or the dataset_dir that holds MedNIST/
     found = check_class_folders(data_dir, key="data_dir")
     rng = np.random.default_rng(seed)

@@ -45,13 +45,15 @@ def image_size() -> list[int]:
     return inference_config()["image_size"]
 
 
-def _export(ckpt_path: str, out: str, write) -> str:
-    """``write(network, path, calibration JSON or None)`` to a temporary file beside ``out``, parity-checked, then
-    renamed to ``out``."""
+def _export(ckpt_path: str, out: str, write, suffix: str) -> str:
+    """``write(network, path, calibration JSON or None)`` to a temporary file beside ``out`` (named ``*suffix``),
+    parity-checked, then renamed to ``out``."""
+    if not str(out).lower().endswith(suffix):
+        raise BundleError(f"--out {out} does not end in {suffix}.", f"pass e.g. --out models/model{suffix}.")
     calibration = calibration_for(ckpt_path)
     carried = json.dumps(calibration.to_json()) if calibration.fitted else None
     folder = os.path.dirname(os.path.abspath(out))
-    suffix = os.path.splitext(out)[1]
+    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-export{suffix}")
     try:
         write(load_model(ckpt_path), tmp, carried)
@@ -76,7 +78,7 @@ def write_pt2(network: torch.nn.Module, path: str, calibration: str | None) -> N
 
 def export_pt2(ckpt_path: str = "models/model.pt", out: str = "models/model.pt2") -> str:
     """Write a ``torch.export`` program with a dynamic batch dimension."""
-    return _export(ckpt_path, out, write_pt2)
+    return _export(ckpt_path, out, write_pt2, ".pt2")
 
 
 def export_onnx(ckpt_path: str = "models/model.pt", out: str = "models/model.onnx", opset: int = 18) -> str:
@@ -104,7 +106,7 @@ def export_onnx(ckpt_path: str = "models/model.pt", out: str = "models/model.onn
             onnx.helper.set_model_props(model, {CALIBRATION_ENTRY: calibration})
             onnx.save(model, path)
 
-    return _export(ckpt_path, out, write)
+    return _export(ckpt_path, out, write, ".onnx")
 
 
 if __name__ == "__main__":

@@ -165,11 +165,11 @@ def exported(trained, tmp_path_factory):
 
     from scripts.export import export_onnx, export_pt2
 
-    out = tmp_path_factory.mktemp("export")
+    out = tmp_path_factory.mktemp("export") / "models"  # made by the first export
     ckpt = str(trained / "models" / "model.pt")
+    export_pt2(ckpt, str(out / "model.pt2"))
     ckpt_export(net_id="network_def", filepath=str(out / "model.ts"), ckpt_file=ckpt, meta_file=META,
                 config_file=INFERENCE, bundle_root=BUNDLE)  # fmt: skip
-    export_pt2(ckpt, str(out / "model.pt2"))
     export_onnx(ckpt, str(out / "model.onnx"))
     for name in CALIBRATION:  # MONAI's TorchScript export carries none: it is found beside the file
         shutil.copy(trained / "models" / name, out / name)

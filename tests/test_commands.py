@@ -51,3 +51,5 @@ def test_explore_data_bad_folders(mednist, tmp_path):
     shutil.rmtree(tmp_path / "data" / "MedNIST" / "CXR")
     with bundle_error("no images for class(es) CXR"):
         explore(data_dir=str(tmp_path / "data"))
+    with bundle_error("--per_class 0 is not an integer >= 1"):
+        explore(data_dir=mednist, per_class=0)

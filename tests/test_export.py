@@ -78,5 +78,14 @@ def test_export_that_gives_other_logits_is_not_written(trained, tmp_path):
         torch.export.save(torch.export.export(network, (torch.rand(2, 1, 64, 64),), dynamic_shapes=(batch,)), path)
 
     with bundle_error("gives other logits than its checkpoint"):
-        _export(str(trained / "models" / "model.pt"), str(tmp_path / "model.pt2"), write)
+        _export(str(trained / "models" / "model.pt"), str(tmp_path / "model.pt2"), write, ".pt2")
     assert os.listdir(tmp_path) == []  # the genuine export passes the same check: the ``exported`` fixture
+
+
+def test_export_to_a_name_of_another_format_is_refused_before_any_work(trained, tmp_path):
+    from scripts.export import export_onnx, export_pt2
+
+    for export, out in ((export_pt2, tmp_path / "model.onnx"), (export_onnx, tmp_path / "new" / "model.pt2")):
+        with bundle_error(f"--out {out} does not end in"):
+            export(str(trained / "models" / "model.pt"), str(out))
+    assert os.listdir(tmp_path) == []
