@@ -114,6 +114,11 @@ def test_arrays_are_bound_to_their_json(tmp_path, monkeypatch, caplog):
     (tmp_path / "calibration.json").write_text(json.dumps(saved))
     with bundle_error("a precision matrix of (15, 15)"):
         Calibration.load(path)
+    del saved["arrays_sha256"]  # a calibration written before the binding: its arrays are still used
+    (tmp_path / "calibration.json").write_text(json.dumps(saved))
+    np.savez(tmp_path / "calibration.npz", means=np.zeros((6, 16)), precision=np.eye(16))
+    assert Calibration.load(path).ood_score(validation["logits"], validation["features"])[2] == "mahalanobis"
+    assert "names no SHA-256 of" in caplog.text
     os.remove(tmp_path / "calibration.npz")
     assert Calibration.load(path).ood_score(validation["logits"], validation["features"])[2] == "energy"
     assert "ood_score is the energy" in caplog.text
