@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.data import CLASSES, check_class_folders, make_split  # noqa: E402
+from scripts.data import CLASSES, check_class_folders, make_split, mednist_root  # noqa: E402
 from scripts.model_file import inference_config  # noqa: E402
 from scripts.utils import BUNDLE_ROOT  # noqa: E402
 from tools.commands import run_bundle  # noqa: E402
@@ -62,7 +62,7 @@ def link_folder(folder: str, items: list[dict], root: str) -> None:
 def prepare(dataset_dir: str, work: str, sites: int, shards: str, images: int, seed: int) -> dict:
     """The test split in ``work/test``, the pool of training images in ``work/pool``, the sites' shards in
     ``work/sites/<site>``; returns their sizes."""
-    root = os.path.join(dataset_dir, "MedNIST")
+    root = mednist_root(dataset_dir)
     split = make_split(check_class_folders(root), 0.1, 0.1, seed)
     pool = split["training"] + split["validation"]
     generator = torch.Generator().manual_seed(seed)

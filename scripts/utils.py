@@ -161,13 +161,13 @@ class FolderLock:
         self.folders = [folders] if isinstance(folders, str) else list(folders)
 
     def acquire(self) -> FolderLock:
+        if not is_main_process():
+            return self
         try:
             import fcntl
         except ImportError:  # Windows
             fcntl = None
             logger.warning("this system has no fcntl: one run per folder is not enforced")
-        if not is_main_process():
-            return self
         for folder in dict.fromkeys(os.path.realpath(str(f)) for f in self.folders):
             if folder in self._held:
                 continue

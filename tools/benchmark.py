@@ -43,7 +43,7 @@ import time
 
 import fire
 
-from scripts.data import check_class_folders
+from scripts.data import check_class_folders, mednist_root
 from scripts.utils import BUNDLE_ROOT as BUNDLE
 from scripts.utils import BundleError, remove_stale
 
@@ -313,7 +313,7 @@ def benchmark(
     if unknown:  # checked once here, before any round starts a process
         sys.exit(f"ERROR: no key {', '.join(unknown)} in configs/train.json. Fix: override keys that train.json has.")
     try:
-        check_class_folders(os.path.join(dataset_dir, "MedNIST"), "dataset_dir")
+        check_class_folders(mednist_root(dataset_dir), "dataset_dir")
     except BundleError as e:
         sys.exit(str(e))
     asked = {"per_sample": per_sample, "choices": choices}
