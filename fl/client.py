@@ -1,8 +1,8 @@
 """A hospital's side of federated training (NVIDIA FLARE Client API): MONAI FL's ``MonaiAlgo`` runs this bundle on
 the site's own images, and only weights travel.
 
-Started by FLARE (see ``fl/job.py``), once per site. Each site ``S`` keeps its images in ``SITES_DIR/S/MedNIST``
-and its split, outputs and checkpoints in ``SITES_DIR/S/out`` and ``SITES_DIR/S/models``: nothing is shared
+Started by FLARE (see ``fl/job.py``), once per site. Each site ``S`` keeps its images in ``SITES_DIR/S/<class>/``
+and its split (prepared by the job), outputs and checkpoints in ``SITES_DIR/S/out`` and ``SITES_DIR/S/models``: nothing is shared
 between sites. Every round: the global weights are evaluated on the site's test split, trained on for
 ``--local_epochs``, and the weight difference is sent back with the round's metrics (also logged to
 TensorBoard through FLARE).
@@ -27,7 +27,7 @@ def site_algo(bundle_root: str, site_dir: str, local_epochs: int, overrides: dic
     for evaluating the global weights on the site's test split."""
     folders = {"dataset_dir": site_dir, "output_dir": os.path.join(site_dir, "out"), "download": False}
     folders["ckpt_dir"] = os.path.join(site_dir, "models")
-    common = {"bundle_root": bundle_root, **folders, **overrides}
+    common = {**folders, **overrides}  # the bundle root given to MonaiAlgo alone, as FLARE's examples do
     return MonaiAlgo(
         bundle_root=bundle_root,
         local_epochs=local_epochs,
@@ -65,7 +65,7 @@ def main() -> None:
         model = flare.receive()
         weights = ExchangeObject(weights=model.params)
         metrics = algo.evaluate(data=weights).metrics  # the global model on this site's test split
-        for key in ("val_acc", "nll_calibrated", "out_of_distribution_flagged"):
+        for key in ("accuracy", "nll_calibrated", "out_of_distribution_flagged"):
             if key in metrics:
                 writer.add_scalar(f"global_model/{key}", metrics[key], model.current_round)
         algo.train(data=weights)
@@ -76,7 +76,7 @@ def main() -> None:
             flare.FLModel(
                 params=update.weights,
                 params_type=ParamsType.DIFF,  # MonaiAlgo sends local minus global weights
-                metrics={"accuracy": metrics.get("val_acc", 0.0)},
+                metrics={"accuracy": metrics.get("accuracy", 0.0)},
                 meta={"NUM_STEPS_CURRENT_ROUND": steps},
             )
         )

@@ -28,10 +28,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.data import CLASSES, check_class_folders, make_split, mednist_root  # noqa: E402
-from scripts.model_file import inference_config  # noqa: E402
-from scripts.utils import BUNDLE_ROOT  # noqa: E402
-from tools.commands import run_bundle  # noqa: E402
+from scripts.config import BUNDLE_ROOT, bundle_parser  # noqa: E402
+from scripts.data import ImageData, file_hash, images_by_class, split_by_content  # noqa: E402
+from scripts.model_file import FORMAT_FILE, ModelDescription  # noqa: E402
 
 SKEW = {  # share of each class (AbdomenCT, BreastMRI, CXR, ChestCT, Hand, HeadCT) held by each of 3 sites
     "site-1": (0.7, 0.1, 0.1, 0.7, 0.1, 0.7),  # mostly CT
@@ -40,62 +39,84 @@ SKEW = {  # share of each class (AbdomenCT, BreastMRI, CXR, ChestCT, Hand, HeadC
 }
 
 
-def shares(sites: int, shards: str) -> dict[str, tuple]:
-    """Each site's share of each class."""
+def shares(sites: int, shards: str, classes: int) -> dict[str, tuple]:
+    """Each site's share of each class (``skewed`` for MedNIST's six classes and 3 sites: :data:`SKEW`)."""
     names = [f"site-{i + 1}" for i in range(sites)]
     if shards == "iid":
-        return {name: (1 / sites,) * len(CLASSES) for name in names}
-    if sites == 3:
+        return {name: (1 / sites,) * classes for name in names}
+    if sites == 3 and classes == 6:
         return SKEW
-    rotate = [tuple(0.7 if (c + i) % sites == 0 else 0.3 / (sites - 1) for c in range(6)) for i in range(sites)]
+    rotate = [tuple(0.7 if (c + i) % sites == 0 else 0.3 / (sites - 1) for c in range(classes)) for i in range(sites)]
     return dict(zip(names, rotate))
 
 
 def link_folder(folder: str, items: list[dict], root: str) -> None:
-    """A MedNIST-layout folder of links to ``items`` (``{"image": "Class/file", ...}``) under ``root``."""
+    """A folder of class folders of links to ``items`` (``{"image": "Class/file", ...}``) under ``root``; the
+    links are absolute, so that they resolve from anywhere."""
     for item in items:
-        target = os.path.join(folder, "MedNIST", item["image"])
+        target = os.path.join(folder, item["image"])
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.symlink(os.path.join(root, item["image"]), target)
+        os.symlink(os.path.abspath(os.path.join(root, item["image"])), target)
+
+
+def prepare_site(site_dir: str, val_frac: float, test_frac: float, seed: int) -> list[str]:
+    """A site's data prepared as the bundle's ``preparing`` run does (its split saved in ``site_dir/out``), which
+    MONAI FL's ``MonaiAlgo`` then reads; the site's classes."""
+    out = os.path.join(site_dir, "out")
+    parser = bundle_parser("train", dataset_dir=site_dir, output_dir=out, ckpt_dir=os.path.join(site_dir, "models"),
+                           val_frac=val_frac, test_frac=test_frac, seed=seed, download=False)  # fmt: skip
+    data = parser.get_parsed_content("data")
+    data.prepare()
+    return data.classes
 
 
 def prepare(dataset_dir: str, work: str, sites: int, shards: str, images: int, seed: int) -> dict:
     """The test split in ``work/test``, the pool of training images in ``work/pool``, the sites' shards in
-    ``work/sites/<site>``; returns their sizes."""
-    root = mednist_root(dataset_dir)
-    split = make_split(check_class_folders(root), 0.1, 0.1, seed)
+    ``work/sites/<site>`` (each a folder of class folders); returns their sizes and the classes."""
+    data = ImageData(os.path.abspath(dataset_dir), "", download=False)
+    if data.kind in ("csv", "download"):
+        sys.exit(f"ERROR: --dataset_dir {dataset_dir} holds no class folders. Fix: pass MedNIST or a folder of them.")
+    classes, root = data.classes, data.root
+    found = images_by_class(root, classes, "dataset_dir")
+    items = [{"image": f, "label": i} for i, c in enumerate(classes) for f in found[c]]
+    split = split_by_content(items, [file_hash(os.path.join(root, d["image"])) for d in items], 0.1, 0.1, seed)
     pool = split["training"] + split["validation"]
     generator = torch.Generator().manual_seed(seed)
-    by_class = [[d for d in pool if d["label"] == c] for c in range(len(CLASSES))]
+    by_class = [[d for d in pool if d["label"] == c] for c in range(len(classes))]
     by_class = [[members[i] for i in torch.randperm(len(members), generator=generator)] for members in by_class]
     keep = min(1.0, images / len(pool))
     by_class = [members[: round(keep * len(members))] for members in by_class]
-    test = {c: [] for c in CLASSES}
-    for d in split["test"]:
-        test[CLASSES[d["label"]]].append(os.path.join(root, d["image"]))
-    for cls, files in test.items():
-        os.makedirs(os.path.join(work, "test", cls))
-        for f in files:
-            os.symlink(f, os.path.join(work, "test", cls, os.path.basename(f)))
+    link_folder(os.path.join(work, "test"), split["test"], root)
     link_folder(os.path.join(work, "pool"), [d for members in by_class for d in members], root)
-    sizes, start = {}, [0] * len(CLASSES)
-    for site, share in shares(sites, shards).items():
+    sizes, start = {}, [0] * len(classes)
+    for site, share in shares(sites, shards, len(classes)).items():
         taken = []
         for c, members in enumerate(by_class):
             count = round(share[c] * len(members))
             taken += members[start[c] : start[c] + count]
             start[c] += count
         link_folder(os.path.join(work, "sites", site), taken, root)
-        sizes[site] = {cls: sum(d["label"] == c for d in taken) for c, cls in enumerate(CLASSES)}
-    return {"test": len(split["test"]), "pool": sum(map(len, by_class)), "sites": sizes}
+        sizes[site] = {cls: sum(d["label"] == c for d in taken) for c, cls in enumerate(classes)}
+    return {"test": len(split["test"]), "pool": sum(map(len, by_class)), "sites": sizes, "classes": classes}
+
+
+def workflow(names: list[str], run_id: str, **overrides):
+    """The bundle's workflow of ``configs/<names>.json`` with ``overrides``, run in this process and finalized."""
+    from monai.bundle import ConfigWorkflow
+
+    configs = [os.path.join(BUNDLE_ROOT, "configs", f"{name}.json") for name in names]
+    flow = ConfigWorkflow(config_file=configs, run_id=run_id, workflow_type=None, bundle_root=BUNDLE_ROOT, **overrides)
+    flow.initialize()
+    flow.run()
+    flow.finalize()
+    return flow
 
 
 def evaluate(work: str, models: str, name: str) -> float:
-    """The bundle's ``run evaluating`` of ``models/model.pt`` on the held-out test split: its accuracy."""
+    """The bundle's evaluation of ``models/model.pt`` on the held-out test split: its accuracy."""
     out = os.path.join(work, name, "eval")
-    config = str([os.path.join(BUNDLE_ROOT, "configs", f) for f in ("train.json", "evaluate.json")])
-    run_bundle("run", "evaluating", "--config_file", config, "--eval_dir", os.path.join(work, "test"),
-               "--ckpt_dir", models, "--output_dir", out, "--dataset_dir", os.path.join(work, "pool"))  # fmt: skip
+    workflow(["train", "evaluate"], "evaluating", eval_dir=os.path.join(work, "test"), ckpt_dir=models,
+             output_dir=out, dataset_dir=os.path.join(work, "pool"))  # fmt: skip
     with open(os.path.join(out, "metrics.json")) as f:
         return json.load(f)["accuracy"]
 
@@ -125,10 +146,16 @@ def federated(
         sys.exit(f"ERROR: {work} exists. Fix: pass a new --work_dir.")
     report = {"sites": sites, "shards": shards, "rounds": rounds, "local_epochs": local_epochs}
     report["data"] = prepare(dataset_dir, work, sites, shards, images, seed)
+    for site in report["data"]["sites"]:  # each site's split, which MonaiAlgo reads; every site has each class
+        site_classes = prepare_site(os.path.join(work, "sites", site), 0.1, test_frac, seed)
+        if site_classes != report["data"]["classes"]:
+            sys.exit(f"ERROR: {site} has the classes {site_classes}, not {report['data']['classes']}. "
+                     "Fix: give every site images of every class (more --images).")  # fmt: skip
     args = f"--bundle_root {BUNDLE_ROOT} --sites_dir {os.path.join(work, 'sites')} --local_epochs {local_epochs}"
     args += f" --epochs {rounds * local_epochs} --batch_size {batch_size} --test_frac {test_frac}"
     args += f" --threads {max(1, (os.cpu_count() or 1) // sites)}"  # the sites share this machine's cores
-    parser = inference_config()  # the network as FLARE's server builds it: class and arguments of network_def
+    # the network as FLARE's server builds it: class and arguments of network_def, for the data's classes
+    parser = bundle_parser("train", dataset_dir=os.path.join(work, "pool"), download=False)
     arguments = {k: parser.get_parsed_content(f"network_def#{k}") for k in parser["network_def"] if k != "_target_"}
     network = parser.get_parsed_content("network_def")
     recipe = FedAvgRecipe(
@@ -151,15 +178,16 @@ def federated(
     models = os.path.join(work, "global", "models")
     os.makedirs(models)
     torch.save(state, os.path.join(models, "model.pt"))
+    description = ModelDescription(report["data"]["classes"])  # the global model's classes travel with it
+    with open(os.path.join(models, FORMAT_FILE), "w") as f:
+        json.dump(description.to_json(), f, indent=4)
     report["bytes_per_round"] = 2 * sites * sum(v.numel() * v.element_size() for v in network.state_dict().values())
     report["federated_test_accuracy"] = evaluate(work, models, "global")
     if str(central).lower() in ("true", "1"):
         out, models = os.path.join(work, "central", "out"), os.path.join(work, "central", "models")
         start = time.perf_counter()
-        run_bundle("run", "training", "--config_file", os.path.join(BUNDLE_ROOT, "configs", "train.json"),
-                   "--dataset_dir", os.path.join(work, "pool"), "--output_dir", out, "--ckpt_dir", models,
-                   "--epochs", str(rounds * local_epochs), "--batch_size", str(batch_size), "--val_frac", "0.1",
-                   "--test_frac", str(test_frac), "--seed", str(seed), log=os.path.join(work, "central.log"))  # fmt: skip
+        workflow(["train"], "training", dataset_dir=os.path.join(work, "pool"), output_dir=out, ckpt_dir=models,
+                 epochs=rounds * local_epochs, batch_size=batch_size, val_frac=0.1, test_frac=test_frac, seed=seed)  # fmt: skip
         report["central_wall_s"] = round(time.perf_counter() - start, 1)
         report["central_test_accuracy"] = evaluate(work, models, "central")
     with open(os.path.join(work, "fl.json"), "w") as f:

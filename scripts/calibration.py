@@ -17,19 +17,22 @@ import json
 import logging
 import math
 import os
+import zipfile
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
 from monai.metrics import calibration_binning
 
+from .errors import BundleError
+from .files import atomic_write, is_main_process
 from .model_file import load_model
-from .utils import BundleError, atomic_write, is_main_process
+from .outputs import FEATURE_LAYER, Outputs
 
 logger = logging.getLogger(__name__)
 UNFLAGGED = 0.97  # share of validation images below the out-of-distribution thresholds
-FEATURE_LAYER = "class_layers.flatten"
 STATISTICS_IMAGES = 6000  # training images, stratified, that make the class means and covariance
+TEMPERATURES = (0.01, 100.0)  # what a fitted temperature can be: beyond, softmax is all or nothing, or flat
+REFIT = "fit it again: python -m scripts.calibration (see README), or delete it."
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -172,17 +175,32 @@ class Calibration:
 
     @classmethod
     def from_json(cls, saved: dict, source: str) -> Calibration:
+        """The calibration in ``saved``, each value checked for sense: a finite temperature in
+        :data:`TEMPERATURES`, finite thresholds (or none), the weights' SHA-256."""
+
+        def finite(key):
+            value = saved.get(key)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{key} {value!r} is not a finite number")
+            return float(value)
+
         try:
-            temperature, threshold = float(saved["temperature"]), saved["energy_threshold"]
-            assert math.isfinite(temperature) and temperature > 0 and isinstance(saved["weights_sha256"], str)
-            assert threshold is None or math.isfinite(float(threshold))
-        except (KeyError, TypeError, ValueError, AssertionError) as e:
-            raise BundleError(
-                f"{source} is not a calibration this bundle wrote ({type(e).__name__}: {e}).",
-                "fit it again: python -m scripts.calibration (see README), or delete it.",
-            ) from e
-        counts = {k: v for k, v in saved.items() if k.endswith("_images") or k == "shrinkage"}
-        return cls(temperature, threshold, saved["weights_sha256"], counts)
+            if not isinstance(saved, dict) or not isinstance(saved.get("weights_sha256"), str):
+                raise ValueError("it names no weights_sha256")
+            temperature = finite("temperature")
+            if temperature is None or not TEMPERATURES[0] <= temperature <= TEMPERATURES[1]:
+                raise ValueError(f"temperature {saved.get('temperature')!r} is not in {list(TEMPERATURES)}")
+            threshold, features = finite("energy_threshold"), finite("feature_threshold")
+        except ValueError as e:
+            raise BundleError(f"{source} is not a calibration this bundle wrote ({e}).", REFIT) from e
+        counts = {
+            k: v for k, v in saved.items() if (k.endswith("_images") or k == "shrinkage") and finite(k) is not None
+        }
+        calibration = cls(temperature, threshold, saved["weights_sha256"], counts)
+        calibration.feature_threshold = features
+        return calibration
 
     def save(self, path: str) -> None:
         """The arrays first, then the JSON naming their SHA-256: a kill between the two leaves arrays that the old
@@ -196,39 +214,70 @@ class Calibration:
         atomic_write(path, lambda f: json.dump(saved, f, indent=1))
 
     @classmethod
-    def load(cls, path: str) -> Calibration:
-        """The calibration saved at ``path`` (and its arrays beside it), or a ``BundleError`` naming the file."""
+    def load(cls, path: str, classes: int, features: int | None) -> Calibration:
+        """The calibration saved at ``path`` and its arrays beside it (``classes`` x ``features`` means, a
+        ``features``-square precision matrix; not read for a network without features), or a ``BundleError``
+        naming the file."""
         try:
-            with open(path) as f:
-                saved = json.load(f)
+            with open(path, "rb") as f:
+                data = f.read(1 << 20)
+            saved = json.loads(data)
         except (OSError, ValueError) as e:
-            raise BundleError(f"{path} is not readable JSON ({e}).", "fit it again, or delete it.") from e
+            raise BundleError(f"{path} is not readable JSON ({e}).", REFIT) from e
         calibration = cls.from_json(saved, path)
         arrays = arrays_path(path)
-        if saved.get("feature_threshold") is None:
+        if calibration.feature_threshold is None or features is None:
             return calibration
         if not os.path.isfile(arrays):
             logger.warning(f"no {arrays} beside {path}: ood_score is the energy (copy it with calibration.json)")
+            calibration.feature_threshold = None
             return calibration
+        expected = {"means": (classes, features), "precision": (features, features)}
         try:
             with open(arrays, "rb") as f:
-                data = f.read()
+                data = f.read(sum(4 * math.prod(s) for s in expected.values()) + (1 << 16) + 1)
             if "arrays_sha256" not in saved:  # written before calibration.json named them: kept working
                 logger.warning(f"{path} names no SHA-256 of {arrays}: fit the calibration again to bind them")
             elif hashlib.sha256(data).hexdigest() != saved["arrays_sha256"]:
                 raise ValueError(f"its SHA-256 is not the one {os.path.basename(path)} names")
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                means, precision = npz["means"], npz["precision"]
-            if means.ndim != 2 or precision.shape != (means.shape[1],) * 2:
-                raise ValueError(f"means of shape {means.shape} and a precision matrix of {precision.shape}")
-        except (OSError, ValueError, KeyError) as e:
+            loaded = npz_arrays(data, expected)
+        except (OSError, ValueError) as e:
             raise BundleError(
                 f"{arrays} cannot be used with {path}: {e}.",
                 "fit the calibration again: python -m scripts.calibration (see README), or delete both files.",
             ) from e
-        calibration.means, calibration.precision = torch.from_numpy(means), torch.from_numpy(precision)
-        calibration.feature_threshold = float(saved["feature_threshold"])
+        calibration.means, calibration.precision = (torch.from_numpy(loaded[k]) for k in ("means", "precision"))
         return calibration
+
+
+def npz_arrays(data: bytes, expected: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """The float32 arrays of an ``np.savez`` archive holding exactly ``expected`` (name: shape), each header read and
+    checked before its values are: stored entries of exactly their header's and values' size, no pickle."""
+    from numpy.lib import format as npy
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = {info.filename: info for info in archive.infolist()}
+    except (zipfile.BadZipFile, ValueError, EOFError) as e:
+        raise ValueError(f"not an np.savez archive ({e})") from e
+    if sorted(infos) != sorted(f"{name}.npy" for name in expected):
+        raise ValueError(f"it holds {sorted(infos)[:4]}, not the arrays {sorted(expected)}")
+    arrays = {}
+    for name, shape in expected.items():
+        info = infos[f"{name}.npy"]
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+            raise ValueError(f"its {name} is compressed (np.savez stores arrays)")
+        with archive.open(info) as f:
+            version = npy.read_magic(f)
+            header = npy.read_array_header_1_0(f) if version == (1, 0) else npy.read_array_header_2_0(f)
+            declared, fortran, dtype = header
+            if declared != tuple(shape) or dtype != np.dtype("<f4"):
+                raise ValueError(f"its {name} is declared {declared} {dtype}, not {tuple(shape)} float32")
+            if info.file_size != f.tell() + 4 * math.prod(shape):
+                raise ValueError(f"its {name} entry is not of its array's size")
+            values = np.frombuffer(f.read(4 * math.prod(shape)), dtype="<f4")
+            arrays[name] = values.reshape(shape, order="F" if fortran else "C").copy()
+    return arrays
 
 
 def calibration_path(model_path: str) -> str:
@@ -240,12 +289,21 @@ def arrays_path(path: str) -> str:
     return os.path.splitext(path)[0] + ".npz"
 
 
-def calibration_for(model_path: str | None) -> Calibration:
-    """The calibration of the model file ``model_path``: the one an export carries, else ``calibration.json`` beside
-    it, refused if fitted for other weights; unfitted, with a warning, where there is none."""
+def feature_size(network: torch.nn.Module) -> int | None:
+    """How many pooled features ``network`` has at :data:`FEATURE_LAYER`'s output (the classifier's inputs)."""
+    layers = dict(network.named_modules()) if isinstance(network, torch.nn.Module) else {}
+    if not isinstance(layers.get(FEATURE_LAYER), torch.nn.Module) or isinstance(network, torch.jit.ScriptModule):
+        return None
+    linear = [m for m in network.modules() if isinstance(m, torch.nn.Linear)]
+    return linear[-1].in_features if linear else None
+
+
+def calibration_for(model_path: str | None, network: torch.nn.Module, classes: int) -> Calibration:
+    """The calibration of the loaded model file ``model_path`` (its ``network``): the one an export carries, else
+    ``calibration.json`` beside it, refused if fitted for other weights; unfitted, with a warning, where there
+    is none."""
     if not model_path or not os.path.isfile(model_path):
         return Calibration()
-    network = load_model(model_path)
     carried = getattr(network, "calibration", None)
     if carried:
         return Calibration.from_json(json.loads(carried), model_path)
@@ -253,7 +311,7 @@ def calibration_for(model_path: str | None) -> Calibration:
     if not os.path.isfile(path):
         logger.warning(f"no calibration beside {model_path}: probabilities are not calibrated, rows flagged")
         return Calibration()
-    calibration = Calibration.load(path)
+    calibration = Calibration.load(path, classes, feature_size(network))
     found = weights_sha256(network) if any(True for _ in network.state_dict()) else ""
     if calibration.weights != found:
         raise BundleError(
@@ -262,56 +320,6 @@ def calibration_for(model_path: str | None) -> Calibration:
             "fit it for this model: python -m scripts.calibration --ckpt_dir DIR (see README), or remove it.",
         )
     return calibration
-
-
-class FeatureHook:
-    """The pooled features of a network's last forward pass (a hook on ``FEATURE_LAYER``; None for an export)."""
-
-    def __init__(self, network):
-        self.features, self.handle = None, None
-        layer = dict(network.named_modules()).get(FEATURE_LAYER) if isinstance(network, torch.nn.Module) else None
-        if layer is not None and not isinstance(layer, torch.jit.ScriptModule):  # TorchScript takes no hooks
-            self.handle = layer.register_forward_hook(self.keep)
-
-    def keep(self, module, inputs, output) -> None:
-        self.features = output.detach().float().cpu()
-
-    def take(self) -> torch.Tensor | None:
-        features, self.features = self.features, None
-        return features
-
-
-class Outputs:
-    """The one collector of what an engine predicts, read by calibration, evaluation and inference: after each
-    iteration ``last`` holds the batch's ``logits``, ``features``, ``labels`` (or None) and ``batch``; with
-    ``keep``, :meth:`gathered` joins every iteration's."""
-
-    def __init__(self, network, keep: bool = False):
-        self.hook, self.keep, self.last, self.kept = FeatureHook(network), keep, None, []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda _: self.kept.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-
-    def collect(self, engine: Engine) -> None:
-        output = engine.state.output
-        label = output.get("label")
-        self.last = {
-            "logits": output["pred"].detach().float().cpu(),
-            "features": self.hook.take(),
-            "labels": None if label is None else torch.as_tensor(label).detach().cpu().long().view(-1),
-            "batch": engine.state.batch,
-        }
-        if self.keep:
-            self.kept.append(self.last)
-
-    def gathered(self) -> dict:
-        """Every iteration's logits, features and labels, concatenated (features None if any batch had none)."""
-        joined = {}
-        for key in ("logits", "features", "labels"):
-            parts = [part[key] for part in self.kept]
-            joined[key] = torch.cat(parts) if parts and all(p is not None for p in parts) else None
-        return joined
 
 
 def statistics_subset(items: list[dict], limit: int = STATISTICS_IMAGES) -> list[dict]:
@@ -325,59 +333,77 @@ def statistics_subset(items: list[dict], limit: int = STATISTICS_IMAGES) -> list
     return [item for members in by_class.values() for item in members[:: max(1, round(1 / share))]][:limit]
 
 
-def fit_calibration(network, model_path: str, training, validation, prepare_batch, batch_size: int, device):
-    """After training (main process): ``model_path``'s weights into ``network``, its features on a stratified subset
-    of the ``training`` items and its logits and features on ``validation`` through MONAI evaluators (with
-    ``prepare_batch``, fp32, as evaluation and inference run), fitted and saved beside ``model_path``."""
-    from monai.data import DataLoader
-    from monai.engines import SupervisedEvaluator
+class CalibrationFit:
+    """After training (main process), the step :meth:`run`: ``model_path``'s weights into ``network``, its features
+    on a stratified subset of the ``training`` items and its logits and features on ``validation`` through MONAI
+    evaluators (with ``prepare_batch``, fp32, as evaluation and inference run), fitted and saved beside
+    ``model_path``, for its ``classes``."""
 
-    if not is_main_process() or not os.path.isfile(model_path):
-        return None
-    load_model(model_path, network, device)
-    collected = {}
-    subset = DataLoader(statistics_subset(training), batch_size=batch_size, shuffle=False)
-    for name, loader in (("statistics", subset), ("validation", validation)):
-        outputs = Outputs(network, keep=True)
-        evaluator = SupervisedEvaluator(
-            device, loader, network, prepare_batch=prepare_batch, val_handlers=[outputs], decollate=False
+    def __init__(self, network, model_path: str, training, validation, prepare_batch, batch_size: int, device):
+        self.network, self.model_path, self.training, self.validation = network, str(model_path), training, validation
+        self.prepare_batch, self.batch_size, self.device = prepare_batch, int(batch_size), device
+        self.path = None
+
+    def run(self) -> Calibration | None:
+        from ignite.handlers import ProgressBar
+        from monai.data import DataLoader
+        from monai.engines import SupervisedEvaluator
+
+        if not is_main_process() or not os.path.isfile(self.model_path):
+            return None
+        network = load_model(self.model_path, self.device, network=self.network)
+        subset = statistics_subset(self.training)
+        logger.info(
+            f"fitting the calibration of {self.model_path}: features of {len(subset)} training images, logits and "
+            f"features of {len(self.validation.dataset)} validation images"
         )
-        evaluator.run()
-        outputs.hook.handle.remove()
-        collected[name] = outputs.gathered()
-    calibration = Calibration.fit(collected["validation"], collected["statistics"], weights_sha256(network))
-    out_path = calibration_path(model_path)
-    calibration.save(out_path)
-    figures = calibration_figures(collected["validation"]["logits"], collected["validation"]["labels"], calibration)
-    ece, nll = figures["ece"], figures["nll"]
-    logger.info(
-        f"calibration: temperature {calibration.temperature:.3f} ({calibration.counts['threshold_images']} "
-        f"validation images), ECE {ece['uncalibrated']:.4f} -> {ece['calibrated']:.4f}, NLL "
-        f"{nll['uncalibrated']:.4f} -> {nll['calibrated']:.4f}; out-of-distribution statistics from "
-        f"{calibration.counts.get('statistics_images', 0)} training images (shrinkage "
-        f"{calibration.counts.get('shrinkage', 0)}), thresholds {calibration.feature_threshold:.1f} (features), "
-        f"{calibration.energy_threshold:.3f} (energy); wrote {out_path}"
-    )
-    return calibration
+        collected = {}
+        loader = DataLoader(subset, batch_size=self.batch_size, shuffle=False)
+        for name, data in (("statistics", loader), ("validation", self.validation)):
+            outputs = Outputs(network, keep=True)
+            evaluator = SupervisedEvaluator(
+                self.device, data, network, prepare_batch=self.prepare_batch, val_handlers=[outputs], decollate=False
+            )
+            ProgressBar(desc=f"Calibration ({name})", persist=False).attach(evaluator)
+            evaluator.run()
+            outputs.hook.handle.remove()
+            collected[name] = outputs.gathered()
+        calibration = Calibration.fit(collected["validation"], collected["statistics"], weights_sha256(network))
+        self.path = calibration_path(self.model_path)
+        calibration.save(self.path)
+        logits, labels = collected["validation"]["logits"], collected["validation"]["labels"]
+        figures = calibration_figures(logits, labels, calibration)
+        ece, nll = figures["ece"], figures["nll"]
+        logger.info(
+            f"calibration: temperature {calibration.temperature:.3f} ({calibration.counts['threshold_images']} "
+            f"validation images), ECE {ece['uncalibrated']:.4f} -> {ece['calibrated']:.4f}, NLL "
+            f"{nll['uncalibrated']:.4f} -> {nll['calibrated']:.4f}; out-of-distribution statistics from "
+            f"{calibration.counts.get('statistics_images', 0)} training images (shrinkage "
+            f"{calibration.counts.get('shrinkage', 0)}), thresholds {calibration.feature_threshold:.1f} (features), "
+            f"{calibration.energy_threshold:.3f} (energy); wrote {self.path}"
+        )
+        return calibration
 
 
-def calibrate(config_file: str = "configs/train.json", **overrides) -> str:
+def calibrate(config_file: str = "train", **overrides) -> str:
     """Fit and save the calibration of a trained ``<ckpt_dir>/model.pt`` on its ``<output_dir>/split.json``, as
-    training's last step does; ``overrides`` are training keys (``--dataset_dir``, ``--ckpt_dir``, ...)."""
-    from monai.bundle import ConfigParser
+    training's last step does; ``overrides`` are training keys (``--dataset_dir``, ``--ckpt_dir``, ...). Takes
+    the run lock of both folders."""
+    from .config import bundle_parser
 
-    from .utils import BUNDLE_ROOT
-
-    parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLE_ROOT, config_file) if not os.path.isabs(config_file) else config_file)
-    parser.update({"bundle_root": BUNDLE_ROOT, "download": False, **overrides})
-    subset = {"_target_": "scripts.calibration.statistics_subset", "items": "$@datalist['training']"}
+    parser = bundle_parser(config_file, download=False, **overrides)
+    subset = {"_target_": "scripts.calibration.statistics_subset", "items": "$@split['training']"}
     parser["cache#data#training"] = subset  # only the training images the statistics need are preprocessed
     split_file, model_path = parser.get_parsed_content("split_file"), parser.get_parsed_content("ckpt_path")
     for path in (split_file, model_path):
         if not os.path.isfile(path):
             raise BundleError(f"{path} does not exist.", "pass the --output_dir and --ckpt_dir of a training run.")
-    parser.get_parsed_content("calibrate")
+    lock = parser.get_parsed_content("run_lock").acquire()
+    try:
+        parser.get_parsed_content("cache").build()
+        parser.get_parsed_content("calibration_fit").run()
+    finally:
+        lock.release()
     return calibration_path(model_path)
 
 

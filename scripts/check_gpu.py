@@ -13,8 +13,8 @@ import time
 import fire
 import torch
 
-from .pipeline import BF16_MIN_SPEEDUP, bf16_speedup
-from .utils import as_bool
+from .checks import as_bool
+from .precision import BF16_MIN_SPEEDUP, bf16_speedup
 
 
 def _timed_matmul(device: torch.device, size: int, dtype=torch.float32) -> float:

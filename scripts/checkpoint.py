@@ -4,6 +4,7 @@ they hold, and where a resumed run starts."""
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
@@ -14,7 +15,9 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader
 
-from .utils import BundleError, as_bool, atomic_write, fsync_folder, is_main_process
+from .errors import BundleError
+from .files import atomic_write, fsync_folder, is_main_process
+from .model_file import FORMAT_FILE, ModelDescription
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +68,35 @@ class RunSettings:
 
 class TrainingCheckpoints:
     """A trainer handler saving, with :class:`SafeDiskSaver`, ``model_path`` (the weights at ``evaluator``'s best
-    accuracy so far) and after every epoch ``checkpoint_epoch=N.pt`` beside it (``state``: anything with a
+    accuracy so far), the ``description`` of its classes, channels and size beside it (``network_data_format.json``,
+    when the trainer starts), and after every epoch ``checkpoint_epoch=N.pt`` (``state``: anything with a
     ``state_dict``; the trainer, AMP scaler, best-model record, :class:`RunSettings`). With ``resume_from`` MONAI's
     ``CheckpointLoader`` restores it all when the trainer starts (the best-model record only while model.pt
-    exists), then older checkpoints are removed. Listed after the history writer: a kill between the two leaves
-    a history row the resumed run rewrites, never a checkpoint without its row."""
+    exists), then older checkpoints are removed. It attaches what its checkpoints hold and follow, before its own
+    handlers: ``early_stop`` (:class:`~scripts.history.EarlyStop`, whose state it saves) and ``history``
+    (:class:`~scripts.history.HistoryWriter`: a kill between the two leaves a history row the resumed run
+    rewrites, never a checkpoint without its row)."""
 
-    def __init__(self, model_path: str, evaluator: Engine, state: dict, batch_size: int, resume_from: str = ""):
+    def __init__(self, model_path: str, evaluator: Engine, state: dict, batch_size: int, history, description,
+                 early_stop, resume_from: str = ""):  # fmt: skip
         unsaveable = [k for k, v in state.items() if not callable(getattr(v, "state_dict", None))]
         if unsaveable:
             raise TypeError(f"TrainingCheckpoints: {unsaveable} have no state_dict (a config reference gone astray?)")
         self.dirname, self.model_file = os.path.split(model_path)
-        self.evaluator, self.state, self.resume_from = evaluator, dict(state), resume_from
+        self.evaluator, self.resume_from = evaluator, resume_from
+        self.state = {**state, "early_stop": early_stop}
+        self.history, self.description, self.early_stop = history, description, early_stop
         self.settings = RunSettings(batch_size)
 
+    def write_description(self, trainer: Engine) -> None:
+        if is_main_process():
+            path = os.path.join(self.dirname, FORMAT_FILE)
+            atomic_write(path, lambda f: json.dump(self.description.to_json(), f, indent=4))
+
     def attach(self, trainer: Engine) -> None:
+        self.early_stop.attach(trainer)
+        self.history.attach(trainer)
+        trainer.add_event_handler(Events.STARTED, self.write_description)
         best_model = Checkpoint(
             {"model": self.state["model"]},
             SafeDiskSaver(self.dirname),
@@ -125,12 +142,21 @@ def checkpoints(ckpt_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(glob.escape(ckpt_dir), "checkpoint_epoch=*.pt")), key=checkpoint_epoch)
 
 
-def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path: str) -> str:
+def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path: str, description=None) -> str:
     """With ``resume``, the newest ``checkpoint_epoch=N.pt`` of ``ckpt_dir`` (else ``""``), refused before any work
-    if missing, unreadable, without run settings, past ``epochs``, or of another ``batch_size`` or number of
-    processes (ignite would keep the old epoch length)."""
-    if not as_bool(resume, "resume"):
+    if missing, unreadable, without run settings, past ``epochs``, of another ``batch_size`` or number of
+    processes (ignite would keep the old epoch length), or trained for another ``description`` (classes,
+    channels, size)."""
+    if not resume:
         return ""
+    if description is not None and os.path.isfile(os.path.join(ckpt_dir, FORMAT_FILE)):
+        trained = ModelDescription.beside(os.path.join(ckpt_dir, "model.pt"))
+        differs = description.describes(trained)
+        if differs:
+            raise BundleError(
+                f"--resume true, but this run's data and {ckpt_dir}'s model differ ({differs}).",
+                "resume with the data and settings of that run, or train without --resume.",
+            )
     found = checkpoints(ckpt_dir)
     if not found:
         raise BundleError(
@@ -140,7 +166,7 @@ def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path
     path = found[-1]
     fix = "delete it to resume from an older one, or train without --resume."
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the run's own checkpoint
         trainer, saved = ckpt["trainer"], ckpt["settings"]
         done = int(trainer["epoch"]) if "epoch" in trainer else trainer["iteration"] // trainer["epoch_length"]
     except KeyError as e:

@@ -1,88 +1,307 @@
-"""MedNIST on disk: find or download it, check it, split it once, preprocess it into memory in worker processes."""
+"""The labelled images a run learns from or is evaluated on: MedNIST (found, or downloaded and extracted), a folder
+of class folders, or a CSV list; their classes, and their split, made once (stratified, identical images kept in
+one part) and saved. Building :class:`ImageData` reads nothing but folder names and the CSV; :meth:`ImageData.prepare`
+is the step that downloads, lists, hashes and splits."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from functools import partial
+import urllib.request
+from collections import Counter, defaultdict
 
-import numpy as np
-import torch
-from monai.apps.utils import check_hash, download_url, extractall
+from monai.apps.utils import check_hash, extractall
 from monai.data import partition_dataset_classes
-from monai.utils import convert_to_numpy, optional_import
+from monai.utils import optional_import
 
-from .utils import BundleError, as_bool, atomic_write, remove_stale, root_cause
+from .checks import check_class_names
+from .errors import BundleError
+from .files import atomic_write, remove_stale
+from .images import image_suffix
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
-
-CLASSES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
-SPLITS = ("training", "validation", "test")
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-IMAGE_FORMATS = ("JPEG", "PNG")  # what Pillow may open: not EPS, which it renders by running Ghostscript
-DOWNLOAD_PREFIX, EXTRACT_PREFIX = ".MedNIST-download-", ".MedNIST-extract-"
 logger = logging.getLogger(__name__)
 
-
-def class_names() -> list[str]:
-    """The class names, in label order (for metrics that name them)."""
-    return list(CLASSES)
-
-
-def checked_gray(image):
-    """``PILReader``'s converter, before any pixel is decoded: content other than :data:`IMAGE_FORMATS` refused;
-    RGB(A), palette and 1-bit images to one luma channel; grayscale ones (8/16-bit, float), as MedNIST's, as is."""
-    if image.format not in (*IMAGE_FORMATS, "MPO"):  # MPO: a JPEG holding several pictures, as cameras write
-        raise ValueError(f"its content is {image.format}, not {' or '.join(IMAGE_FORMATS)}")
-    return image if image.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F") else image.convert("L")
+MEDNIST = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
+SPLITS = ("training", "validation", "test")
+DOWNLOAD_PREFIX, EXTRACT_PREFIX = ".MedNIST-download-", ".MedNIST-extract-"
+LAYOUT = "a folder with one subfolder of images per class (or MedNIST/ inside it), or --datalist FILE.csv"
 
 
 def list_images(folder: str) -> list[str]:
-    """Sorted image file names (not paths) directly inside ``folder``."""
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    """Image files under ``folder`` (searched recursively, symlinked folders not followed), relative, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.relpath(os.path.join(dirpath, f), folder) for f in sorted(filenames) if not f.startswith(".")]
+    return [f for f in found if image_suffix(os.path.join(folder, f))]
 
 
-def check_class_folders(root: str, key: str = "dataset_dir") -> dict[str, list[str]]:
-    """Image names per class under ``root``; stop with a message if a class folder is missing or empty."""
+def class_folders(root: str) -> list[str]:
+    """The subfolders of ``root`` that may be classes (not hidden), sorted: the class names."""
     if not os.path.isdir(root):
-        raise BundleError(f"{key}: folder {root} does not exist.", f"point --{key} at a folder of MedNIST layout.")
-    found = {c: list_images(os.path.join(root, c)) if os.path.isdir(os.path.join(root, c)) else [] for c in CLASSES}
+        return []
+    return sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+
+
+def images_by_class(root: str, classes, key: str) -> dict[str, list[str]]:
+    """Image names (relative to ``root``) per class, refused if a class folder is missing or holds no image."""
+    found = {c: [os.path.join(c, f) for f in list_images(os.path.join(root, c))] for c in classes}
     empty = [c for c, files in found.items() if not files]
     if empty:
         raise BundleError(
             f"{key}: {root} has no images for class(es) {', '.join(empty)}.",
-            f"each of {', '.join(CLASSES)} needs a subfolder of .jpeg/.jpg/.png images there; "
+            "each class needs a subfolder of images (.png, .jpeg, .jpg, .nii, .nii.gz, .dcm) there; for MedNIST, "
             "re-extract MedNIST.tar.gz or point the key at a complete copy.",
         )
     return found
 
 
-def mednist_root(dataset_dir: str) -> str:
-    """Where MedNIST's class folders are: ``dataset_dir/MedNIST``, or else ``dataset_dir`` itself if it holds any."""
-    nested = os.path.join(dataset_dir, "MedNIST")
-    if not os.path.isdir(nested) and any(os.path.isdir(os.path.join(dataset_dir, c)) for c in CLASSES):
-        return dataset_dir
-    return nested
+def file_hash(path: str) -> str:
+    """A digest of a file's bytes: identical images share it."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> tuple[str, dict[str, list[str]]]:
-    """``dataset_dir/MedNIST`` and its image names per class, downloaded and extracted first if absent and
-    ``download``: extracted beside it and renamed into place when complete, never half-extracted."""
-    root = mednist_root(dataset_dir)
+def split_by_content(items: list[dict], hashes: list[str], val_frac: float, test_frac: float, seed: int) -> dict:
+    """Stratified split (MONAI's ``partition_dataset_classes``) of groups of identical images, each group in one
+    part: each class's groups shuffled with ``seed`` and cut into training, validation and test; each part listed
+    by class, then file name. With no two images alike, it is the per-image split."""
+    groups: dict[str, list[dict]] = {}
+    for item, digest in zip(items, hashes):
+        groups.setdefault(digest, []).append(item)
+    firsts = [members[0] for members in groups.values()]
+    parts = partition_dataset_classes(
+        firsts,
+        classes=[d["label"] for d in firsts],
+        ratios=[1 - val_frac - test_frac, val_frac, test_frac],
+        shuffle=True,
+        seed=seed,
+    )
+    by_first = {id(members[0]): members for members in groups.values()}
+    return {
+        name: sorted((d for first in part for d in by_first[id(first)]), key=lambda d: (d["label"], d["image"]))
+        for name, part in zip(SPLITS, parts)
+    }
+
+
+class ImageData:
+    """The images of a run and their split: ``datalist`` (a CSV of ``image,label[,split]``, paths relative to it),
+    else MedNIST in ``dataset_dir`` (``dataset_dir/MedNIST``, or ``dataset_dir`` named MedNIST; downloaded there
+    if absent and ``download``), else ``dataset_dir``'s class folders (any names, at least two, in sorted order)."""
+
+    def __init__(self, dataset_dir, split_file: str, val_frac=0.1, test_frac=0.1, seed=0, datalist=None,
+                 download=True, url: str = "", md5: str = ""):  # fmt: skip
+        self.dataset_dir, self.split_file, self.datalist = str(dataset_dir), str(split_file), datalist or None
+        self.params = {"seed": int(seed), "val_frac": float(val_frac), "test_frac": float(test_frac)}
+        self.download, self.url, self.md5 = bool(download), url, md5
+        self.prepared, self.report = None, {}
+        nested = os.path.join(self.dataset_dir, "MedNIST")
+        if self.datalist:
+            self.kind, self.root = "csv", os.path.dirname(os.path.abspath(self.datalist))
+        elif os.path.isdir(nested) or os.path.basename(os.path.normpath(self.dataset_dir)) == "MedNIST":
+            self.kind, self.root = "mednist", nested if os.path.isdir(nested) else self.dataset_dir
+        elif class_folders(self.dataset_dir):
+            self.kind, self.root = "folders", self.dataset_dir
+        else:
+            self.kind, self.root = "download", nested
+        self.rows = self.read_datalist() if self.kind == "csv" else None
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names, in label order: MedNIST's six, the class folders' or the CSV's labels, sorted."""
+        if self.kind in ("mednist", "download"):
+            return list(MEDNIST)
+        if self.kind == "csv":
+            return check_class_names(sorted({r["label"] for r in self.rows}), self.datalist)
+        names = class_folders(self.root)
+        if len(names) < 2:
+            raise BundleError(
+                f"--dataset_dir {self.root} has {len(names)} class folder(s): {', '.join(names) or 'none'}.",
+                f"a classifier needs two classes or more: {LAYOUT}.",
+            )
+        return check_class_names(names, f"--dataset_dir {self.root}")
+
+    def read_datalist(self) -> list[dict]:
+        """The rows of the CSV ``datalist``: ``image`` and ``label``, and ``split`` if it has the column; every row
+        checked (empty or unknown values), one message for the first bad row."""
+        if not os.path.isfile(self.datalist):
+            raise BundleError(f"--datalist {self.datalist} does not exist.", "pass a CSV file of image,label rows.")
+        with open(self.datalist, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+        missing = [c for c in ("image", "label") if c not in columns]
+        if missing:
+            raise BundleError(
+                f"--datalist {self.datalist} has no column {missing[0]!r} (its columns: {', '.join(columns)}).",
+                "give it a header row image,label (and optionally split).",
+            )
+        for number, row in enumerate(rows, 2):
+            where = f"--datalist {self.datalist}, line {number}"
+            if not row.get("image") or not row.get("label"):
+                empty = "image" if not row.get("image") else "label"
+                raise BundleError(f"{where}: an empty {empty}.", "fill it or delete the row.")
+            if "split" in columns and row.get("split") not in SPLITS:
+                raise BundleError(
+                    f"{where}: split {row.get('split')!r} is not training, validation or test.",
+                    "give every row one of those, or drop the split column to have the bundle split.",
+                )
+        if not rows:
+            raise BundleError(f"--datalist {self.datalist} lists no images.", "add rows of image,label.")
+        return rows
+
+    def csv_items(self) -> tuple[list[dict], list[str] | None]:
+        """The CSV's items (paths as given, relative to its folder) and their splits (None without the column)."""
+        labels = {c: i for i, c in enumerate(self.classes)}
+        items = [{"image": r["image"], "label": labels[r["label"]]} for r in self.rows]
+        missing = [d["image"] for d in items if not os.path.isfile(os.path.join(self.root, d["image"]))]
+        if missing:
+            raise BundleError(
+                f"--datalist {self.datalist} names {len(missing)} file(s) that do not exist, e.g. {missing[0]}.",
+                "fix the paths (relative to the CSV's folder, or absolute) or delete their rows.",
+            )
+        splits = [r["split"] for r in self.rows] if "split" in self.rows[0] else None
+        return items, splits
+
+    def prepare(self) -> dict[str, list[dict]]:
+        """The step that makes the data ready: MedNIST downloaded and extracted if needed, the images listed and
+        hashed, the split made (or the saved one reused) and each part checked; the data lists
+        ``{"training", "validation", "test"}`` (absolute paths, integer labels)."""
+        if self.prepared is not None:
+            return self.prepared
+        classes = self.classes
+        if self.kind == "download":
+            prepare_mednist(self.dataset_dir, self.download, self.url, self.md5)
+            self.kind = "mednist"
+        if self.kind == "csv":
+            items, given = self.csv_items()
+        else:
+            found = images_by_class(self.root, classes, "dataset_dir")
+            items, given = [{"image": f, "label": i} for i, c in enumerate(classes) for f in found[c]], None
+        hashes = [file_hash(os.path.join(self.root, d["image"])) for d in items]
+        saved = self.saved_split(classes)
+        if saved is None:
+            if given:
+                split = {name: [d for d, s in zip(items, given) if s == name] for name in SPLITS}
+            else:
+                split = split_by_content(items, hashes, **self.params)
+            saved = {**self.params, "classes": classes, "source": self.kind, "given": bool(given), **split}
+            self.check_parts(saved, classes)
+            atomic_write(self.split_file, lambda f: json.dump(saved, f, indent=1))
+            logger.info(f"wrote the data split to {self.split_file}")
+        self.prepared = {name: self.on_disk(saved[name]) for name in SPLITS}
+        self.report = self.describe(items, hashes, classes)
+        return self.prepared
+
+    def saved_split(self, classes) -> dict | None:
+        """The split saved in ``split_file`` if there is one, refused if made with other settings or classes."""
+        if not os.path.isfile(self.split_file):
+            return None
+        with open(self.split_file) as f:
+            saved = json.load(f)
+        old = {k: saved.get(k) for k in self.params}
+        if not saved.get("given") and old != self.params:
+            raise BundleError(
+                f"{self.split_file} was made with {old}, not {self.params}.",
+                "pass the same seed/val_frac/test_frac, or choose another --output_dir (or delete that file) "
+                "to make a new split.",
+            )
+        if saved.get("classes", list(MEDNIST)) != list(classes):
+            raise BundleError(
+                f"{self.split_file} was made for the classes {', '.join(saved.get('classes', MEDNIST))}, "
+                f"not this data's {', '.join(classes)}.",
+                "choose another --output_dir for a new split, or pass the data it was made from.",
+            )
+        logger.info(f"reusing the data split in {self.split_file}")
+        return saved
+
+    def check_parts(self, split: dict, classes) -> None:
+        """Refuse a split with an empty part or a class missing from one (too few images for the fractions)."""
+        for name in SPLITS:
+            counts = Counter(d["label"] for d in split[name])
+            short = [c for i, c in enumerate(classes) if not counts[i]]
+            if short:
+                total = sum(d["label"] == classes.index(short[0]) for p in SPLITS for d in split[p])
+                raise BundleError(
+                    f"class {short[0]} has {total} image(s): the {name} set would have none of it "
+                    f"(val_frac {self.params['val_frac']}, test_frac {self.params['test_frac']}).",
+                    f"add images of {short[0]} or raise --val_frac/--test_frac so that each part gets one of each "
+                    "class (a CSV's split column must give each class a row in each split).",
+                )
+
+    def on_disk(self, items: list[dict]) -> list[dict]:
+        """The items of a saved split with their paths under the data's root, refused if an image is not there."""
+        data = [{"image": os.path.join(self.root, d["image"]), "label": d["label"]} for d in items]
+        missing = [d["image"] for d in data if not os.path.isfile(d["image"])]
+        if missing:
+            raise BundleError(
+                f"{len(missing)} image(s) named in {self.split_file} are not under {self.root}, e.g. {missing[0]}.",
+                "pass the --dataset_dir (or --datalist) the split was made from, or choose another --output_dir "
+                "to make a new split.",
+            )
+        return data
+
+    @property
+    def lists(self) -> dict[str, list[dict]]:
+        """The data lists of :meth:`prepare`, the workflow's step; a client that builds the trainer before running
+        the steps (MONAI's ``check_properties``, MONAI FL's ``MonaiAlgo``) gets them prepared at first use."""
+        return self.prepare()
+
+    def describe(self, items, hashes, classes) -> dict:
+        """Per class and split, the number of images; groups of identical images (within and across parts)."""
+        part = {}
+        for name, listed in self.prepared.items():
+            for d in listed:
+                part[d["image"]] = name
+        counts = {c: dict.fromkeys(SPLITS, 0) for c in classes}
+        for name, listed in self.prepared.items():
+            for d in listed:
+                counts[classes[d["label"]]][name] += 1
+        groups = defaultdict(list)
+        for item, digest in zip(items, hashes):
+            groups[digest].append(os.path.join(self.root, item["image"]))
+        alike = [g for g in groups.values() if len(g) > 1]
+        across = [g for g in alike if len({part.get(p) for p in g}) > 1]
+        labels = {os.path.join(self.root, d["image"]): classes[d["label"]] for d in items}
+        mixed = [g for g in alike if len({labels[p] for p in g}) > 1]
+        return {
+            "source": self.kind,
+            "root": self.root,
+            "classes": classes,
+            "images": counts,
+            "identical_images": {
+                "groups": len(alike),
+                "images": sum(map(len, alike)),
+                "groups_across_splits": len(across),
+                "examples_across_splits": [g[:3] for g in across[:5]],
+                "groups_with_different_labels": len(mixed),
+                "examples_with_different_labels": [g[:3] for g in mixed[:5]],
+            },
+        }
+
+
+def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> str:
+    """``dataset_dir/MedNIST``, downloaded and extracted first if absent and ``download``: extracted beside it and
+    renamed into place when complete, never half-extracted."""
+    root = os.path.join(dataset_dir, "MedNIST")
     if os.path.isdir(root):
-        return root, check_class_folders(root)
+        return root
     tarball = os.path.join(dataset_dir, "MedNIST.tar.gz")
     manual = f"download {url} by hand and either put it at {tarball} or extract it so that {root}/<class>/ exist"
     if not download and not os.path.isfile(tarball):
-        raise BundleError(f"no MedNIST data at {root} and download is false.", f"{manual}, or set --download true.")
+        raise BundleError(
+            f"no images at {dataset_dir} ({LAYOUT}) and download is false.",
+            f"point --dataset_dir at your images, or, for MedNIST, {manual}, or set --download true.",
+        )
     os.makedirs(dataset_dir, exist_ok=True)
     for prefix in (DOWNLOAD_PREFIX, EXTRACT_PREFIX):  # what a killed download or extraction left
         remove_stale(dataset_dir, prefix)
@@ -92,8 +311,9 @@ def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> tup
         fetch_tarball(url, md5, tarball, manual)
     staging = tempfile.mkdtemp(prefix=f"{EXTRACT_PREFIX}{os.getpid()}-", dir=dataset_dir)
     try:
+        logger.info(f"extracting {tarball}")
         extractall(tarball, staging, file_type="tar.gz", has_base=False)
-        found = check_class_folders(os.path.join(staging, "MedNIST"), key="MedNIST.tar.gz")
+        images_by_class(os.path.join(staging, "MedNIST"), MEDNIST, "MedNIST.tar.gz")
         os.replace(os.path.join(staging, "MedNIST"), root)
     except BundleError:
         raise
@@ -101,237 +321,72 @@ def prepare_mednist(dataset_dir: str, download: bool, url: str, md5: str) -> tup
         raise BundleError(f"could not extract {tarball}: {e}", f"delete it, then {manual}.") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return root, found
+    return root
 
 
 def fetch_tarball(url: str, md5: str, tarball: str, manual: str) -> None:
-    """Download ``url`` to ``tarball`` with MONAI's ``download_url`` (MD5-checked), staged (``tempfile``'s folder,
-    for the call) in a ``.MedNIST-download-<pid>-*`` folder beside it, which the next run removes if killed."""
+    """Download ``url`` to ``tarball`` with a progress bar, into a ``.MedNIST-download-<pid>-*`` folder beside it
+    (which the next run removes if this one is killed), MD5-checked (MONAI's ``check_hash``), then renamed."""
     logger.info(f"downloading MedNIST from {url} to {tarball}")
     staging = tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-", dir=os.path.dirname(tarball))
-    saved, tempfile.tempdir = tempfile.tempdir, staging
+    partial = os.path.join(staging, "MedNIST.tar.gz")
     try:
-        download_url(url, os.path.join(staging, "MedNIST.tar.gz"), hash_val=md5, hash_type="md5", progress=False)
-        os.replace(os.path.join(staging, "MedNIST.tar.gz"), tarball)
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="Downloading MedNIST") if has_tqdm else None
+            for block in iter(lambda: response.read1(1 << 20), b""):  # what has arrived, not a whole block
+                out.write(block)
+                if bar is not None:
+                    bar.update(len(block))
+            if bar is not None:
+                bar.close()
+        if not check_hash(partial, md5, "md5"):
+            raise ValueError(f"the downloaded file does not match MD5 {md5}")
+        os.replace(partial, tarball)
     except Exception as e:  # network errors and checksum failures alike
         raise BundleError(f"could not download MedNIST from {url}: {e}", manual) from e
     finally:
-        tempfile.tempdir = saved
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def make_split(found: dict[str, list[str]], val_frac: float, test_frac: float, seed: int) -> dict[str, list]:
-    """Stratified split (MONAI's ``partition_dataset_classes``): each class's images shuffled with ``seed`` and cut
-    into training, validation and test parts; each part listed by class, then file name."""
-    items = [{"image": f"{cls}/{f}", "label": label} for label, cls in enumerate(CLASSES) for f in found[cls]]
-    parts = partition_dataset_classes(
-        items,
-        classes=[d["label"] for d in items],
-        ratios=[1 - val_frac - test_frac, val_frac, test_frac],
-        shuffle=True,
-        seed=seed,
-    )
-    return {name: sorted(part, key=lambda d: (d["label"], d["image"])) for name, part in zip(SPLITS, parts)}
-
-
-def load_split(
-    dataset_dir: str,
-    split_file: str,
-    val_frac: float,
-    test_frac: float,
-    seed: int,
-    download: bool = True,
-    url: str = "",
-    md5: str = "",
-) -> dict[str, list[dict]]:
-    """The data lists ``{"training", "validation", "test"}`` (absolute paths, integer labels) of the split made once
-    into ``split_file`` and reused by later runs, refused if made with other fractions or seed or images are gone."""
-    root, found = prepare_mednist(dataset_dir, as_bool(download, "download"), url, md5)
-    params = {"seed": int(seed), "val_frac": float(val_frac), "test_frac": float(test_frac)}
-    if os.path.isfile(split_file):
-        with open(split_file) as f:
-            saved = json.load(f)
-        old = {k: saved.get(k) for k in params}
-        if old != params:
-            raise BundleError(
-                f"{split_file} was made with {old}, not {params}.",
-                "pass the same seed/val_frac/test_frac, or choose another --output_dir (or delete that file) "
-                "to make a new split.",
-            )
-        logger.info(f"reusing the data split in {split_file}")
-    else:
-        saved = {**params, "classes": list(CLASSES), **make_split(found, **params)}
-        for name in SPLITS:
-            if not saved[name]:
-                raise BundleError(
-                    f"the {name} set would be empty with val_frac={val_frac}, test_frac={test_frac}.",
-                    "add images or change the fractions.",
-                )
-        atomic_write(split_file, lambda f: json.dump(saved, f, indent=1))
-        logger.info(f"wrote the data split to {split_file}")
-    fix = "restore the dataset, or choose another --output_dir to make a new split."
-    lists = {name: on_disk(saved[name], root, split_file, fix) for name in SPLITS}
-    for n, items in lists.items():
-        logger.info(f"{n}: {len(items)} images")
-    return lists
-
-
-def test_datalist(split_file: str, dataset_dir: str) -> list[dict]:
-    """The test part of a split saved by training, with absolute paths, without touching the network."""
-    if not os.path.isfile(split_file):
-        raise BundleError(
-            f"no data split at {split_file}.",
-            "run training first (it writes the split to <output_dir>/split.json), pass the same --output_dir, "
-            "or evaluate a folder with --eval_dir DIR.",
-        )
-    with open(split_file) as f:
-        items = json.load(f)["test"]
-    return on_disk(items, mednist_root(dataset_dir), split_file, "pass the --dataset_dir used for training.")
-
-
-def on_disk(items: list[dict], root: str, split_file: str, fix: str) -> list[dict]:
-    """The items of a saved split with their paths under ``root``, or a ``BundleError`` if an image is not there."""
-    data = [{"image": os.path.join(root, d["image"]), "label": d["label"]} for d in items]
-    missing = [d["image"] for d in data if not os.path.isfile(d["image"])]
-    if missing:
-        problem = f"{len(missing)} image(s) named in {split_file} are not under {root}, e.g. {missing[0]}."
-        raise BundleError(problem, fix)
-    return data
-
-
-def folder_datalist(folder: str) -> list[dict]:
-    """Every image under ``folder/<class>/`` (searched recursively) for each of the six class names found."""
+def folder_datalist(folder: str, classes, key: str = "eval_dir") -> list[dict]:
+    """Every image under ``folder/<class>/`` (searched recursively) for each of the model's ``classes`` found."""
     if not os.path.isdir(folder):
-        raise BundleError(f"--eval_dir {folder} is not a folder.", "pass a folder with one subfolder per class.")
-    others = [d for d in sorted(os.listdir(folder)) if d not in CLASSES and not d.startswith(".")]
-    others = [d for d in others if os.path.isdir(os.path.join(folder, d))]
+        raise BundleError(f"--{key} {folder} is not a folder.", "pass a folder with one subfolder per class.")
+    others = [d for d in class_folders(folder) if d not in classes]
     if others:
-        named = {c.lower(): c for c in CLASSES}
+        named = {c.lower(): c for c in classes}
         listed = ", ".join(
             os.path.join(folder, d) + (f" (did you mean {named[d.lower()]}?)" if d.lower() in named else "")
             for d in others
         )
         raise BundleError(
-            f"--eval_dir {folder} has folder(s) that are not MedNIST class names: {listed}.",
-            f"rename them to one of {', '.join(CLASSES)} (case matters), or move them out of the folder.",
+            f"--{key} {folder} has folder(s) that are not the model's classes: {listed}.",
+            f"rename them to one of {', '.join(classes)} (case matters), or move them out of the folder.",
         )
-    data = []
-    for label, cls in enumerate(CLASSES):
-        for dirpath, _, files in sorted(os.walk(os.path.join(folder, cls))):
-            data += [
-                {"image": os.path.join(dirpath, f), "label": label}
-                for f in sorted(files)
-                if f.lower().endswith(IMAGE_SUFFIXES)
-            ]
+    data = [
+        {"image": os.path.join(folder, c, f), "label": label}
+        for label, c in enumerate(classes)
+        for f in (list_images(os.path.join(folder, c)) if os.path.isdir(os.path.join(folder, c)) else [])
+    ]
     if not data:
         raise BundleError(
-            f"--eval_dir {folder} holds no images in subfolders named {', '.join(CLASSES)}.",
-            "arrange the images as <eval_dir>/<class name>/*.jpeg (or .jpg/.png).",
+            f"--{key} {folder} holds no images in subfolders named {', '.join(classes)}.",
+            "arrange the images as <eval_dir>/<class name>/<image> (.png, .jpeg, .jpg, .nii, .nii.gz, .dcm).",
         )
     return data
 
 
-_worker_transform = None  # set in each worker process by _start_worker
-
-
-def _die_with_parent(parent: int) -> None:
-    """Linux: have the kernel kill this process when its parent dies, so no orphan holds memory."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the call above
-        os._exit(1)
-
-
-def _start_worker(transform, parent: int) -> None:
-    """A worker's initializer: killed with its parent, one torch thread (a forked OpenMP pool must not be
-    reused), and the transform, inherited through ``fork`` rather than pickled."""
-    global _worker_transform
-    _die_with_parent(parent)
-    torch.set_num_threads(1)
-    _worker_transform = transform
-
-
-def _preprocess_in_worker(items: list[dict]) -> tuple:
-    return _preprocess(_worker_transform, items)
-
-
-def _preprocess(transform, items: list[dict]) -> tuple:
-    """``items`` through ``transform``, packed as one stacked image array plus the other fields, and the
-    ``(path, reason)`` of every image that could not be read."""
-    images, rest, failed = [], [], []
-    for item in items:
-        try:
-            out = transform(dict(item))
-        except Exception as e:
-            cause = root_cause(e)
-            failed.append((str(item["image"]), f"{type(cause).__name__}: {cause}"))
-            continue
-        images.append(convert_to_numpy(out["image"], dtype=np.float32))
-        rest.append({k: v for k, v in out.items() if k != "image"} | {"path": str(item["image"])})
-    return (np.stack(images) if images else None), rest, failed
-
-
-def preload(
-    data: dict[str, list[dict]], transform, num_workers: int = 1, skip_unreadable=False, chunk_size: int = 256
-) -> dict[str, list[dict]]:
-    """Every item of each list of ``data`` (e.g. ``{"training": [...], "validation": [...]}``) through
-    ``transform`` (the deterministic preprocessing), in memory under the same names, each as ``{"image": float32
-    tensor, "path": its file, ...}`` for a plain ``monai.data.Dataset``. Chunks go to ``num_workers`` forked
-    processes (Linux; else this process) that die with it, not threads as in MONAI's ``CacheDataset``: the
-    transforms hold Python's lock. Unreadable images are named together at the end, or with ``skip_unreadable``
-    left out and counted."""
-    workers = max(1, int(num_workers))
-    chunks = {
-        name: [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)] for name, items in data.items()
-    }
-    bar = tqdm(total=sum(map(len, data.values())), desc="Loading dataset") if has_tqdm else None
-    cached, failed, pool = {}, [], None
-    try:
-        if workers > 1 and sys.platform.startswith("linux"):  # fork is safe on Linux only
-            fork = multiprocessing.get_context("fork")
-            init = (transform, os.getpid())
-            pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_start_worker, initargs=init)
-        else:
-            workers = 1
-        for name, parts in chunks.items():
-            start, cached[name] = time.perf_counter(), []
-            results = pool.map(_preprocess_in_worker, parts) if pool else map(partial(_preprocess, transform), parts)
-            for stacked, rest, bad in results:
-                failed += bad
-                if stacked is not None:
-                    tensor = torch.from_numpy(stacked)
-                    cached[name] += [{"image": tensor[i], **other} for i, other in enumerate(rest)]
-                if bar is not None:
-                    bar.update(len(rest) + len(bad))
-            took = time.perf_counter() - start
-            logger.info(f"cached {len(cached[name])} items in {took:.1f} s ({workers} process(es)): {name}")
-    except BrokenProcessPool as e:  # a worker was killed, e.g. by the out-of-memory killer
+def eval_datalist(eval_dir, data: ImageData, classes) -> list[dict]:
+    """What evaluation runs on: every image of ``eval_dir``'s class folders if given, else the saved test split of
+    ``data`` (made by training, for the same classes as the model's)."""
+    if eval_dir:
+        return folder_datalist(str(eval_dir), classes)
+    if not os.path.isfile(data.split_file):
         raise BundleError(
-            f"a process preprocessing the images died ({e}).",
-            f"pass a smaller --cache_num_workers (it was {workers}; 1 works in the training process).",
-        ) from e
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if bar is not None:
-            bar.close()
-    if failed:
-        listed = "\n".join(f"    {path}: {reason}" for path, reason in failed)
-        if not as_bool(skip_unreadable, "skip_unreadable"):
-            raise BundleError(
-                f"cannot read {len(failed)} image(s):\n{listed}",
-                "replace or delete them (and train with a new --output_dir, for a new split), "
-                "or pass --skip_unreadable true to leave them out.",
-            )
-        logger.warning(f"skipped {len(failed)} unreadable image(s) (--skip_unreadable true):\n{listed}")
-    return cached
-
-
-def eval_datalist(eval_dir: str | None, split_file: str, dataset_dir: str) -> list[dict]:
-    """What evaluation runs on: every image of ``eval_dir``'s class folders if given, else the saved test split."""
-    return folder_datalist(eval_dir) if eval_dir else test_datalist(split_file, dataset_dir)
+            f"no data split at {data.split_file}.",
+            "run training first (it writes the split to <output_dir>/split.json), pass the same --output_dir, "
+            "or evaluate a folder with --eval_dir DIR.",
+        )
+    saved = data.saved_split(classes)
+    return data.on_disk(saved["test"])

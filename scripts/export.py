@@ -1,8 +1,9 @@
-"""Export the trained network to a ``torch.export`` program (.pt2) or ONNX (.onnx) carrying its calibration,
-renamed into place only once loaded back by ``scripts.model_file`` with the checkpoint's logits (TorchScript:
-MONAI's ``ckpt_export``, see README)::
+"""Export a trained model to a ``torch.export`` program (.pt2), ONNX (.onnx) or TorchScript (.ts), carrying its
+calibration (.pt2, .onnx; beside a .ts) and, for MONAI Deploy, a .ts carries the bundle's inference config and the
+model's own metadata; its description (classes, channels, size) is written beside it. Each is renamed into place
+only once loaded back by the bundle's own loader with the checkpoint's logits::
 
-    python -m scripts.export pt2|onnx [--ckpt_path models/model.pt] [--out models/model.pt2|.onnx]
+    python -m scripts.export pt2|onnx|ts [--ckpt_path models/model.pt] [--out models/model.pt2|.onnx|.ts]
 """
 
 from __future__ import annotations
@@ -10,25 +11,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 
 import fire
 import torch
 
 from .calibration import calibration_for
-from .model_file import CALIBRATION_ENTRY, inference_config, load_model
-from .utils import TMP_PREFIX, BundleError, fsync_folder
+from .config import CONFIGS
+from .errors import BundleError
+from .files import FolderLock, fsync_folder, temporary_path
+from .model_file import FORMAT_FILE, ModelDescription, load_model
+from .programs import write_onnx, write_pt2
 
 logger = logging.getLogger(__name__)
-MAX_BATCH = 4096
 
 
-def check_parity(ckpt_path: str, path: str, atol: float = 1e-4) -> float:
+def check_parity(ckpt_path: str, path: str, description: ModelDescription, atol: float = 1e-4) -> float:
     """Load the checkpoint and its export ``path`` as inference does, and stop unless their logits on random
     images agree within ``atol``; returns the largest difference."""
-    images = torch.rand(5, 1, *image_size(), generator=torch.Generator().manual_seed(0))
-    exported = load_model(path)
+    images = torch.rand(5, description.in_channels, *description.image_size, generator=torch.Generator().manual_seed(0))
+    exported = load_model(path, description=description)
     with torch.no_grad():
-        expected = load_model(ckpt_path)(images)
+        expected = load_model(ckpt_path, description=description)(images)
         try:
             got = exported(images)
         except Exception as e:
@@ -40,75 +44,69 @@ def check_parity(ckpt_path: str, path: str, atol: float = 1e-4) -> float:
     return gap
 
 
-def image_size() -> list[int]:
-    """``image_size`` of configs/inference.json: the size the network sees."""
-    return inference_config()["image_size"]
+def write_ts(network: torch.nn.Module, path: str, description: ModelDescription) -> None:
+    """TorchScript of ``network`` (as MONAI's ``ckpt_export`` scripts it) carrying, as MONAI Deploy reads them,
+    the bundle's inference config and the model's metadata (its classes, channels and size)."""
+    from monai.data import save_net_with_metadata
+
+    with open(os.path.join(CONFIGS, "inference.json"), "rb") as f:
+        config = f.read()
+    with torch.no_grad():
+        scripted = torch.jit.script(network.eval())
+    save_net_with_metadata(scripted, path, include_config_vals=False, meta_values=description.metadata(),
+                           more_extra_files={"inference.json": config})  # fmt: skip
 
 
-def _export(ckpt_path: str, out: str, write, suffix: str) -> str:
-    """``write(network, path, calibration JSON or None)`` to a temporary file beside ``out`` (named ``*suffix``),
-    parity-checked, then renamed to ``out``."""
-    if not str(out).lower().endswith(suffix):
+def export(kind: str, ckpt_path: str = "models/model.pt", out: str | None = None) -> str:
+    """Export ``ckpt_path`` as ``kind`` (``pt2``, ``onnx`` or ``ts``) to ``out`` (default: beside it)."""
+    suffix = f".{kind}"
+    if kind not in ("pt2", "onnx", "ts"):
+        raise BundleError(f"{kind!r} is not an export kind.", "pass pt2, onnx or ts.")
+    out = str(out or os.path.join(os.path.dirname(str(ckpt_path)), f"model{suffix}"))
+    if not out.lower().endswith(suffix):
         raise BundleError(f"--out {out} does not end in {suffix}.", f"pass e.g. --out models/model{suffix}.")
-    calibration = calibration_for(ckpt_path)
-    carried = json.dumps(calibration.to_json()) if calibration.fitted else None
+    if kind == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as e:
+            raise BundleError(f"ONNX export needs {e.name}.", "pip install onnx onnxscript onnxruntime") from e
     folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-export{suffix}")
+    lock = FolderLock([folder]).acquire()
     try:
-        write(load_model(ckpt_path), tmp, carried)
-        gap = check_parity(ckpt_path, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        fsync_folder(folder)
+        description = ModelDescription.beside(ckpt_path)
+        network = load_model(str(ckpt_path), description=description)
+        calibration = calibration_for(str(ckpt_path), network, len(description.classes))
+        carried = json.dumps(calibration.to_json()) if calibration.fitted else None
+        logger.info(f"exporting {ckpt_path} to {out} ({kind}): tracing, writing, then loading it back to compare")
+        tmp = temporary_path(folder, suffix)
+        try:
+            if kind == "pt2":
+                write_pt2(network, tmp, description.image_size, carried)
+            elif kind == "onnx":
+                write_onnx(network, tmp, description.image_size, carried)
+            else:
+                write_ts(network, tmp, description)
+            gap = check_parity(str(ckpt_path), tmp, description)
+            source = os.path.dirname(os.path.abspath(str(ckpt_path)))
+            if source != folder:  # what travels beside the model: its description, a .ts's calibration
+                travelling = [FORMAT_FILE] + (["calibration.json"] if kind == "ts" and calibration.fitted else [])
+                for name in travelling:
+                    if os.path.isfile(os.path.join(source, name)):
+                        shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+            fsync_folder(folder)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        lock.release()
     logger.info(f"exported {ckpt_path} to {out} (largest logit difference {gap:.2g})")
     return out
 
 
-def write_pt2(network: torch.nn.Module, path: str, calibration: str | None) -> None:
-    """A ``torch.export`` program of ``network`` with a dynamic batch dimension, carrying ``calibration``."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    program = torch.export.export(network, (torch.rand(2, 1, *image_size()),), dynamic_shapes=({0: batch},))
-    torch.export.save(program, path, extra_files={CALIBRATION_ENTRY: calibration} if calibration else None)
-
-
-def export_pt2(ckpt_path: str = "models/model.pt", out: str = "models/model.pt2") -> str:
-    """Write a ``torch.export`` program with a dynamic batch dimension."""
-    return _export(ckpt_path, out, write_pt2, ".pt2")
-
-
-def export_onnx(ckpt_path: str = "models/model.pt", out: str = "models/model.onnx", opset: int = 18) -> str:
-    """Write an ONNX model (input ``image`` N x 1 x 64 x 64, output ``logits`` N x 6) with a dynamic batch."""
-    try:
-        import onnx
-        import onnxscript  # noqa: F401
-    except ImportError as e:
-        raise BundleError(f"ONNX export needs {e.name}.", "pip install onnx onnxscript onnxruntime") from e
-
-    def write(network, path, calibration):
-        torch.onnx.export(
-            network,
-            (torch.rand(2, 1, *image_size()),),
-            path,
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},),
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-        )
-        if calibration:
-            model = onnx.load(path)
-            onnx.helper.set_model_props(model, {CALIBRATION_ENTRY: calibration})
-            onnx.save(model, path)
-
-    return _export(ckpt_path, out, write, ".onnx")
-
-
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    fire.Fire({"pt2": export_pt2, "onnx": export_onnx})
+    fire.Fire(export)

@@ -1,48 +1,53 @@
 """``predictions.csv``, one schema for evaluation and inference, written batch by batch: ``path``, ``true_label``
-(evaluation), calibrated ``label``, ``confidence`` and class probabilities, ``ood_score`` and its kind
-(``mahalanobis``, or ``energy`` for an export), ``flag`` (why not to trust the row) and ``error`` (why an input
-could not be predicted)."""
+(evaluation; empty in inference), calibrated ``label``, ``confidence`` and a probability per class of the model,
+``ood_score`` and its kind (``mahalanobis``, or ``energy`` for an export), ``flag`` (why not to trust the row) and
+``error`` (why an input could not be predicted). Text cells a spreadsheet would evaluate are escaped."""
 
 from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 
 import numpy as np
 from ignite.engine import Engine, Events
 
-from .calibration import Calibration, Outputs
-from .data import CLASSES
-from .utils import BundleError, as_bool, write_csv
+from .checks import as_bool
+from .errors import BundleError
+from .files import FORMULA_START, csv_cell, write_csv
 
 logger = logging.getLogger(__name__)
-COLUMNS = ("path", "true_label", "label", "confidence", *CLASSES, "ood_score", "ood_score_kind", "flag", "error")
 MIN_SIDE = 32  # pixels: smaller images are flagged (MedNIST's are 64 x 64)
+TEXT = ("path", "true_label", "label", "flag", "error")  # cells of text, escaped; the others are numbers
+
+
+def columns(classes) -> tuple:
+    return ("path", "true_label", "label", "confidence", *classes, "ood_score", "ood_score_kind", "flag", "error")
 
 
 def flag(probs: np.ndarray, score: float, threshold, constant: bool, min_side: int, low_confidence: float) -> str:
     """Why not to trust one prediction, or ``""``: the first of ``constant image``, ``small image`` (a side under
-    32 pixels), ``uncalibrated``, ``out-of-distribution`` (score over ``threshold``), ``low confidence``."""
+    32 pixels), ``uncalibrated``, ``out-of-distribution`` (a score not under ``threshold``), ``low confidence`` (a
+    confidence not at least ``low_confidence``). A score or confidence that is not a number is never trusted."""
     if constant:
         return "constant image"
     if min_side < MIN_SIDE:
         return "small image"
     if threshold is None:
         return "uncalibrated"
-    if score > threshold:
+    if not score <= threshold:
         return "out-of-distribution"
-    return "low confidence" if probs.max() < low_confidence else ""
+    return "" if np.all(np.isfinite(probs)) and probs.max() >= low_confidence else "low confidence"
 
 
-def prediction_rows(outputs: dict, calibration: Calibration, low_confidence: float) -> list[dict]:
-    """The rows of one batch of :class:`~scripts.calibration.Outputs`: calibrated probabilities, score and flag
-    for each image, the reason for each one that could not be read."""
+def prediction_rows(outputs: dict, calibration, classes, low_confidence: float) -> list[dict]:
+    """The rows of one batch of :class:`~scripts.outputs.Outputs`: calibrated probabilities, score and flag for
+    each image, the reason for each one that could not be read."""
     batch, logits = outputs["batch"], outputs["logits"]
     probs = calibration.probabilities(logits).numpy()
     scores, threshold, kind = calibration.ood_score(logits, outputs["features"])
-    images = batch["image"]
-    constant = images.detach().flatten(1).std(1).cpu().numpy() == 0
+    constant = (batch["image"].detach().flatten(1).std(1).cpu().numpy() == 0).tolist()
     errors = batch.get("error", [""] * len(logits))
     sides = batch.get("min_side", [MIN_SIDE] * len(logits))
     labels = outputs["labels"]
@@ -50,14 +55,20 @@ def prediction_rows(outputs: dict, calibration: Calibration, low_confidence: flo
     for i, path in enumerate(batch["path"]):
         row = {"path": path, "error": errors[i]}
         if not errors[i]:
-            row.update(label=CLASSES[probs[i].argmax()], confidence=f"{probs[i].max():.6f}")
-            row.update({c: f"{p:.6f}" for c, p in zip(CLASSES, probs[i])})
-            row.update(ood_score=f"{float(scores[i]):.4f}", ood_score_kind=kind)
-            row["flag"] = flag(probs[i], float(scores[i]), threshold, constant[i], int(sides[i]), low_confidence)
-            if labels is not None:
-                row["true_label"] = CLASSES[int(labels[i])]
-        rows.append(row)
+            score = float(scores[i])
+            row.update(label=classes[int(np.nan_to_num(probs[i], nan=-1).argmax())], confidence=f"{probs[i].max():.6f}")
+            row.update({c: f"{p:.6f}" for c, p in zip(classes, probs[i])})
+            row.update(ood_score=f"{score:.4f}" if math.isfinite(score) else str(score), ood_score_kind=kind)
+            row["flag"] = flag(probs[i], score, threshold, constant[i], int(sides[i]), low_confidence)
+            if labels is not None and int(labels[i]) >= 0:
+                row["true_label"] = classes[int(labels[i])]
+        rows.append({k: csv_cell(v) if k in TEXT else v for k, v in row.items()})
     return rows
+
+
+def unescaped(cell: str) -> str:
+    """A text cell as it was before :func:`~scripts.files.csv_cell` escaped it."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_START) else cell
 
 
 def read_predictions(path: str) -> list[dict]:
@@ -74,23 +85,25 @@ def read_predictions(path: str) -> list[dict]:
 
 def skip_done(data: list[dict], output_dir: str, resume=False) -> list[dict]:
     """``data`` without, with ``resume``, the inputs ``output_dir/predictions.csv`` already has rows for."""
-    if not as_bool(resume, "resume"):
+    if not resume:
         return data
-    done = {r["path"] for r in read_predictions(os.path.join(output_dir, "predictions.csv"))}
+    done = {unescaped(r["path"]) for r in read_predictions(os.path.join(output_dir, "predictions.csv"))}
     todo = [d for d in data if d["path"] not in done]
     logger.info(f"resuming: {len(data) - len(todo)} of {len(data)} input(s) already predicted")
     return todo
 
 
 class PredictionWriter:
-    """Append each batch's rows (:func:`prediction_rows` of ``outputs``) to ``output_dir/predictions.csv``, on disk
-    (``fsync``) before the next batch, so a kill or power cut keeps every batch written; with ``resume`` the
-    complete rows already there are kept (rewritten atomically first). Nothing is held across batches."""
+    """Append each batch's rows (:func:`prediction_rows` of ``outputs`` under the ``model``'s calibration) to
+    ``output_dir/predictions.csv``, on disk (``fsync``) before the next batch, so that a kill or power cut keeps
+    every batch written; with ``resume`` the complete rows already there are kept (rewritten atomically first).
+    ``pictures`` (:class:`~scripts.pictures.Pictures`) draws each batch's predicted images after its rows are
+    written, numbered on from the rows kept. Nothing is held across batches."""
 
-    def __init__(self, output_dir: str, outputs: Outputs, calibration: Calibration, low_confidence=0.5, resume=False):
-        self.path = os.path.join(output_dir, "predictions.csv")
-        self.outputs, self.calibration, self.low_confidence = outputs, calibration, float(low_confidence)
-        self.resume = as_bool(resume, "resume")
+    def __init__(self, output_dir: str, outputs, model, low_confidence=0.5, resume=False, pictures=None):
+        self.path = os.path.join(str(output_dir), "predictions.csv")
+        self.outputs, self.model, self.low_confidence = outputs, model, float(low_confidence)
+        self.resume, self.pictures = as_bool(resume, "resume"), pictures
         self.rows = self.predicted = 0
         self.failed: list[dict] = []
 
@@ -100,12 +113,17 @@ class PredictionWriter:
         engine.add_event_handler(Events.COMPLETED, self.close)
 
     def open(self, engine: Engine | None = None) -> None:
-        write_csv(self.path, COLUMNS, read_predictions(self.path) if self.resume else [])
+        self.columns = columns(self.model.classes)
+        kept = read_predictions(self.path) if self.resume else []
+        write_csv(self.path, self.columns, kept)
+        if self.pictures is not None:
+            self.pictures.drawn = sum(not r["error"] for r in kept)
         self.file = open(self.path, "a", newline="")
-        self.csv = csv.DictWriter(self.file, fieldnames=COLUMNS, extrasaction="ignore")
+        self.csv = csv.DictWriter(self.file, fieldnames=list(self.columns), extrasaction="ignore")
 
     def collect(self, engine: Engine) -> None:
-        rows = prediction_rows(self.outputs.last, self.calibration, self.low_confidence)
+        last = self.outputs.last
+        rows = prediction_rows(last, self.model.calibration, self.model.classes, self.low_confidence)
         self.csv.writerows(rows)
         self.file.flush()
         os.fsync(self.file.fileno())  # on disk, not only in the operating system's cache
@@ -114,9 +132,15 @@ class PredictionWriter:
                 logger.warning(f"{row['path']}: {row['error']}")
                 self.failed.append(row)
         self.rows, self.predicted = self.rows + len(rows), self.predicted + sum(not r["error"] for r in rows)
+        good = [i for i, row in enumerate(rows) if not row["error"]]
+        if self.pictures is not None and good:
+            probs = self.model.calibration.probabilities(last["logits"][good]).numpy()
+            self.pictures.draw(last["batch"]["image"][good], probs, [last["batch"]["path"][i] for i in good])
 
     def close(self, engine: Engine | None = None) -> None:
         self.file.close()
+        if self.pictures is not None:
+            self.pictures.close()
         logger.info(f"{self.predicted} of {self.rows} input(s) predicted; wrote {self.path}")
 
     def finish(self, skipped: int = 0) -> int:
@@ -126,6 +150,6 @@ class PredictionWriter:
             more = f" (and {len(self.failed) - 1} more; see the error column)" if len(self.failed) > 1 else ""
             raise BundleError(
                 f"no image could be predicted: {first['path']}: {first['error']}{more}.",
-                f"pass images this bundle reads (.jpeg/.jpg/.png, 2D .nii/.nii.gz); rows in {self.path}.",
+                f"pass images this bundle reads (.png/.jpeg/.jpg, 2D .nii/.nii.gz, DICOM); rows in {self.path}.",
             )
         return self.predicted

@@ -160,17 +160,18 @@ def trained(mednist, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported(trained, tmp_path_factory):
-    """The model of ``trained`` exported to TorchScript (MONAI's ``ckpt_export``), .pt2 and .onnx: their folder."""
+    """The model of ``trained`` exported to TorchScript (MONAI's ``ckpt_export``, as the README's command), .pt2
+    and .onnx (``scripts.export``, which writes the model's description beside them): their folder."""
     from monai.bundle import ckpt_export
 
-    from scripts.export import export_onnx, export_pt2
+    from scripts.export import export
 
     out = tmp_path_factory.mktemp("export") / "models"  # made by the first export
     ckpt = str(trained / "models" / "model.pt")
-    export_pt2(ckpt, str(out / "model.pt2"))
+    export("pt2", ckpt, str(out / "model.pt2"))
     ckpt_export(net_id="network_def", filepath=str(out / "model.ts"), ckpt_file=ckpt, meta_file=META,
                 config_file=INFERENCE, bundle_root=BUNDLE)  # fmt: skip
-    export_onnx(ckpt, str(out / "model.onnx"))
+    export("onnx", ckpt, str(out / "model.onnx"))
     for name in CALIBRATION:  # MONAI's TorchScript export carries none: it is found beside the file
         shutil.copy(trained / "models" / name, out / name)
     return out

@@ -77,13 +77,13 @@ def test_thresholds_pass_97_percent_of_validation_and_round_trip_without_pickle(
     calibration.save(str(tmp_path / "calibration.json"))
     saved = json.loads((tmp_path / "calibration.json").read_text())  # plain JSON, and arrays: nothing to unpickle
     assert (saved["statistics_images"], saved["threshold_images"], saved["weights_sha256"]) == (3000, 3000, "w" * 64)
-    loaded = Calibration.load(str(tmp_path / "calibration.json"))
+    loaded = Calibration.load(str(tmp_path / "calibration.json"), 6, 16)
     assert (loaded.temperature, loaded.energy_threshold) == (saved["temperature"], saved["energy_threshold"])
     assert loaded.feature_threshold == saved["feature_threshold"]
     assert torch.allclose(loaded.ood_score(z, validation["features"])[0], scores, rtol=1e-3)  # stored as float32
     (tmp_path / "bad.json").write_text('{"temperature": 1.0}')  # no weights named: not one this bundle wrote
     with bundle_error("is not a calibration this bundle wrote"):
-        Calibration.load(str(tmp_path / "bad.json"))
+        Calibration.load(str(tmp_path / "bad.json"), 6, 16)
 
 
 def test_arrays_are_bound_to_their_json(tmp_path, monkeypatch, caplog):
@@ -93,7 +93,7 @@ def test_arrays_are_bound_to_their_json(tmp_path, monkeypatch, caplog):
     training, validation = gaussian_classes(600, 16, seed=1), gaussian_classes(600, 16, seed=2)
     path = str(tmp_path / "calibration.json")
     Calibration.fit(validation, training, weights="w" * 64).save(path)
-    assert Calibration.load(path).ood_score(validation["logits"], validation["features"])[2] == "mahalanobis"
+    assert Calibration.load(path, 6, 16).ood_score(validation["logits"], validation["features"])[2] == "mahalanobis"
     replace = os.replace
 
     def killed_at_json(src, dst):
@@ -106,21 +106,21 @@ def test_arrays_are_bound_to_their_json(tmp_path, monkeypatch, caplog):
         Calibration.fit(validation, gaussian_classes(600, 16, seed=3), weights="w" * 64).save(path)
     monkeypatch.undo()
     with bundle_error(f"{tmp_path / 'calibration.npz'} cannot be used with {path}: its SHA-256 is not the one"):
-        Calibration.load(path)
+        Calibration.load(path, 6, 16)
 
     saved = json.loads(open(path).read())
-    np.savez(tmp_path / "calibration.npz", means=np.zeros((6, 16)), precision=np.eye(15))
+    np.savez(tmp_path / "calibration.npz", means=np.zeros((6, 16), np.float32), precision=np.eye(15, dtype=np.float32))
     saved["arrays_sha256"] = hashlib.sha256((tmp_path / "calibration.npz").read_bytes()).hexdigest()
     (tmp_path / "calibration.json").write_text(json.dumps(saved))
-    with bundle_error("a precision matrix of (15, 15)"):
-        Calibration.load(path)
+    with bundle_error("its precision is declared (15, 15) float32, not (16, 16) float32"):
+        Calibration.load(path, 6, 16)
     del saved["arrays_sha256"]  # a calibration written before the binding: its arrays are still used
     (tmp_path / "calibration.json").write_text(json.dumps(saved))
-    np.savez(tmp_path / "calibration.npz", means=np.zeros((6, 16)), precision=np.eye(16))
-    assert Calibration.load(path).ood_score(validation["logits"], validation["features"])[2] == "mahalanobis"
+    np.savez(tmp_path / "calibration.npz", means=np.zeros((6, 16), np.float32), precision=np.eye(16, dtype=np.float32))
+    assert Calibration.load(path, 6, 16).ood_score(validation["logits"], validation["features"])[2] == "mahalanobis"
     assert "names no SHA-256 of" in caplog.text
     os.remove(tmp_path / "calibration.npz")
-    assert Calibration.load(path).ood_score(validation["logits"], validation["features"])[2] == "energy"
+    assert Calibration.load(path, 6, 16).ood_score(validation["logits"], validation["features"])[2] == "energy"
     assert "ood_score is the energy" in caplog.text
 
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import BUNDLE, CONFIGS, FAST, INFERENCE, META, TRAIN, bundle_error, run_bundle, workflow
+from conftest import BUNDLE, CONFIGS, FAST, INFERENCE, META, TRAIN, bundle_error, run_bundle, run_workflow
 
 BAD = [
     ({"epochs": 0}, "--epochs 0 is not an integer >= 1"),
@@ -25,7 +25,7 @@ BAD = [
     ({"cache_num_workers": 0}, "--cache_num_workers 0 is not an integer >= 1"),
     ({"device": "cuda:7"}, "--device cuda:7"),  # no machine running the tests has 8 GPUs
     ({"device": "tpu"}, "--device 'tpu' is not a device"),
-    ({"image_size": [1, 1]}, "--image_size [1, 1] is not two integers of at least 32"),
+    ({"image_size": [1, 1]}, "--image_size [1, 1] is not two integers in [32, 4096]"),
     ({"val_interval": 2, "epochs": 1}, "the run would never validate, so it would write no model.pt"),
     ({"val_interval": 2, "val_per_epoch": 3, "epochs": 4}, "validate either every N epochs or N times an epoch"),
     ({"target_accuracy": 99}, "--target_accuracy 99 is not a number in [0, 1]"),
@@ -117,20 +117,20 @@ def test_verify_net_in_out():
 def test_per_sample_pipeline_refuses_what_it_does_not_do(key, value, tmp_path, mednist):
     """configs/per_sample.json's per-sample transforms always augment: asking otherwise is refused, not ignored."""
     with bundle_error(f"--{key} {value!r}: configs/per_sample.json's per-sample pipeline always runs with") as found:
-        workflow(("train", "per_sample"), "training", dataset_dir=mednist, output_dir=tmp_path, **{key: value})
+        run_workflow(("train", "per_sample"), "training", dataset_dir=mednist, output_dir=tmp_path, **{key: value})
     assert "drop --" in found[0].fix and not os.listdir(tmp_path)
 
 
 def test_bad_quick_images_is_named(tmp_path, mednist):
     with bundle_error("--quick_images 0 is not an integer >= 1"):
-        workflow(("train", "quick"), "training", dataset_dir=mednist, output_dir=tmp_path, quick_images=0)
+        run_workflow(("train", "quick"), "training", dataset_dir=mednist, output_dir=tmp_path, quick_images=0)
     assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("overrides, message", BAD)
 def test_bad_hyperparameter_is_named(overrides, message, tmp_path, mednist):
     with bundle_error(message) as found:  # initialize checks the keys
-        workflow(("train",), "training", dataset_dir=mednist, output_dir=tmp_path, **overrides)
+        run_workflow(("train",), "training", dataset_dir=mednist, output_dir=tmp_path, **overrides)
     assert found[0].fix
     assert not os.listdir(tmp_path)  # stopped before any work
 
@@ -156,10 +156,10 @@ def test_bad_override_on_the_command_line_is_one_message(tmp_path, mednist):
 def test_bundle_error_arrives_through_monai_as_the_readme_says(tmp_path, mednist):
     """Through ConfigWorkflow (and monai.bundle.load) MONAI wraps the BundleError of a component in its own
     RuntimeError; the BundleError, a ValueError, is its cause (README, Commands)."""
-    from scripts.utils import BundleError
+    from scripts.errors import BundleError
 
-    with pytest.raises(RuntimeError, match="Failed to instantiate component 'scripts.checks.check_train_args'") as err:
-        workflow(("train",), "training", dataset_dir=mednist, output_dir=tmp_path, epochs=0)
+    with pytest.raises(RuntimeError, match="Failed to instantiate component 'scripts.checks.check_training'") as err:
+        run_workflow(("train",), "training", dataset_dir=mednist, output_dir=tmp_path, epochs=0)
     assert isinstance(err.value.__cause__, BundleError) and isinstance(err.value.__cause__, ValueError)
     assert str(err.value.__cause__).startswith("ERROR: --epochs 0 is not an integer >= 1.")
 
@@ -169,7 +169,7 @@ def test_bundle_error_arrives_through_monai_as_the_readme_says(tmp_path, mednist
     [
         ({"batch_size": 0}, "--batch_size 0 is not an integer >= 1"),
         ({"device": "cuda:7"}, "--device cuda:7"),
-        ({"image_size": [1, 1]}, "--image_size [1, 1] is not two integers of at least 32"),
+        ({"image_size": [1, 1]}, "--image_size [1, 1] is not two integers in [32, 4096]"),
         ({"low_confidence": "abc"}, "--low_confidence 'abc' is not a number in [0, 1]"),
         ({"low_confidence": 2}, "--low_confidence 2 is not a number in [0, 1]"),
         ({"max_image_pixels": -5}, "--max_image_pixels -5 is not an integer >= 1"),
@@ -178,7 +178,7 @@ def test_bundle_error_arrives_through_monai_as_the_readme_says(tmp_path, mednist
 )
 def test_bad_inference_override_is_named(overrides, message, tmp_path, trained, mednist):
     with bundle_error(message):
-        workflow(("inference",), "inference", input=mednist, output_dir=tmp_path / "out", **overrides)
+        run_workflow(("inference",), "inference", input=mednist, output_dir=tmp_path / "out", **overrides)
     assert not os.listdir(tmp_path)
 
 
@@ -205,8 +205,18 @@ def test_unknown_command_line_key_is_refused_with_the_closest(args, message):
 def test_known_command_line_keys_pass():
     from scripts.checks import check_command_line
 
-    nested = ["--epoch_length", "2", "--tracking", "mlflow", "--tracking_uri", "sqlite:///m.db"]
+    nested = ["--epoch_length", "2", "--tracking", "configs/mlflow.json", "--tracking_uri", "sqlite:///m.db"]
     check_command_line(
         [MAIN, "run", "training", "--config_file", TRAIN, "--epochs", "1", "--bundle_root", ".", *nested]
     )
     check_command_line(["pytest", "--epoch", "1"])  # not monai.bundle's command line: nothing to check
+
+
+def test_monai_builtin_tracking_is_refused_naming_the_bundle_settings():
+    """MONAI's built-in ``--tracking mlflow`` reads the loss as a decollated list and failed at the first
+    iteration, after the data was cached: refused before any work, naming configs/mlflow.json."""
+    from scripts.checks import check_command_line
+
+    with bundle_error("--tracking mlflow: MONAI's built-in tracking settings") as found:
+        check_command_line([MAIN, "run", "training", "--config_file", TRAIN, "--tracking", "mlflow"])
+    assert "configs/mlflow.json" in found[0].fix

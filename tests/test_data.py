@@ -14,10 +14,10 @@ import time
 
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
-from conftest import BUNDLE, TRAIN, bundle_error, train, write_mednist
-from scripts.data import CLASSES, SPLITS, make_split
+from conftest import BUNDLE, bundle_error, train, write_mednist
+from scripts.data import MEDNIST as CLASSES
+from scripts.data import SPLITS, ImageData, file_hash, split_by_content
 
 FAST = {"epochs": 1, "batch_size": 16, "accumulation_steps": 1, "epoch_length": 1}
 
@@ -154,44 +154,42 @@ def test_incomplete_dataset_is_refused(damage, mednist, tmp_path):
 
 
 def test_split_naming_images_that_are_gone_is_refused(mednist, tmp_path):
-    from scripts.data import eval_datalist, load_split
+    from scripts.data import eval_datalist
 
     data, split_file = tmp_path / "data", str(tmp_path / "split.json")
     shutil.copytree(mednist, data)
+    images = ImageData(str(data), split_file, 0.2, 0.2, seed=0, download=False)
     with bundle_error("no data split at"):  # evaluation before any training
-        eval_datalist(None, split_file, str(data))
-    lists = load_split(str(data), split_file, 0.2, 0.2, seed=0, download=False)
-    assert eval_datalist(None, split_file, str(data)) == lists["test"]
+        eval_datalist(None, images, list(CLASSES))
+    lists = images.prepare()
+    assert eval_datalist(None, images, list(CLASSES)) == lists["test"]
     gone = lists["validation"][3]["image"]
     os.remove(gone)
     with bundle_error(f"1 image(s) named in {split_file} are not under {data}/MedNIST, e.g. {gone}.") as found:
-        load_split(str(data), split_file, 0.2, 0.2, seed=0, download=False)
+        ImageData(str(data), split_file, 0.2, 0.2, seed=0, download=False).prepare()
     assert "choose another --output_dir" in found[0].fix
+    elsewhere = ImageData(str(tmp_path / "elsewhere" / "MedNIST"), split_file, 0.2, 0.2, seed=0)
     with bundle_error(f"24 image(s) named in {split_file} are not under {tmp_path}/elsewhere/MedNIST") as found:
-        eval_datalist(None, split_file, str(tmp_path / "elsewhere"))
-    assert found[0].fix == "pass the --dataset_dir used for training."
+        eval_datalist(None, elsewhere, list(CLASSES))
+    assert "pass the --dataset_dir (or --datalist) the split was made from" in found[0].fix
 
 
 def test_dataset_dir_may_be_the_class_folders_parent(mednist, tmp_path):
     """``--dataset_dir data/MedNIST`` (the extracted folder itself) finds the images, downloading nothing."""
-    from scripts.data import eval_datalist, load_split
-
-    nested, direct = (load_split(d, str(tmp_path / f"{i}.json"), 0.2, 0.2, seed=0, download=False)
+    nested, direct = (ImageData(d, str(tmp_path / f"{i}.json"), 0.2, 0.2, seed=0, download=False).prepare()
                       for i, d in enumerate((mednist, os.path.join(mednist, "MedNIST"))))  # fmt: skip
     assert nested == direct and len(direct["training"]) == 72
-    assert eval_datalist(None, str(tmp_path / "0.json"), os.path.join(mednist, "MedNIST")) == nested["test"]
     assert sorted(os.listdir(mednist)) == ["MedNIST"]
 
 
 def _preload(mednist, workers: int, **kwargs):
-    """Every synthetic image through train.json's preprocessing, preloaded by ``workers`` processes."""
-    from scripts.data import preload
+    """Every synthetic image through the bundle's preprocessing, preloaded by ``workers`` processes."""
+    from scripts.cache import Cache
+    from scripts.config import preprocessing
 
-    parser = ConfigParser()
-    parser.read_config(TRAIN)
     files = sorted(glob.glob(os.path.join(mednist, "MedNIST", "*", "*.jpeg")))
     data = [{"image": f, "label": i % 6} for i, f in enumerate(files)]
-    return data, preload({"all": data}, parser.get_parsed_content("preprocessing"), workers, **kwargs)["all"]
+    return data, Cache({"all": data}, preprocessing((64, 64), 1), workers, **kwargs).build()["all"]
 
 
 def test_preload_in_processes_equals_in_process(mednist):
@@ -209,7 +207,12 @@ def test_every_unreadable_image_is_named_then_skipped_on_request(workers, mednis
     data = tmp_path / "data"
     shutil.copytree(mednist, data)
     names = [f"CXR/{i:06d}.jpeg" for i in range(20)]
-    split = make_split({c: sorted(os.listdir(data / "MedNIST" / c)) for c in CLASSES}, 0.1, 0.1, 0)
+    items = [
+        {"image": f"{c}/{f}", "label": i}
+        for i, c in enumerate(CLASSES)
+        for f in sorted(os.listdir(data / "MedNIST" / c))
+    ]
+    split = split_by_content(items, [file_hash(data / "MedNIST" / d["image"]) for d in items], 0.1, 0.1, 0)
     kept = {d["image"] for part in ("training", "validation") for d in split[part]}
     in_split = {part: [n for n in names if n in {d["image"] for d in split[part]}] for part in SPLITS}
     bad = in_split["training"][:2] + in_split["validation"][:1]  # in both sets the run preprocesses
@@ -222,7 +225,7 @@ def test_every_unreadable_image_is_named_then_skipped_on_request(workers, mednis
     assert os.listdir(tmp_path / "models") == [".mednist.lock"]  # no model or checkpoint written
 
     wf = train(data, tmp_path, cache_num_workers=workers, skip_unreadable=True, **FAST)
-    cached = wf.parser.get_parsed_content("cache")
+    cached = wf.parser.get_parsed_content("cache").items
     assert sum(map(len, cached.values())) == len(kept) - 3
     assert not {str(data / "MedNIST" / n) for n in bad} & {d["path"] for v in cached.values() for d in v}
 
@@ -230,16 +233,16 @@ def test_every_unreadable_image_is_named_then_skipped_on_request(workers, mednis
 def test_dead_worker_is_reported():
     from monai.transforms import Lambdad
 
-    from scripts.data import preload
+    from scripts.cache import Cache
 
     data = [{"image": i} for i in range(40)]
     with bundle_error("a process preprocessing the images died") as found:
-        preload({"all": data}, Lambdad("image", lambda x: os._exit(9)), num_workers=2, chunk_size=4)
+        Cache({"all": data}, Lambdad("image", lambda x: os._exit(9)), num_workers=2, chunk_size=4).build()
     assert "--cache_num_workers" in found[0].fix
 
 
 def test_device_batches_hold_whole_batches_of_distinct_images_reshuffled_each_epoch(mednist):
-    from scripts.pipeline import DeviceBatches
+    from scripts.cache import DeviceBatches
 
     _, items = _preload(mednist, 1)
     images = [item["image"] for item in items]
@@ -279,13 +282,13 @@ def test_cache_workers_die_with_their_parent(tmp_path):
     script = f"""
 import os, sys, time
 sys.path.insert(0, {BUNDLE!r})
-from scripts.data import preload
+from scripts.cache import Cache
 
 def block(item):  # each worker reports its process id, then works forever
     open(os.path.join({str(tmp_path)!r}, str(os.getpid())), "w").close()
     time.sleep(600)
 
-preload({{"x": [{{"image": i}} for i in range(8)]}}, block, num_workers=2, chunk_size=1)
+Cache({{"x": [{{"image": i}} for i in range(8)]}}, block, num_workers=2, chunk_size=1).build()
 """
     parent = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.monotonic() + 120
@@ -325,6 +328,6 @@ d.prepare_mednist({str(data)!r}, False, "", {md5!r})
 
     from scripts.data import prepare_mednist
 
-    root, found = prepare_mednist(str(data), False, "", md5)
+    root = prepare_mednist(str(data), False, "", md5)
     assert sorted(os.listdir(data)) == ["MedNIST", "MedNIST.tar.gz"]  # the leftover is gone
-    assert all(len(files) == 3 for files in found.values())
+    assert all(len(os.listdir(os.path.join(root, c))) == 3 for c in CLASSES)

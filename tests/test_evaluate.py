@@ -95,7 +95,7 @@ def test_bad_checkpoint_is_named(damage, trained, mednist, tmp_path):
     expected = {
         "missing": f"model file {ckpt} does not exist",
         "corrupt": f"checkpoint {ckpt} cannot be read",
-        "other_network": f"checkpoint {ckpt} does not hold DenseNet121",
+        "other_network": f"checkpoint {ckpt} does not hold the weights of this bundle's network",
     }
     with bundle_error(expected[damage]) as found:
         evaluate(trained, tmp_path / "out", dataset_dir=mednist, ckpt_path=ckpt)
@@ -106,7 +106,7 @@ def test_eval_dir_folders_that_are_not_classes_are_named(trained, tmp_path):
     external = os.path.join(write_mednist(str(tmp_path / "ext"), per_class=2), "MedNIST")
     os.rename(os.path.join(external, "Hand"), os.path.join(external, "hand"))
     os.makedirs(os.path.join(external, "Knee"))
-    with bundle_error("has folder(s) that are not MedNIST class names") as found:
+    with bundle_error("has folder(s) that are not the model's classes") as found:
         evaluate(trained, tmp_path / "out", eval_dir=external, dataset_dir=tmp_path / "none")
     assert f"{os.path.join(external, 'hand')} (did you mean Hand?)" in str(found[0])
     assert os.path.join(external, "Knee") in str(found[0]) and "case matters" in found[0].fix

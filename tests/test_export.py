@@ -60,32 +60,42 @@ def test_torchscript_embeds_configs(exported):
 def test_bad_model_file_is_named(trained, tmp_path, mednist):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"garbage")
-    with bundle_error(f"cannot load model file {bad}"):
+    with bundle_error(f"refused to load {bad}: it is not an ONNX model"):
         infer(trained, tmp_path / "out", mednist, model_file=bad)
+    assert not (tmp_path / "out").exists()
 
 
-def test_export_that_gives_other_logits_is_not_written(trained, tmp_path):
-    """The parity check: an export whose program differs from its checkpoint (here, one weight changed after
-    loading) is refused and leaves no file."""
+def test_export_that_gives_other_logits_is_not_written(trained, tmp_path, monkeypatch):
+    """The parity check: an export whose weights differ from its checkpoint's (here, one changed before writing)
+    is refused and leaves no file but the run lock."""
     import torch
 
-    from scripts.export import _export
+    import scripts.export
+    from scripts.export import export
 
-    def write(network, path, calibration):
+    write = scripts.export.write_pt2
+
+    def altered(network, path, image_size, calibration=None):
         with torch.no_grad():
             network.class_layers.out.bias += 1.0
-        batch = {0: torch.export.Dim("batch", min=1, max=64)}
-        torch.export.save(torch.export.export(network, (torch.rand(2, 1, 64, 64),), dynamic_shapes=(batch,)), path)
+        write(network, path, image_size, calibration)
 
+    monkeypatch.setattr(scripts.export, "write_pt2", altered)
     with bundle_error("gives other logits than its checkpoint"):
-        _export(str(trained / "models" / "model.pt"), str(tmp_path / "model.pt2"), write, ".pt2")
-    assert os.listdir(tmp_path) == []  # the genuine export passes the same check: the ``exported`` fixture
+        export("pt2", str(trained / "models" / "model.pt"), str(tmp_path / "model.pt2"))
+    assert os.listdir(tmp_path) == [".mednist.lock"]  # the genuine export passes the same check: ``exported``
 
 
 def test_export_to_a_name_of_another_format_is_refused_before_any_work(trained, tmp_path):
-    from scripts.export import export_onnx, export_pt2
+    from scripts.export import export
 
-    for export, out in ((export_pt2, tmp_path / "model.onnx"), (export_onnx, tmp_path / "new" / "model.pt2")):
+    for kind, out in (
+        ("pt2", tmp_path / "model.onnx"),
+        ("onnx", tmp_path / "new" / "model.pt2"),
+        ("ts", tmp_path / "m.pt"),
+    ):
         with bundle_error(f"--out {out} does not end in"):
-            export(str(trained / "models" / "model.pt"), str(out))
+            export(kind, str(trained / "models" / "model.pt"), str(out))
+    with bundle_error("'tflite' is not an export kind"):
+        export("tflite", str(trained / "models" / "model.pt"))
     assert os.listdir(tmp_path) == []

@@ -25,11 +25,12 @@ def site_data(mednist, folder, classes_images: dict) -> str:
 
 
 def algo(site: str, send_weight_diff: bool = True, **overrides):
-    """``MonaiAlgo`` as fl/client.py builds it: the bundle's own configs, the site's folders."""
+    """``MonaiAlgo`` as fl/client.py builds it, and NVIDIA FLARE's MONAI examples call it: the bundle root given
+    to ``MonaiAlgo`` alone, the bundle's own configs, the site's folders."""
     from monai.fl.client import MonaiAlgo
 
     folders = {"dataset_dir": site, "output_dir": f"{site}/out", "ckpt_dir": f"{site}/models", "download": False}
-    common = {"bundle_root": BUNDLE, **folders, "batch_size": 8, "epochs": 2, "test_frac": 0.2, **overrides}
+    common = {**folders, "batch_size": 8, "epochs": 2, "test_frac": 0.2, **overrides}  # bundle_root given once
     return MonaiAlgo(
         bundle_root=BUNDLE,
         local_epochs=1,
@@ -43,20 +44,20 @@ def test_monai_algo_trains_two_sites_of_this_bundle_without_sharing_files(mednis
     from monai.fl.utils.constants import WeightType
     from monai.fl.utils.exchange_object import ExchangeObject
 
-    from scripts.model_file import network_def
+    from scripts.model_file import ModelDescription, network_for
 
     names = [f"{i:06d}.jpeg" for i in range(20)]
     sites = {
         "site-1": site_data(mednist, tmp_path / "site-1", {c: names[:10] for c in CLASSES}),
         "site-2": site_data(mednist, tmp_path / "site-2", {c: names[10:] for c in CLASSES}),
     }
-    global_weights = network_def().state_dict()
+    global_weights = network_for(ModelDescription(tuple(CLASSES))).state_dict()
     for name, site in sites.items():
         client = algo(site, send_weight_diff=name == "site-1")
         client.initialize(extra={"CLIENT_NAME": name})
         metrics = client.evaluate(ExchangeObject(weights=global_weights)).metrics  # the key metric, MONAI FL's way
         with open(f"{site}/eval/metrics.json") as f:
-            assert metrics["val_acc"] == pytest.approx(json.load(f)["accuracy"])
+            assert metrics["accuracy"] == pytest.approx(json.load(f)["accuracy"])
         client.train(ExchangeObject(weights=global_weights))
         update = client.get_weights()
         trained = client.trainer.network.state_dict()
@@ -109,8 +110,8 @@ def test_flare_simulator_job_with_two_sites(mednist, tmp_path):
     for path in work.glob("flare/**/events.out.tfevents*"):
         events = EventAccumulator(str(path))
         events.Reload()
-        if "global_model/val_acc" in events.Tags()["scalars"]:
-            steps[path.parent.name] = sorted(e.step for e in events.Scalars("global_model/val_acc"))
+        if "global_model/accuracy" in events.Tags()["scalars"]:
+            steps[path.parent.name] = sorted(e.step for e in events.Scalars("global_model/accuracy"))
     assert steps == {"site-1": [0, 1], "site-2": [0, 1]}  # each site evaluated the global model each round
     for site in ("site-1", "site-2"):  # one trainer per site through the rounds: its epochs and schedule go on
         with open(work / "sites" / site / "out" / "history.csv") as f:

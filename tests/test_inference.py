@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import bundle_error, evaluate, infer, killed_at_rename
-from scripts.infer import find_inputs
+from scripts.inputs import find_inputs
 from scripts.predictions import read_predictions
 
 CLASS_NAMES = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
@@ -198,23 +198,20 @@ def test_gradcam_heat_lies_on_the_anatomy(tmp_path):
     background, as MedNIST's anatomy sits on its background): after a short training, the Grad-CAM maps that
     inference draws put more of their mass on the body than its share of the image, for every class."""
     import torch
-    from monai.bundle import ConfigParser
 
-    from conftest import CLASSES, FAST, INFERENCE, train, write_mednist
-    from scripts.infer import gradcam_maps
+    from conftest import CLASSES, FAST, train, write_mednist
+    from scripts.config import bundle_parser
+    from scripts.pictures import gradcam_maps
 
     data = write_mednist(str(tmp_path / "data"), body=True)
     train(data, tmp_path, epochs=6, **FAST)
-    parser = ConfigParser()
-    parser.read_config(INFERENCE)
-    parser.update({"input": data, "ckpt_dir": str(tmp_path / "models")})
-    network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
+    parser = bundle_parser("inference", input=data, ckpt_dir=str(tmp_path / "models"))
+    network = parser.get_parsed_content("model").load().network
     preprocessing, layer = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("gradcam_layer")
     for name in CLASSES:
         files = sorted(os.listdir(os.path.join(data, "MedNIST", name)))[:8]
         paths = [os.path.join(data, "MedNIST", name, f) for f in files]
-        images = torch.stack([preprocessing({"image": p, "path": p})["image"] for p in paths])
+        images = torch.stack([torch.as_tensor(preprocessing({"image": p})["image"]) for p in paths])
         heat_share, area = [], []
         for image, heat in zip(images[:, 0].numpy(), gradcam_maps(network, images, layer)):
             body = image > 0.15  # the background is 10/255 of the range before scaling, the body 70/255 or more
@@ -224,20 +221,18 @@ def test_gradcam_heat_lies_on_the_anatomy(tmp_path):
         assert np.mean(heat_share) > 1.5 * np.mean(area), (name, np.mean(heat_share), np.mean(area))
 
 
-def test_preprocessing_drops_metadata_only_while_it_runs(mixed_folder):
-    """Inference's preprocessing yields plain tensors (no MetaTensor built at each transform) and leaves MONAI's
+def test_inference_dataset_drops_metadata_only_while_it_runs(mixed_folder):
+    """Inference's dataset yields plain tensors (no MetaTensor built at each transform) and leaves MONAI's
     metadata tracking on for whatever runs next in the process (training's transforms need it)."""
     import torch
-    from monai.bundle import ConfigParser
     from monai.data import MetaTensor, get_track_meta
     from monai.transforms import LoadImage
 
-    from conftest import BUNDLE
+    from scripts.config import bundle_parser
 
-    parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLE, "configs", "inference.json"))
-    for name in ("hand.jpeg", "large.png"):  # as it is, and resized
-        item = parser.get_parsed_content("preprocessing")({"image": str(mixed_folder["dir"] / name)})
+    names = ("hand.jpeg", "large.png")  # as it is, and resized
+    parser = bundle_parser("inference", input=[str(mixed_folder["dir"] / name) for name in names])
+    for item in parser.get_parsed_content("dataset"):
         assert type(item["image"]) is torch.Tensor and item["error"] == ""
         assert item["image"].shape == (1, 64, 64) and 0.9 < float(item["image"].max()) <= 1.0  # scaled
     assert get_track_meta()
@@ -249,17 +244,13 @@ def test_preprocessing_of_an_extreme_shape_is_quick(tmp_path):
     Gaussian anti-aliasing filter, whose width grows with the shrink factor, took 150 s on it (a denial of service)."""
     import time
 
-    from monai.bundle import ConfigParser
-
-    from conftest import BUNDLE
+    from scripts.config import bundle_parser
 
     path = str(tmp_path / "wide.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (1, 2_000_000), dtype=np.uint8)).save(path)
-    parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLE, "configs", "inference.json"))
-    preprocessing = parser.get_parsed_content("preprocessing")
+    dataset = bundle_parser("inference", input=path).get_parsed_content("dataset")
     start = time.perf_counter()
-    item = preprocessing({"image": path})
+    item = dataset[0]
     assert item["error"] == "" and item["image"].shape == (1, 64, 64) and item["min_side"] == 1
     assert time.perf_counter() - start < 5
 
@@ -283,19 +274,18 @@ def test_no_image_file_runs_a_program(tmp_path):
     code = f"""
 import json, os, sys
 sys.path.insert(0, {BUNDLE!r})
-from monai.bundle import ConfigParser
 from monai.transforms import LoadImage
-from scripts.utils import root_cause
+from scripts.config import bundle_parser
+from scripts.inputs import reason
 errors = []
-for config in ("inference", "train"):
-    parser = ConfigParser()
-    parser.read_config(os.path.join({BUNDLE!r}, "configs", config + ".json"))
-    preprocessing = parser.get_parsed_content("preprocessing")
-    for f in {files!r}:
-        try:
-            errors.append(preprocessing({{"image": f}})["error"])
-        except Exception as e:
-            errors.append(f"{{type(root_cause(e)).__name__}}: {{root_cause(e)}}")
+for f in {files!r}:
+    errors.append(bundle_parser("inference", input=f).get_parsed_content("dataset")[0]["error"])
+preprocessing = bundle_parser("train").get_parsed_content("preprocessing")
+for f in {files!r}:
+    try:
+        preprocessing({{"image": f}})
+    except Exception as e:
+        errors.append(reason(e))
 print(json.dumps({{"errors": errors, "ran": os.path.exists({str(marker)!r})}}))
 try:
     LoadImage(image_only=True)({files[0]!r})
@@ -307,7 +297,7 @@ print(json.dumps(os.path.exists({str(marker)!r})))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     guarded, control = map(json.loads, out.stdout.splitlines()[-2:])
     inference, training = guarded["errors"][:3], guarded["errors"][3:]
-    assert inference == ["cannot read image: its content is not JPEG or PNG"] * 3
-    assert training == ["ValueError: its content is EPS, not JPEG or PNG"] * 3
+    assert inference == ["cannot read image: its content is not PNG, JPEG, NIfTI or DICOM"] * 3
+    assert training == ["cannot read image: its content is not PNG, JPEG, NIfTI or DICOM"] * 3
     assert guarded["ran"] is False
     assert control is True  # plain MONAI/Pillow ran the stand-in Ghostscript

@@ -23,7 +23,7 @@ from conftest import BUNDLE, bundle_error, run_bundle
 
 def build_release(ckpt_dir, out_dir) -> str:
     """``python -m scripts.release`` as fire calls it; checks the printed SHA-256; returns the zip's path."""
-    from scripts.release import release
+    from tools.release import release
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -132,7 +132,7 @@ def test_large_files_yml_pins_the_model_and_its_calibration():
 def test_release_without_model_says_so_and_writes_nothing(tmp_path):
     out = tmp_path / "dist"
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.release", "--ckpt_dir", str(tmp_path / "none"), "--out_dir", str(out)],
+        [sys.executable, "-m", "tools.release", "--ckpt_dir", str(tmp_path / "none"), "--out_dir", str(out)],
         cwd=BUNDLE,
         capture_output=True,
         text=True,
@@ -142,9 +142,9 @@ def test_release_without_model_says_so_and_writes_nothing(tmp_path):
 
 
 def test_release_refuses_truncated_or_tampered_models(trained, exported, tmp_path):
-    from test_model_file import attack, genuine_entries
+    from test_model_file import Trap, entries_of, pt2_cases
 
-    from scripts.release import release
+    from tools.release import release
 
     models = tmp_path / "models"
     models.mkdir()
@@ -152,12 +152,16 @@ def test_release_refuses_truncated_or_tampered_models(trained, exported, tmp_pat
     with bundle_error(f"checkpoint {models / 'model.pt'} cannot be read"):
         release(str(models), str(tmp_path / "dist"))
     shutil.copy(trained / "models" / "model.pt", models / "model.pt")
-    attacked = attack(genuine_entries(exported / "model.pt2"), tmp_path / "payload-ran", "duplicate config first")
-    (models / "model.pt2").write_bytes(attacked)
+    attacked = dict(pt2_cases(entries_of((exported / "model.pt2").read_bytes()), tmp_path / "payload-ran"))
+    (models / "model.pt2").write_bytes(attacked["from_file node"])
     with bundle_error(f"refused to load {models / 'model.pt2'}"):
         release(str(models), str(tmp_path / "dist"))
-    assert not (tmp_path / "dist").exists() and not (tmp_path / "payload-ran").exists()
     os.remove(models / "model.pt2")
+    torch.jit.save(torch.jit.script(Trap(str(tmp_path / "payload-ran"))), str(models / "model.ts"))
+    with bundle_error(f"refused to load {models / 'model.ts'}"):  # TorchScript that writes a file when loaded
+        release(str(models), str(tmp_path / "dist"))
+    assert not (tmp_path / "dist").exists() and not (tmp_path / "payload-ran").exists()
+    os.remove(models / "model.ts")
     shutil.copy(trained / "models" / "calibration.json", models / "calibration.json")
     weights = torch.load(models / "model.pt", weights_only=True)
     weights["class_layers.out.bias"] += 0.01

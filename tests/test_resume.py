@@ -14,6 +14,7 @@ import torch
 from monai.networks.nets import DenseNet121
 
 from conftest import BUNDLE, CALIBRATION, TRAIN, bundle_error, killed_at_rename, train
+from scripts.model_file import FORMAT_FILE
 
 RUN = {"batch_size": 16, "accumulation_steps": 1, "learning_rate": 0.001, "early_stop_patience": 10}
 
@@ -45,6 +46,7 @@ def test_kill_at_a_save_loses_nothing_and_resume_finishes(mednist, tmp_path, whe
         *CALIBRATION,
         "checkpoint_epoch=3.pt",
         "model.pt",
+        "network_data_format.json",
     ]  # no leftovers
     assert loads_as_densenet(models / "model.pt")
     with open(out / "history.csv") as f:
@@ -65,7 +67,13 @@ def test_kill_after_a_rename_then_resume_keeps_the_newest(mednist, tmp_path):
     assert killed_at_rename(args, "after", "checkpoint_epoch=2.pt").returncode == -9
     assert {"checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"} <= set(os.listdir(models))
     train(mednist, tmp_path, resume="true", epochs=3, **short)
-    assert sorted(os.listdir(models)) == [".mednist.lock", *CALIBRATION, "checkpoint_epoch=3.pt", "model.pt"]
+    assert sorted(os.listdir(models)) == [
+        ".mednist.lock",
+        *CALIBRATION,
+        "checkpoint_epoch=3.pt",
+        "model.pt",
+        FORMAT_FILE,
+    ]
     with open(out / "history.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]  # resumed from epoch 2, not 1
 
@@ -109,7 +117,7 @@ def test_resume_without_checkpoint_is_refused_and_writes_nothing(mednist, tmp_pa
 
 def test_second_run_in_a_folder_is_refused_until_the_first_dies(mednist, tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from scripts.utils import FolderLock; "
+        [sys.executable, "-c", "import sys; from scripts.files import FolderLock; "
          f"FolderLock([{str(tmp_path / 'models')!r}]).acquire(); print('held', flush=True); sys.stdin.read()"],
         cwd=BUNDLE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -129,7 +137,7 @@ def test_without_fcntl_a_run_goes_on_unlocked_and_touches_no_other_runs_files(tm
     """Where there is no fcntl (Windows) a run is not locked out, with a warning, and leaves the temporary files in
     its folders alone (another run may be writing them); a killed download's leftovers stay too, since
     ``os.kill(pid, 0)``, POSIX's test for a process, ends that process there."""
-    from scripts.utils import FolderLock, remove_stale
+    from scripts.files import FolderLock, remove_stale
 
     (tmp_path / ".tmp-123.pt").write_bytes(b"another run's checkpoint, being written")
     monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl fails

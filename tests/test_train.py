@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import torch
 from monai.networks.nets import DenseNet121
 from PIL import Image
 
-from conftest import CALIBRATION, FAST, bundle_error, train
+from conftest import CALIBRATION, CLASSES, FAST, bundle_error, train
 
 
 def read_history(output_dir) -> list[dict]:
@@ -38,7 +39,10 @@ def test_model_and_checkpoint(trained):
         *CALIBRATION,
         "checkpoint_epoch=2.pt",
         "model.pt",
+        "network_data_format.json",
     ]
+    described = json.loads((trained / "models" / "network_data_format.json").read_text())
+    assert list(described["outputs"]["pred"]["channel_def"].values()) == list(CLASSES)  # the classes travel with it
 
 
 def test_history_and_plot(trained):
@@ -55,22 +59,25 @@ def test_history_and_plot(trained):
     assert ckpt["best_model"]["_saved"][0][0] == pytest.approx(best)  # model.pt is the best validation accuracy
     with Image.open(trained / "out" / "training_history.png") as im:
         assert im.size[0] > 500 and len(set(im.convert("L").getdata())) > 10
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(trained / "out"))
+    (run,) = os.listdir(trained / "out" / "tensorboard")  # each run's TensorBoard files in a folder of their own
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(trained / "out" / "tensorboard" / run))
 
 
 def test_tensorboard_has_one_value_per_step_and_tag(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    steps = {}
-    for name in sorted(os.listdir(trained / "out")):
-        if name.startswith("events.out.tfevents"):
-            events = EventAccumulator(str(trained / "out" / name))
-            events.Reload()
-            for tag in events.Tags()["scalars"]:
-                steps.setdefault(tag, []).extend(e.step for e in events.Scalars(tag))
+    steps, values = {}, {}
+    (run,) = glob.glob(str(trained / "out" / "tensorboard" / "*"))
+    for name in sorted(os.listdir(run)):
+        events = EventAccumulator(os.path.join(run, name))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            steps.setdefault(tag, []).extend(e.step for e in events.Scalars(tag))
+            values.setdefault(tag, []).extend(e.value for e in events.Scalars(tag))
     for tag in ("train_loss", "train_acc", "val_loss", "val_acc"):
         assert sorted(steps[tag]) == [1, 2], tag  # one value an epoch
     assert sorted(steps["train_loss_iteration"]) == list(range(1, 13))  # 2 epochs of 6 iterations
+    assert sorted(steps["lr"]) == list(range(1, 13)) and max(values["lr"]) == pytest.approx(0.001)
 
 
 def test_split_is_disjoint_stratified_and_reused(trained, mednist, tmp_path):
@@ -112,7 +119,7 @@ def test_early_stopping_ends_run_early(mednist, tmp_path):
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine_to_zero_and_resumes_longer():
-    from scripts.pipeline import warmup_cosine
+    from scripts.training import warmup_cosine
 
     def rates(scheduler, steps):
         out = []
@@ -220,7 +227,7 @@ def test_validation_twice_an_epoch_stops_at_the_target(accuracies, stop_iteratio
     EPOCH_COMPLETED handlers run: history, checkpoint) and then the run; below the target it runs to the end."""
     from ignite.engine import Engine, Events
 
-    from scripts.handlers import EarlyStop
+    from scripts.history import EarlyStop
 
     scores = iter(accuracies)
     evaluator = Engine(lambda e, b: None)
@@ -245,7 +252,7 @@ def test_evaluation_outside_training_is_not_judged():
     leaves it alone; in the trainer's next run it judges again."""
     from ignite.engine import Engine, Events
 
-    from scripts.handlers import EarlyStop
+    from scripts.history import EarlyStop
 
     evaluator = Engine(lambda e, b: None)
     trainer = Engine(lambda e, b: None)

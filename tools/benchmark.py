@@ -43,9 +43,11 @@ import time
 
 import fire
 
-from scripts.data import check_class_folders, mednist_root
-from scripts.utils import BUNDLE_ROOT as BUNDLE
-from scripts.utils import BundleError, remove_stale
+from scripts.config import BUNDLE_ROOT as BUNDLE
+from scripts.config import bundle_parser
+from scripts.data import ImageData, images_by_class
+from scripts.errors import BundleError
+from scripts.files import remove_stale
 
 TARGETS = {"training_of_bare": 0.95, "inference_of_bare": 0.80}
 CHOICE_IMAGES = 384  # images timed for each choice, after two warm-up steps
@@ -61,35 +63,31 @@ def cpu_name() -> str:
 
 
 def _parser(names: list[str], work: str, dataset_dir: str, num_images: int, overrides: dict):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([os.path.join(BUNDLE, "configs", name) for name in names])
-    stride = f"max(1, len(@datalist['training']) // {num_images})"
-    parser.update(
-        {
-            "dataset_dir": dataset_dir,
-            "output_dir": os.path.join(work, "out"),
-            "ckpt_dir": os.path.join(work, "models"),
-            "epochs": 1,
-            "bench_train": f"$@datalist['training'][::{stride}][:{num_images}]",
-            "bench_val": f"$@datalist['validation'][::{stride}][:{max(1, num_images // 4)}]",
-            **overrides,
-        }
+    stride = f"max(1, len(@split['training']) // {num_images})"
+    parser = bundle_parser(
+        *(name.removesuffix(".json") for name in names),
+        dataset_dir=dataset_dir,
+        output_dir=os.path.join(work, "out"),
+        ckpt_dir=os.path.join(work, "models"),
+        epochs=1,
+        bench_train=f"$@split['training'][::{stride}][:{num_images}]",
+        bench_val=f"$@split['validation'][::{stride}][:{max(1, num_images // 4)}]",
+        **overrides,
     )
     parser.get_parsed_content("initialize")  # seeding, as the bundle's run does
     parser.get_parsed_content("check")  # the checks of the bundle's run
     return parser
 
 
-def _training_step(parser):
+def training_step(parser):
     """One step of the bundle's network, loss, optimizer and inferer on one fixed random batch, warmed up."""
     import torch
 
     network, optimizer, loss = (parser.get_parsed_content(k) for k in ("network", "optimizer", "loss"))
     inferer, batch = parser.get_parsed_content("train#inferer"), parser.get_parsed_content("batch_size")
-    images = torch.rand(batch, 1, *parser.get_parsed_content("image_size"))
-    labels = torch.randint(0, parser.get_parsed_content("num_classes"), (batch,))
+    channels, size = parser.get_parsed_content("in_channels"), parser.get_parsed_content("image_size")
+    images = torch.rand(batch, channels, *size)
+    labels = torch.randint(0, len(parser.get_parsed_content("classes")), (batch,))
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -101,11 +99,11 @@ def _training_step(parser):
     return step
 
 
-def _forward_step(network, batch: int, size):
+def forward_step(network, batch: int, size, channels: int = 1):
     """One forward pass of ``network`` in eval mode without gradients on one fixed random batch, warmed up."""
     import torch
 
-    images = torch.rand(batch, 1, *size)
+    images = torch.rand(batch, channels, *size)
 
     def step():
         with torch.no_grad():
@@ -115,7 +113,7 @@ def _forward_step(network, batch: int, size):
     return step
 
 
-def _steps_rate(step, steps: int, batch: int) -> float:
+def steps_rate(step, steps: int, batch: int) -> float:
     """Images/s of ``steps`` calls of ``step``."""
     start = time.perf_counter()
     for _ in range(steps):
@@ -123,17 +121,17 @@ def _steps_rate(step, steps: int, batch: int) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
-def _bare_training(parser, steps: int) -> float:
+def bare_training(parser, steps: int) -> float:
     """Images/s of the bundle's training step on one fixed random batch."""
-    return _steps_rate(_training_step(parser), steps, parser.get_parsed_content("batch_size"))
+    return steps_rate(training_step(parser), steps, parser.get_parsed_content("batch_size"))
 
 
-def _bare_forward(network, batch: int, size, steps: int) -> float:
+def bare_forward(network, batch: int, size, steps: int) -> float:
     """Images/s of ``network``'s forward pass in eval mode without gradients, one fixed random batch."""
-    return _steps_rate(_forward_step(network, batch, size), steps, batch)
+    return steps_rate(forward_step(network, batch, size), steps, batch)
 
 
-def _timed(engine) -> list:
+def timed(engine) -> list:
     """The times of ``engine``'s completed iterations, as it runs."""
     from ignite.engine import Events
 
@@ -142,7 +140,7 @@ def _timed(engine) -> list:
     return times
 
 
-def _rate(times: list, skip: int, batch: int) -> float:
+def rate(times: list, skip: int, batch: int) -> float:
     """Images/s between the completions of iteration ``skip`` + 1 and the last (fewer skipped for short runs)."""
     times = times[min(skip, len(times) - 2) :]
     return (len(times) - 1) * batch / (times[-1] - times[0])
@@ -180,18 +178,18 @@ def _pair_rates(pairs: list, skip: int, batch: int) -> tuple[float, float]:
 def _measure(dataset_dir: str, num_images: int, overrides: dict) -> dict:
     """One round of the bundle and its bare network, in this process."""
     import torch
-    from monai.bundle import ConfigParser
 
-    from scripts.pipeline import bf16_speedup
+    from scripts.precision import bf16_speedup
 
     work = _scratch()
     parser = _parser(["train.json"], work, dataset_dir, num_images, overrides)
     parser.update({"cache#data#training": "@bench_train", "cache#data#validation": "@bench_val"})
     batch = parser.get_parsed_content("batch_size")
     result = {"bf16_speedup": round(bf16_speedup(), 2), "batch": batch, "threads": torch.get_num_threads()}
-    result["precision"] = "bf16" if parser.get_parsed_content("train#inferer").enabled else "fp32"
-    bare_step = _training_step(_parser(["train.json"], work, dataset_dir, num_images, overrides))
-    parser.get_parsed_content("datalist")
+    result["precision"] = "bf16" if parser.get_parsed_content("precision").decide() else "fp32"
+    bare_step = training_step(_parser(["train.json"], work, dataset_dir, num_images, overrides))
+    root = parser.get_parsed_content("data").root
+    parser.get_parsed_content("data").prepare()
     start = time.perf_counter()
     train_images = len(parser.get_parsed_content("train#dataset"))
     result["cache_build_s"] = round(time.perf_counter() - start, 1)
@@ -202,15 +200,13 @@ def _measure(dataset_dir: str, num_images: int, overrides: dict) -> dict:
     rates = _pair_rates(pairs, 0, batch)
     result["training_img_per_s"], result["bare_training_img_per_s"] = (round(r, 1) for r in rates)
 
-    inference = ConfigParser()
-    inference.read_config(os.path.join(BUNDLE, "configs", "inference.json"))
     with open(os.path.join(work, "out", "split.json")) as f:  # image files, read from disk by inference
         training = json.load(f)["training"]
-    files = [os.path.join(dataset_dir, "MedNIST", d["image"]) for d in training[:: max(1, len(training) // num_images)]]
-    inference.update({"input": files[:num_images], "output_dir": os.path.join(work, "inference")})
-    inference.update({"ckpt_dir": os.path.join(work, "models"), "bundle_root": BUNDLE, "batch_size": batch})
+    files = [os.path.join(root, d["image"]) for d in training[:: max(1, len(training) // num_images)]]
+    inference = bundle_parser("inference", input=files[:num_images], output_dir=os.path.join(work, "inference"))
+    inference.update({"ckpt_dir": os.path.join(work, "models"), "batch_size": batch})
     network, size = inference.get_parsed_content("network"), inference.get_parsed_content("image_size")
-    pairs = _interleaved(inference.get_parsed_content("evaluator"), _forward_step(network, batch, size))
+    pairs = _interleaved(inference.get_parsed_content("evaluator"), forward_step(network, batch, size))
     inference.get_parsed_content("inference")
     result["inference_images"] = len(files[:num_images])
     rates = _pair_rates(pairs, 1, batch)
@@ -227,22 +223,22 @@ def _measure_choices(dataset_dir: str, num_images: int, overrides: dict) -> dict
     import torch
 
     work, rates = _scratch(), {}
-    _bare_training(_parser(["train.json"], work, dataset_dir, num_images, overrides), 2)  # the process warms up
+    bare_training(_parser(["train.json"], work, dataset_dir, num_images, overrides), 2)  # the process warms up
     for bf16 in ("false", "true"):
         for channels_last in ("true", "false"):
             parser = _parser(["train.json"], work, dataset_dir, num_images, {**overrides, "cpu_bf16": bf16})
             parser["channels_last"] = channels_last
             name = f"{'bf16' if bf16 == 'true' else 'fp32'}, {'channels-last' if channels_last == 'true' else 'NCHW'}"
-            rates[name] = round(_bare_training(parser, CHOICE_IMAGES // parser.get_parsed_content("batch_size")), 1)
+            rates[name] = round(bare_training(parser, CHOICE_IMAGES // parser.get_parsed_content("batch_size")), 1)
     for batch in (32, 128):
         parser = _parser(["train.json"], work, dataset_dir, num_images, {**overrides, "batch_size": batch})
-        rates[f"default precision, batch {batch}"] = round(_bare_training(parser, CHOICE_IMAGES // batch), 1)
+        rates[f"default precision, batch {batch}"] = round(bare_training(parser, CHOICE_IMAGES // batch), 1)
     threads = torch.get_num_threads()
     if threads > 1:  # torch's default, every core, against half of them
         parser = _parser(["train.json"], work, dataset_dir, num_images, overrides)
         torch.set_num_threads(threads // 2)
         steps = CHOICE_IMAGES // parser.get_parsed_content("batch_size")
-        rates[f"default precision, {threads // 2} of {threads} threads"] = round(_bare_training(parser, steps), 1)
+        rates[f"default precision, {threads // 2} of {threads} threads"] = round(bare_training(parser, steps), 1)
         torch.set_num_threads(threads)
     return {"choices": rates}
 
@@ -252,10 +248,10 @@ def _measure_per_sample(dataset_dir: str, num_images: int) -> dict:
     work = _scratch()
     parser = _parser(["train.json", "per_sample.json"], work, dataset_dir, num_images, {})
     parser.update({"train#dataset#data": "@bench_train", "validate#dataset#data": "@bench_val"})
-    times = _timed(parser.get_parsed_content("train#trainer"))
+    times = timed(parser.get_parsed_content("train#trainer"))
     parser.get_parsed_content("training")
     batch = parser.get_parsed_content("batch_size")
-    return {"per_sample_training_img_per_s": round(_rate(times, 0, batch), 1)}
+    return {"per_sample_training_img_per_s": round(rate(times, 0, batch), 1)}
 
 
 def _scratch() -> str:
@@ -303,17 +299,18 @@ def benchmark(
         print("RESULT " + json.dumps(measure(dataset_dir, num_images, overrides)), flush=True)
         return
     import torch
-    from monai.bundle import ConfigParser
 
     if int(repeats) < 1:
         sys.exit(f"ERROR: --repeats must be at least 1, got {repeats!r}.")
-    config = ConfigParser()
-    config.read_config(os.path.join(BUNDLE, "configs", "train.json"))
+    config = bundle_parser("train")
     unknown = [key for key in overrides if key not in config]
     if unknown:  # checked once here, before any round starts a process
         sys.exit(f"ERROR: no key {', '.join(unknown)} in configs/train.json. Fix: override keys that train.json has.")
     try:
-        check_class_folders(mednist_root(dataset_dir), "dataset_dir")
+        data = ImageData(dataset_dir, "", download=False)
+        if data.kind == "download":
+            raise BundleError(f"--dataset_dir {dataset_dir} holds no images.", "point it at the data to train on.")
+        images_by_class(data.root, data.classes, "dataset_dir")
     except BundleError as e:
         sys.exit(str(e))
     asked = {"per_sample": per_sample, "choices": choices}
@@ -357,8 +354,8 @@ def benchmark(
         best = max(median["choices"].values())
         print("bare training step for each choice (images/s, median):")
         default = f"{median['precision']}, channels-last"
-        for choice, rate in median["choices"].items():
-            print(f"  {choice}: {rate} ({rate / best:.0%} of the best){' (default)' if choice == default else ''}")
+        for choice, speed in median["choices"].items():
+            print(f"  {choice}: {speed} ({speed / best:.0%} of the best){' (default)' if choice == default else ''}")
     if "per_sample_training_img_per_s" in median:
         speedup = median["training_img_per_s"] / median["per_sample_training_img_per_s"]
         print(f"training speed-up over the per-sample pipeline: {speedup:.1f}x")

@@ -20,7 +20,8 @@ import tempfile
 
 import fire
 
-from scripts.utils import BundleError, remove_stale
+from scripts.errors import BundleError
+from scripts.files import remove_stale
 from tools import commands
 
 

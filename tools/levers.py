@@ -23,38 +23,29 @@ import time
 import fire
 import torch
 
-from scripts.utils import BUNDLE_ROOT
-from tools.benchmark import _bare_forward, _rate, _steps_rate, _timed
+from scripts.config import bundle_parser
+from tools.benchmark import bare_forward, rate, steps_rate, timed
 
 
 def _warm_rate(step, batch: int, steps: int) -> float:
     """Images/s of a training ``step`` after one warm-up call."""
     step()
-    return round(_steps_rate(step, steps, batch), 1)
-
-
-def _parser(config: str, **updates):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLE_ROOT, "configs", config))
-    parser.update({"bundle_root": BUNDLE_ROOT, **updates})
-    return parser
+    return round(steps_rate(step, steps, batch), 1)
 
 
 def _inference_rate(files: list, ckpt_dir: str, work: str, num_workers: int) -> float:
     """The bundle's inference speed on ``files`` from its third batch, as ``tools.benchmark`` times it."""
-    parser = _parser("inference.json", input=files, ckpt_dir=ckpt_dir, output_dir=f"{work}/nw{num_workers}")
+    parser = bundle_parser("inference", input=files, ckpt_dir=ckpt_dir, output_dir=f"{work}/nw{num_workers}")
     parser["dataloader"]["num_workers"] = num_workers
-    times = _timed(parser.get_parsed_content("evaluator"))
+    times = timed(parser.get_parsed_content("evaluator"))
     parser.get_parsed_content("inference")
     parser.get_parsed_content("finalize")
-    return round(_rate(times, 2, parser["batch_size"]), 1)
+    return round(rate(times, 2, parser["batch_size"]), 1)
 
 
 def levers(images: str, ckpt_dir: str = "models", num_images: int = 2048) -> None:
     """Measure each lever once and print the figures as one JSON line."""
-    from scripts.export import export_onnx
+    from scripts.export import export
     from scripts.model_file import load_model
 
     ckpt_dir = os.path.abspath(ckpt_dir)
@@ -70,11 +61,11 @@ def levers(images: str, ckpt_dir: str = "models", num_images: int = 2048) -> Non
             out[f"inference_num_workers_{workers}_img_per_s"] = round(sum(measured) / len(measured), 1)
         x = torch.rand(64, 1, 64, 64)
         network = load_model(os.path.join(ckpt_dir, "model.pt")).to(memory_format=torch.channels_last)
-        out["torch_forward_img_per_s"] = round(_bare_forward(network, 64, (64, 64), 10), 1)
-        onnx = load_model(export_onnx(os.path.join(ckpt_dir, "model.pt"), os.path.join(work, "model.onnx")))
-        out["onnxruntime_forward_img_per_s"] = round(_bare_forward(onnx, 64, (64, 64), 10), 1)
+        out["torch_forward_img_per_s"] = round(bare_forward(network, 64, (64, 64), 10), 1)
+        onnx = load_model(export("onnx", os.path.join(ckpt_dir, "model.pt"), os.path.join(work, "model.onnx")))
+        out["onnxruntime_forward_img_per_s"] = round(bare_forward(onnx, 64, (64, 64), 10), 1)
 
-        train = _parser("train.json")
+        train = bundle_parser("train")
         model, optimizer = train.get_parsed_content("network"), train.get_parsed_content("optimizer")
         loss, inferer = train.get_parsed_content("loss"), train.get_parsed_content("train#inferer")
         labels = torch.randint(0, 6, (64,))

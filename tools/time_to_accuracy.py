@@ -25,7 +25,7 @@ import sys
 import fire
 import torch
 
-from scripts.utils import BUNDLE_ROOT as BUNDLE
+from scripts.config import BUNDLE_ROOT as BUNDLE
 from tools.commands import run_bundle
 
 

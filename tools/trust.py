@@ -25,8 +25,8 @@ import time
 import fire
 import numpy as np
 
-from scripts.data import test_datalist
-from scripts.utils import BUNDLE_ROOT, BundleError
+from scripts.config import bundle_parser
+from scripts.errors import BundleError
 from tools import commands
 
 LAYERS = "features.transition2.relu,features.transition1.relu,class_layers.relu"
@@ -119,35 +119,31 @@ def gradcam_figures(test: list[dict], ckpt_dir: str, layers: list[str], methods:
     """Foreground share of the heat maps of each method (``gradcampp``, ``gradcam``) and layer, per class, on
     ``per_class`` test images a class, and seconds per picture (the first method and layer, and the PNG)."""
     import torch
-    from monai.bundle import ConfigParser
 
-    from scripts.data import CLASSES
-    from scripts.infer import PredictionPicture, gradcam_maps
-    from scripts.model_file import load_model
+    from scripts.pictures import PredictionPicture, gradcam_maps
 
-    parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
-    parser.update({"input": [d["image"] for d in test[:1]], "ckpt_dir": ckpt_dir})
-    net = load_model(os.path.join(ckpt_dir, "model.pt"), parser.get_parsed_content("network_def"))
+    parser = bundle_parser("inference", input=[d["image"] for d in test[:1]], ckpt_dir=ckpt_dir)
+    model = parser.get_parsed_content("model").load()
+    net, classes = model.network, model.classes
     preprocessing = parser.get_parsed_content("preprocessing")
-    chosen = [d for c in range(len(CLASSES)) for d in [x for x in test if x["label"] == c][:per_class]]
-    images = torch.stack([preprocessing({"image": d["image"], "path": d["image"]})["image"] for d in chosen])
+    chosen = [d for c in range(len(classes)) for d in [x for x in test if x["label"] == c][:per_class]]
+    images = torch.stack([torch.as_tensor(preprocessing({"image": d["image"]})["image"]) for d in chosen])
     figures = {}
     for method in methods:
         for layer in layers:
-            shares = {c: [] for c in CLASSES}
+            shares = {c: [] for c in classes}
             for d, x, heat in zip(chosen, images, gradcam_maps(net, images, layer, plus=method == "gradcampp")):
-                shares[CLASSES[d["label"]]].append(foreground_share(x[0].numpy(), heat))
+                shares[classes[d["label"]]].append(foreground_share(x[0].numpy(), heat))
             figures[f"{method} {layer}"] = {
                 c: {"heat_on_foreground": float(np.mean([s[0] for s in v])), "foreground_area": float(np.mean([s[1] for s in v]))}
                 for c, v in shares.items()
             }  # fmt: skip
-    picture, start = PredictionPicture(), time.perf_counter()
+    picture, start = PredictionPicture(classes), time.perf_counter()
     for i, x in enumerate(images[:30]):
         (heat,) = gradcam_maps(net, x[None], layers[0], plus=methods[0] == "gradcampp")
         with torch.no_grad():
             probs = torch.softmax(net(x[None]), 1)[0].numpy()
-        picture.draw(x[0].numpy(), probs, heat, "test", os.path.join(work, f"picture_{i}.png"))
+        picture.draw(x.numpy(), probs, heat, "test", os.path.join(work, f"picture_{i}.png"))
     picture.close()
     figures["seconds_per_picture"] = (time.perf_counter() - start) / min(30, len(images))
     return figures
@@ -171,7 +167,8 @@ def trust(
     if not os.path.isfile(split_file) or not os.path.isfile(os.path.join(ckpt_dir, "calibration.json")):
         raise BundleError(f"need {split_file} and {ckpt_dir}/calibration.json.", "train first (it writes both).")
     os.makedirs(work_dir, exist_ok=True)
-    test = test_datalist(split_file, dataset_dir)
+    train = bundle_parser("train", dataset_dir=dataset_dir, output_dir=output_dir, ckpt_dir=ckpt_dir, download=False)
+    test = train.get_parsed_content("split")["test"]
     test_dir, other_dir = held_out or os.path.join(work_dir, "test"), os.path.join(work_dir, "not_mednist")
     if not held_out:
         shutil.rmtree(test_dir, ignore_errors=True)

@@ -1,5 +1,6 @@
-"""Helpers shared by the bundle's scripts: the one error type, booleans from the command line, durable atomic
-writes, one run per folder, leftovers of killed runs, the distributed rank, matplotlib without a display."""
+"""Files the bundle writes: durable atomic writes under temporary names that carry the writer's process id, CSV
+cells a spreadsheet would evaluate escaped, one run per folder, and the leftovers of killed runs removed only once
+their writer is gone."""
 
 from __future__ import annotations
 
@@ -9,61 +10,15 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 
 import torch
 
+from .errors import BundleError
+
 logger = logging.getLogger(__name__)
-BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TRUE, _FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
-
-
-class BundleError(ValueError):
-    """A bad input, with a message naming the problem and its fix; a ``ValueError`` for Python callers, one message
-    without a traceback on the command line (:func:`report_bundle_error`)."""
-
-    def __init__(self, problem: str, fix: str):
-        super().__init__(problem, fix)
-        self.problem, self.fix = problem, fix
-
-    def __str__(self) -> str:
-        return f"ERROR: {self.problem}\n  Fix: {self.fix}"
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The first exception of ``error``'s chain of causes (MONAI wraps a reader's error in "applying transform")."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
-
-
-def report_bundle_error(exc_type, exc, tb) -> None:
-    """``sys.excepthook``: an uncaught exception caused by a ``BundleError`` (MONAI wraps errors raised while it
-    evaluates a config) prints only that error's message; any other keeps its traceback. The exit status is 1."""
-    cause, seen = exc, set()
-    while cause is not None and not isinstance(cause, BundleError) and id(cause) not in seen:
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, BundleError):
-        print(cause, file=sys.stderr, flush=True)
-    else:
-        sys.__excepthook__(exc_type, exc, tb)
-
-
-sys.excepthook = report_bundle_error
-
-
-def as_bool(value, key: str) -> bool:
-    """``value`` as a bool; the command line hands ``--amp false`` over as the (truthy) string ``"false"``."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise BundleError(f"--{key} {value!r} is not a boolean.", f"pass --{key} true or --{key} false.")
+TMP_PREFIX = ".tmp-"  # + "<pid>-": a temporary file of the process <pid>
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet evaluate a cell
 
 
 def is_main_process() -> bool:
@@ -85,20 +40,27 @@ def fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, write, mode: str = "w") -> None:
-    """Call ``write(file)`` on a temporary file ``.tmp-*`` beside ``path``, flush it to disk, rename it over ``path``:
-    ``path`` is always the old complete file or the new one, even across a power cut."""
-    folder = os.path.dirname(os.path.abspath(path))
+def temporary_path(folder: str, suffix: str = "") -> str:
+    """A new, empty ``.tmp-<pid>-*`` file in ``folder``: removed by :func:`remove_stale` once this process is gone."""
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1], dir=folder)
+    fd, path = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=folder)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # mkstemp makes it private; give it the permissions of a normal file
+    return path
+
+
+def atomic_write(path: str, write, mode: str = "w") -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it over ``path``: ``path``
+    is always the old complete file or the new one, even across a power cut."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = temporary_path(folder, os.path.splitext(path)[1])
     try:
-        with os.fdopen(fd, mode) as f:
+        with open(tmp, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the permissions of a normal file
         os.replace(tmp, path)
         fsync_folder(folder)
     finally:
@@ -106,19 +68,21 @@ def atomic_write(path: str, write, mode: str = "w") -> None:
             os.remove(tmp)
 
 
+def csv_cell(value):
+    """A text cell no spreadsheet evaluates: text starting with ``= + - @``, a tab or a return gets a leading
+    ``'`` (for cells of text from outside, such as file names; not for the numbers the bundle writes)."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+
 def write_csv(path: str, columns, rows) -> None:
-    """``rows`` (dicts: other keys left out) under a header of ``columns``, written atomically."""
+    """``rows`` (dicts: other keys left out) under a header of ``columns`` (escaped), written atomically."""
 
     def write(f):
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
+        writer = csv.DictWriter(f, list(columns), extrasaction="ignore")
+        writer.writerow({c: csv_cell(c) for c in columns})
         writer.writerows(rows)
 
     atomic_write(path, write)
-
-
-TMP_PREFIX = ".tmp-"
-IGNITE_TMP = re.compile(r"^tmp[a-z0-9_]{8}$")  # ignite DiskSaver(atomic=True)'s temporary files
 
 
 def pid_alive(pid: int) -> bool:
@@ -134,13 +98,13 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(folder: str, prefix: str) -> list[str]:
-    """Remove ``folder/<prefix><pid>-*`` files and folders whose process ``pid`` is gone (left by a killed run), and
-    such names without a process id; returns what was removed."""
+def remove_stale(folder: str, prefix: str = TMP_PREFIX) -> list[str]:
+    """Remove ``folder/<prefix><pid>-*`` files and folders whose process ``pid`` is gone (left by a killed run);
+    returns what was removed. Names without a process id are left alone: their writer is unknown."""
     removed = []
     for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*")):
         match = re.match(r"(\d+)-", os.path.basename(path)[len(prefix) :])
-        if match and pid_alive(int(match.group(1))):
+        if not match or pid_alive(int(match.group(1))):
             continue
         shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
         removed.append(path)
@@ -152,7 +116,7 @@ def remove_stale(folder: str, prefix: str) -> list[str]:
 class FolderLock:
     """One run per folder: an exclusive ``fcntl`` lock on ``<folder>/.mednist.lock`` (holding the process id a
     refused run is told) for each of ``folders``, dropped by the system however its process ends. Taking a folder
-    removes the temporary files a killed run left there. Main process only; ``acquire`` is idempotent."""
+    removes the temporary files of runs that are gone. Main process only; ``acquire`` is idempotent."""
 
     NAME = ".mednist.lock"
     _held: dict[str, object] = {}  # real folder path -> open lock file, for this process
@@ -198,11 +162,7 @@ class FolderLock:
             f.write(f"{os.getpid()}\n")
             f.flush()
             self._held[folder] = f
-            for name in os.listdir(folder) if fcntl is not None else ():  # unlocked, another run may be writing
-                stale = name.startswith(TMP_PREFIX) or IGNITE_TMP.match(name)
-                if stale and os.path.isfile(os.path.join(folder, name)):
-                    os.remove(os.path.join(folder, name))
-                    logger.info(f"removed {os.path.join(folder, name)}, left by a killed run")
+            remove_stale(folder)
         return self
 
     def release(self) -> None:

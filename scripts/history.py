@@ -1,5 +1,5 @@
-"""Ignite handlers the bundle needs beyond MONAI's own: per-epoch history, device report, loss progress bar,
-and early stopping (on a plateau or at a target accuracy)."""
+"""A training's history (``history.csv`` and its plot, every epoch) and its early stop (on a plateau of the
+validation loss, or at a target accuracy)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import time
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import EarlyStopping, ProgressBar
+from ignite.handlers import EarlyStopping
 
-from .utils import is_main_process, pyplot, save_figure, write_csv
+from .files import is_main_process, pyplot, save_figure, write_csv
 
 logger = logging.getLogger(__name__)
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "elapsed_s")
@@ -38,14 +38,16 @@ def plot_history(rows: list[dict], path: str) -> None:
 
 class HistoryWriter:
     """After every epoch, ``history.csv`` and ``training_history.png`` (atomically): the epoch's training loss
-    and accuracy, its validation's (blank without one), the learning rate and timings; complete after an early
-    stop or a crash, and a resumed run keeps the earlier rows. Sets ``engine.state.lr`` for TensorBoard."""
+    and accuracy, its validation's (blank without one), the learning rate at its start and timings; complete
+    after an early stop or a crash, and a resumed run keeps the earlier rows. Attached by
+    :class:`~scripts.checkpoint.TrainingCheckpoints`, before its checkpoints: a kill between the two leaves a
+    row the resumed run rewrites, never a checkpoint without its row."""
 
     def __init__(self, output_dir: str, evaluator: Engine, optimizer: torch.optim.Optimizer):
         self.csv_path = os.path.join(output_dir, "history.csv")
         self.png_path = os.path.join(output_dir, "training_history.png")
         self.evaluator, self.optimizer = evaluator, optimizer
-        self.rows, self.val = None, {}
+        self.rows, self.val, self.lr = None, {}, None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -65,7 +67,7 @@ class HistoryWriter:
                 for r in self.rows:
                     r.update({k: float(v) if v not in ("", None) else "" for k, v in r.items()}, epoch=int(r["epoch"]))
             self.offset = float(self.rows[-1]["elapsed_s"]) if self.rows else 0.0
-        engine.state.lr = self.optimizer.param_groups[0]["lr"]
+        self.lr = self.optimizer.param_groups[0]["lr"]
         self.epoch_t0 = time.perf_counter()
 
     def validated(self, evaluator: Engine) -> None:
@@ -74,51 +76,13 @@ class HistoryWriter:
     def epoch_completed(self, engine: Engine) -> None:
         now, metrics = time.perf_counter(), engine.state.metrics
         row = {"epoch": engine.state.epoch, **{k: metrics.get(k, "") for k in ("train_loss", "train_acc")}}
-        row.update({k: self.val.get(k, "") for k in ("val_loss", "val_acc")}, lr=engine.state.lr)
+        row.update({k: self.val.get(k, "") for k in ("val_loss", "val_acc")}, lr=self.lr)
         row.update(epoch_time_s=round(now - self.epoch_t0, 3), elapsed_s=round(self.offset + now - self.t0, 3))
         self.val = {}
         self.rows.append(row)
         if is_main_process():
             write_csv(self.csv_path, COLUMNS, self.rows)
             plot_history(self.rows, self.png_path)
-
-
-class DeviceLogger:
-    """Log the device (GPU name, CUDA version, memory; or CPU threads) at the start and the run's time (and peak
-    GPU memory) at the end."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self.started)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
-
-    def started(self, engine: Engine) -> None:
-        self.t0 = time.perf_counter()
-        if torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-            logger.info(f"rank {rank} of {world} ({torch.distributed.get_backend()})")
-        if self.device.type == "cuda":
-            p = torch.cuda.get_device_properties(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            about = f"{p.name}, CUDA {torch.version.cuda}, {p.total_memory / 2**30:.1f} GiB"
-        else:
-            about = f"({torch.get_num_threads()} threads)"
-        logger.info(f"device: {self.device} {about}, torch {torch.__version__}")
-
-    def completed(self, engine: Engine) -> None:
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
-        memory = f", peak GPU memory {peak:.2f} GiB" if peak is not None else ""
-        logger.info(f"run finished in {time.perf_counter() - self.t0:.1f} s{memory}")
-
-
-class LossProgressBar(ProgressBar):
-    """ignite's ``ProgressBar`` showing the live training loss."""
-
-    def attach(self, engine: Engine, *args, **kwargs) -> None:
-        kwargs.setdefault("output_transform", lambda output: {"loss": output["loss"].detach().item()})
-        super().attach(engine, *args, **kwargs)
 
 
 class EarlyStop:

@@ -1,7 +1,8 @@
-"""Build the Model Zoo release zip of this bundle, byte-for-byte reproducible (sorted entries, fixed time and
-mode): configs, docs, scripts, LICENSE and the checked model files (model.pt, its calibration and exports).
+"""Build the Model Zoo release zip of this bundle (a maintainer's tool, not part of the release), byte-for-byte
+reproducible (sorted entries, fixed time and mode): configs, docs, scripts, LICENSE and the checked model files
+(model.pt, its description, calibration and exports), with a metadata.json describing that model.
 
-    python -m scripts.release [--ckpt_dir models] [--out_dir dist]
+    python -m tools.release [--ckpt_dir models] [--out_dir dist]
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import zipfile
 import fire
 import yaml
 
-from .calibration import calibration_for
-from .model_file import load_model
-from .utils import BUNDLE_ROOT, BundleError, atomic_write
+from scripts.calibration import calibration_for
+from scripts.config import BUNDLE_ROOT
+from scripts.errors import BundleError
+from scripts.files import atomic_write
+from scripts.model_file import FORMAT_FILE, ModelDescription, load_model
 
 NAME = "mednist_classification"
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
-MODELS = ("model.pt", "calibration.json", "calibration.npz", "model.ts", "model.pt2", "model.onnx")
+MODELS = ("model.pt", FORMAT_FILE, "calibration.json", "calibration.npz", "model.ts", "model.pt2", "model.onnx")
 
 
 def sha256(path: str) -> str:
@@ -51,13 +54,15 @@ def release_files(ckpt_dir: str) -> dict[str, str]:
     model = os.path.join(ckpt_dir, "model.pt")
     if not os.path.isfile(model):
         raise BundleError(f"no trained model at {model}.", "train first, or pass --ckpt_dir.")
+    description = ModelDescription.beside(model)  # readable and sensible, or refused
+    network = load_model(model, description=description)
     for name in MODELS:
         path = os.path.join(ckpt_dir, name)
         if os.path.isfile(path):
             if name.startswith("calibration"):
-                calibration_for(model)  # readable, and fitted for these weights
-            else:
-                load_model(path)  # complete, and loadable without running code
+                calibration_for(model, network, len(description.classes))  # readable, for these weights
+            elif name != FORMAT_FILE:
+                load_model(path, description=description)  # the bundle's, loadable without running code
             files[f"models/{name}"] = path
     return files
 
@@ -66,11 +71,10 @@ def release(ckpt_dir: str = "models", out_dir: str = "dist") -> None:
     """Write ``<out_dir>/mednist_classification_v<version>.zip`` and print its size and SHA-256; a model.pt other
     than the published one (large_files.yml) is a local build: ``<version>+local.<sha256[:8]>``, and a model
     card whose first line says its figures are the published model's."""
-    with open(os.path.join(BUNDLE_ROOT, "configs", "metadata.json")) as f:
-        metadata = json.load(f)
     files = sorted(release_files(ckpt_dir).items())  # first: no empty out_dir is left behind when a model is missing
+    metadata = ModelDescription.beside(os.path.join(ckpt_dir, "model.pt")).metadata()
     model = sha256(os.path.join(ckpt_dir, "model.pt"))
-    replaced = {}
+    replaced = {"configs/metadata.json": (json.dumps(metadata, indent=4) + "\n").encode()}
     if model != published_sha256():
         published = metadata["version"]
         metadata["version"] = f"{published}+local.{model[:8]}"

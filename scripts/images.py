@@ -1,0 +1,361 @@
+"""Image files, read the same safe way by training, evaluation and inference: each file read once (bounded), its
+kind told by its content (PNG, JPEG, NIfTI, DICOM), its header checked against what the bundle needs before any
+pixel is decoded, then decoded from those bytes as one plane of gray (or three of RGB) in MONAI's (W, H) order.
+
+Only these decoders run: Pillow restricted to PNG and JPEG (it would render EPS by running Ghostscript), nibabel
+on a header without extensions, pydicom. DICOM pixels are what a viewer shows: the modality LUT (rescale), then
+the first VOI LUT or window, MONOCHROME1 inverted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import os
+import struct
+import zlib
+
+import numpy as np
+from monai.data import ImageReader
+from monai.utils import ensure_tuple
+
+IMAGE_SUFFIXES = (".png", ".jpeg", ".jpg", ".nii", ".nii.gz", ".dcm", ".dicom")
+MAX_FILE_BYTES = 512 << 20  # far above a 25-megapixel image in any of the formats
+MAX_PIXELS = 25_000_000
+MAX_JPEG_SCANS = 100  # a progressive JPEG has about 10; each scan decodes the whole image again
+MAX_NIFTI_EXTENSIONS = 1 << 20  # bytes of header extensions (nibabel reads them all, whatever they declare)
+GRAY_MODES = ("L", "I;16", "I;16B", "I;16L", "I", "F")
+NIFTI_TYPES = {2: np.uint8, 4: np.int16, 8: np.int32, 16: np.float32, 64: np.float64, 256: np.int8}
+NIFTI_TYPES |= {512: np.uint16, 768: np.uint32}
+DICOM_DECODERS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def image_suffix(path: str) -> bool:
+    """Whether ``path`` is named like an image the bundle reads (DICOM files may have no suffix)."""
+    name = os.path.basename(str(path)).lower()
+    return name.endswith(IMAGE_SUFFIXES) or ("." not in name and is_dicom(path))
+
+
+def is_dicom(path: str) -> bool:
+    """Whether ``path`` is a file starting with DICOM's 128-byte preamble and ``DICM`` marker."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def read_bytes(path: str) -> bytes:
+    """The bytes of ``path``, read once, or a ``ValueError`` saying why it cannot be an image."""
+    if not os.path.exists(path):
+        raise ValueError("file does not exist")
+    if os.path.isdir(path):
+        raise ValueError("is a directory, not an image file")
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if not data:
+        raise ValueError("file is empty")
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"file is over {MAX_FILE_BYTES >> 20} MiB")
+    return data
+
+
+def content_kind(path: str, data: bytes) -> str:
+    """``PNG``, ``JPEG``, ``NIfTI`` or ``DICOM`` by the file's content (and, for NIfTI, its name)."""
+    name = os.path.basename(str(path)).lower()
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[128:132] == b"DICM":
+        return "DICOM"
+    if name.endswith((".nii", ".nii.gz")):
+        return "NIfTI"
+    if not name.endswith(IMAGE_SUFFIXES) and "." in name:
+        suffix = os.path.splitext(name)[1]
+        raise ValueError(f"unsupported file type {suffix!r}: use .png, .jpeg, .jpg, .nii, .nii.gz or DICOM")
+    raise ValueError("cannot read image: its content is not PNG, JPEG, NIfTI or DICOM")
+
+
+def check_size(width: int, height: int, max_pixels: int) -> None:
+    if width < 1 or height < 1:
+        raise ValueError(f"image of {width}x{height} pixels has no pixels")
+    if width * height > max_pixels:
+        raise ValueError(f"image is {width}x{height} pixels, over the {max_pixels:,} limit (decompression bomb?)")
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    if data[12:16] != b"IHDR" or len(data) < 24:
+        raise ValueError("cannot read image: a PNG without its header")
+    return struct.unpack(">II", data[16:24])
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of the first picture of a JPEG, from its markers alone; a ``ValueError`` for a corrupt one or
+    one of more than :data:`MAX_JPEG_SCANS` scans (each decodes the whole picture again: a decoding bomb)."""
+    i, size, scans, n = 2, None, 0, len(data)
+    while i < n:
+        if data[i] != 0xFF:
+            raise ValueError("cannot read image: a corrupt JPEG")
+        while i < n and data[i] == 0xFF:
+            i += 1
+        if i >= n:
+            break
+        marker = data[i]
+        i += 1
+        if marker == 0xD9:  # end of the first picture (an MPO's others follow)
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            continue
+        if i + 2 > n:
+            break
+        length = int.from_bytes(data[i : i + 2], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and i + 7 <= n:
+            height, width = struct.unpack(">HH", data[i + 3 : i + 7])
+            size = (width, height)
+        i += length
+        if marker == 0xDA:  # a scan: entropy-coded data up to the next marker that is not a stuffed byte or RST
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise ValueError(f"a JPEG of more than {MAX_JPEG_SCANS} scans (a decoding bomb?)")
+            while True:
+                i = data.find(b"\xff", i)
+                if i < 0 or i + 1 >= n:
+                    i = n
+                    break
+                if data[i + 1] == 0 or 0xD0 <= data[i + 1] <= 0xD7:
+                    i += 2
+                    continue
+                break
+    if size is None:
+        raise ValueError("cannot read image: a JPEG without a frame header")
+    return size
+
+
+def decode_pillow(data: bytes, kind: str, channels: int, max_pixels: int):
+    """A PNG or JPEG as (W, H) or (W, H, 3) and its Pillow mode, its size checked from its header first."""
+    from PIL import Image
+
+    check_size(*(png_size(data) if kind == "PNG" else jpeg_size(data)), max_pixels)
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"] if kind == "PNG" else ["JPEG", "MPO"]) as img:
+            check_size(*img.size, max_pixels)
+            mode = img.mode
+            if channels == 3:
+                img = img.convert("RGB")
+            elif img.mode not in GRAY_MODES:
+                img = img.convert("L")  # luma, ITU-R 601-2
+            array = np.asarray(img)
+    except ValueError:
+        raise
+    except Exception as e:  # truncated or corrupt pixel data
+        raise ValueError(f"cannot read image: {type(e).__name__}: {e}") from e
+    return np.swapaxes(array, 0, 1), mode
+
+
+def nifti_header(head: bytes) -> dict:
+    """The fields of a single-file NIfTI-1 or NIfTI-2 header the bundle needs, or a ``ValueError``."""
+    for order in "<>":
+        if struct.unpack(order + "i", head[:4])[0] == 348 and len(head) >= 352:
+            if head[344:348] != b"n+1\0":
+                raise ValueError("cannot read image: a NIfTI header of a .hdr/.img pair, not a .nii file")
+            dims = struct.unpack(order + "8h", head[40:56])
+            code, bits = struct.unpack(order + "hh", head[70:74])
+            offset = struct.unpack(order + "f", head[108:112])[0]
+            return {
+                "version": 1,
+                "order": order,
+                "dims": dims,
+                "code": code,
+                "bits": bits,
+                "offset": offset,
+                "size": 348,
+            }
+        if struct.unpack(order + "i", head[:4])[0] == 540 and len(head) >= 544:
+            if head[4:8] != b"n+2\0":
+                raise ValueError("cannot read image: a NIfTI-2 header of a .hdr/.img pair, not a .nii file")
+            code, bits = struct.unpack(order + "hh", head[12:16])
+            dims = struct.unpack(order + "8q", head[16:80])
+            offset = struct.unpack(order + "q", head[168:176])[0]
+            return {
+                "version": 2,
+                "order": order,
+                "dims": dims,
+                "code": code,
+                "bits": bits,
+                "offset": offset,
+                "size": 540,
+            }
+    raise ValueError("cannot read image: its content is not a NIfTI header")
+
+
+def decode_nifti(data: bytes, name: str, max_pixels: int):
+    """A 2D NIfTI image (singleton dimensions dropped) as (W, H), from a copy holding its header, no extensions
+    and its pixels: the sizes, data type and offset it declares are checked before anything is decompressed."""
+    import nibabel as nib
+
+    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if name.lower().endswith(".gz") else io.BytesIO(data)
+    try:
+        head = stream.read(544)
+        header = nifti_header(head)
+        ndim, dims = header["dims"][0], header["dims"][1:]
+        if not 1 <= ndim <= 7:
+            raise ValueError(f"cannot read image: a NIfTI header declaring {ndim} dimensions")
+        shape = tuple(int(d) for d in dims[:ndim])
+        if any(d < 1 for d in shape):
+            raise ValueError(f"image of shape {shape} has no pixels")
+        if sum(d > 1 for d in shape) > 2:
+            raise ValueError(f"image of shape {shape} is not a 2D image (3D volume?): pass one 2D slice")
+        plane = [d for d in shape if d > 1] + [1, 1]
+        check_size(plane[0], plane[1], max_pixels)
+        dtype = NIFTI_TYPES.get(header["code"])
+        if dtype is None or np.dtype(dtype).itemsize * 8 != header["bits"]:
+            raise ValueError(f"cannot read image: NIfTI data type {header['code']} is not a supported gray type")
+        start, offset = header["size"] + 4, header["offset"]
+        if not (math.isfinite(offset) and start <= offset <= start + MAX_NIFTI_EXTENSIONS):
+            raise ValueError(f"cannot read image: a NIfTI header with pixels at offset {offset}")
+        offset = int(offset)
+        pixels = math.prod(shape) * np.dtype(dtype).itemsize
+        rest = stream.read(max(0, offset + pixels - len(head)))  # never more than the header says
+    except (OSError, EOFError, zlib.error, struct.error) as e:
+        raise ValueError(f"cannot read image: a corrupt NIfTI file ({type(e).__name__}: {e})") from e
+    body = (head + rest)[offset : offset + pixels]
+    if len(body) != pixels:
+        raise ValueError("cannot read image: a NIfTI file shorter than its header says")
+    clean = head[: header["size"]] + bytes(4 + offset - start) + body  # extension flag 0: nibabel reads none
+    kind = nib.Nifti1Image if header["version"] == 1 else nib.Nifti2Image
+    try:
+        array = np.asanyarray(kind.from_bytes(clean).dataobj, dtype=np.float32)
+    except Exception as e:
+        raise ValueError(f"cannot read image: {type(e).__name__}: {e}") from e
+    return array.reshape(plane[:2]), f"NIfTI {np.dtype(dtype).name}"
+
+
+def dicom_meta(data: bytes) -> tuple[str, int]:
+    """The transfer syntax UID of a DICOM file's meta information (group 2, explicit VR little endian) and where
+    that group ends."""
+    i, syntax = 132, ""
+    while i + 8 <= len(data) and data[i : i + 2] == b"\x02\x00":
+        element, vr = struct.unpack("<H", data[i + 2 : i + 4])[0], data[i + 4 : i + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            length, start = struct.unpack("<I", data[i + 8 : i + 12])[0], i + 12
+        else:
+            length, start = struct.unpack("<H", data[i + 6 : i + 8])[0], i + 8
+        if element == 0x0010:
+            syntax = data[start : start + length].rstrip(b"\0 ").decode("ascii", "replace")
+        i = start + length
+    return syntax, i
+
+
+def decode_dicom(data: bytes, channels: int, max_pixels: int):
+    """A single-frame DICOM image as a viewer shows it, as (W, H) (or (W, H, 3) of RGB), and its kind."""
+    import pydicom
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    syntax, end = dicom_meta(data)
+    if syntax == DEFLATED:  # pydicom inflates the whole dataset at once: bound it first
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            inflater.decompress(data[end:], MAX_FILE_BYTES)
+        except zlib.error as e:
+            raise ValueError(f"cannot read image: a corrupt deflated DICOM ({e})") from e
+        if inflater.unconsumed_tail:
+            raise ValueError(f"a deflated DICOM inflating to over {MAX_FILE_BYTES >> 20} MiB (a bomb?)")
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as e:
+        raise ValueError(f"cannot read image: not a readable DICOM file ({type(e).__name__}: {e})") from e
+    if "PixelData" not in ds:
+        what = getattr(ds.get("SOPClassUID"), "name", "") or "a DICOM object"
+        raise ValueError(f"it holds no image ({what}): pass DICOM images")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise ValueError(f"a multi-frame DICOM ({frames} frames): pass single-frame images")
+    rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    check_size(columns, rows, max_pixels)
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if samples not in (1, 3) or int(ds.get("BitsAllocated", 0)) not in (1, 8, 16, 32):
+        raise ValueError(f"cannot read image: a DICOM image of {samples} samples of {ds.get('BitsAllocated')} bits")
+    try:
+        array = ds.pixel_array
+    except Exception as e:
+        name = getattr(ds.file_meta.get("TransferSyntaxUID"), "name", syntax)
+        if isinstance(e, (NotImplementedError, RuntimeError)) and "plugin" in str(e).lower():
+            raise ValueError(f"cannot decode its transfer syntax {name}: {DICOM_DECODERS}") from e
+        raise ValueError(f"cannot read image: its pixel data ({name}): {type(e).__name__}: {e}") from e
+    if photometric == "PALETTE COLOR":
+        array = apply_color_lut(array, ds)
+    if array.ndim == 3:  # RGB (pydicom has converted YBR)
+        array = array.astype(np.float32)
+        gray = array @ np.array([0.299, 0.587, 0.114], np.float32)
+        array = array if channels == 3 else gray
+    else:
+        array = apply_voi_lut(apply_modality_lut(array, ds), ds, index=0).astype(np.float32)
+        if photometric == "MONOCHROME1":  # bright is low: inverted, as a viewer shows it
+            array = -array
+        if channels == 3:
+            array = np.repeat(array[..., None], 3, axis=-1)
+    bits = ds.get("BitsStored", ds.get("BitsAllocated"))
+    return np.swapaxes(array, 0, 1), f"DICOM {photometric} {bits}-bit"
+
+
+def read_image(path: str, channels: int = 1, max_pixels: int = MAX_PIXELS):
+    """The image file ``path`` as a float32 array, (W, H) for ``channels`` 1 (colour to luma) or (W, H, 3) for 3
+    (gray repeated), and its kind (``PNG L``, ``DICOM MONOCHROME2 16-bit``...); a ``ValueError`` saying why not."""
+    data = read_bytes(path)
+    kind = content_kind(path, data)
+    if kind in ("PNG", "JPEG"):
+        array, mode = decode_pillow(data, kind, channels, max_pixels)
+        mode = f"{kind} {mode}"
+    elif kind == "DICOM":
+        array, mode = decode_dicom(data, channels, max_pixels)
+    else:
+        array, mode = decode_nifti(data, path, max_pixels)
+    array = np.asarray(array, dtype=np.float32)
+    if channels == 3 and array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if not np.isfinite(array).all():
+        raise ValueError("image has values that are not finite numbers")
+    return array, mode
+
+
+class Unreadable:
+    """What :meth:`SafeImageReader.read` returns for a file it refuses: its reason, raised by ``get_data`` (MONAI's
+    ``LoadImage`` would fold an error raised while reading into a message of its own)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ValueError):
+        self.error = error
+
+
+class SafeImageReader(ImageReader):
+    """MONAI ``ImageReader`` of PNG, JPEG, 2D NIfTI and single-frame DICOM files through :func:`read_image`: one
+    channel (``channels`` 1: ``no_channel``) or RGB last (3), ``spatial_shape`` (W, H) and the file's ``mode``."""
+
+    def __init__(self, channels: int = 1, max_pixels: int = MAX_PIXELS):
+        super().__init__()
+        self.channels, self.max_pixels = int(channels), int(max_pixels)
+
+    def verify_suffix(self, filename) -> bool:
+        return all(image_suffix(str(f)) for f in ensure_tuple(filename))
+
+    def read(self, data, **kwargs):
+        paths = ensure_tuple(data)
+        try:
+            if len(paths) != 1:
+                raise ValueError(f"one file at a time, not {len(paths)}")
+            return read_image(str(paths[0]), self.channels, self.max_pixels)
+        except ValueError as e:
+            return Unreadable(e)
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        if isinstance(img, Unreadable):
+            raise img.error
+        array, mode = img
+        meta = {"original_channel_dim": "no_channel" if array.ndim == 2 else -1, "mode": mode}
+        meta["spatial_shape"] = np.asarray(array.shape[:2])
+        return array, meta
