@@ -104,7 +104,9 @@ class TrainingCheckpoints:
             score_name="val_acc",
             n_saved=1,
         )
-        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, best_model)
+        # on the evaluator once training starts: an evaluation that builds the trainer but never runs it (the Model
+        # Zoo's check_properties of train.json + evaluate.json) keeps its own metrics
+        trainer.add_event_handler(Events.STARTED, lambda _: self.watch(best_model))
         to_save = {**self.state, "trainer": trainer, "best_model": best_model, "settings": self.settings}
         if getattr(trainer, "scaler", None) is not None:
             to_save["scaler"] = trainer.scaler  # CUDA AMP gradient scaler
@@ -123,6 +125,10 @@ class TrainingCheckpoints:
                 load.pop("best_model")
             CheckpointLoader(self.resume_from, load, map_location="cpu").attach(trainer)
             trainer.add_event_handler(Events.STARTED, self.remove_older)
+
+    def watch(self, best_model: Checkpoint) -> None:
+        if not self.evaluator.has_event_handler(best_model, Events.EPOCH_COMPLETED):
+            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, best_model)
 
     def remove_older(self, trainer: Engine) -> None:
         """Remove the checkpoints older than the one resumed from (a kill after saving can leave two)."""

@@ -255,3 +255,79 @@ def test_calibrate_an_already_trained_model(trained, mednist, tmp_path):
     original = json.loads((trained / "models" / "calibration.json").read_text())
     assert fitted["temperature"] == pytest.approx(original["temperature"], rel=1e-4)  # what training's last step fits
     assert fitted["feature_threshold"] == pytest.approx(original["feature_threshold"], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"feature_threshold": float("nan")}, "feature_threshold nan is not a finite number"),
+        ({"energy_threshold": float("inf")}, "energy_threshold inf is not a finite number"),
+        ({"temperature": 1e-320}, "temperature 1e-320 is not in [0.01, 100.0]"),
+        ({"temperature": "hot"}, "temperature 'hot' is not a finite number"),
+        ({"weights_sha256": 5}, "it names no weights_sha256"),
+    ],
+)
+def test_calibration_values_that_make_no_sense_are_refused(change, message, tmp_path):
+    """A NaN threshold would turn the out-of-distribution flag off, a temperature of 1e-320 give NaN confidences:
+    each value is checked for sense when read, in one message."""
+    training, validation = gaussian_classes(300, 16, seed=1), gaussian_classes(300, 16, seed=2)
+    path = tmp_path / "calibration.json"
+    Calibration.fit(validation, training, weights="w" * 64).save(str(path))
+    saved = json.loads(path.read_text())
+    saved.update(change)
+    path.write_text(json.dumps(saved))
+    with bundle_error(message):
+        Calibration.load(str(path), 6, 16)
+
+
+def test_calibration_arrays_declaring_more_are_refused_from_their_headers(tmp_path):
+    """A 1 MB calibration.npz declaring a 16,384-square precision matrix (deflated zeros), bound to its JSON as an
+    attacker can bind it: refused before its values are inflated (np.savez stores arrays; their headers must give
+    the model's shapes), in a process limited to 3 GiB of address space; ``numpy.load`` alone (the control)
+    allocates it and fails within 1 GiB."""
+    import io
+    import subprocess
+    import sys
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    from conftest import BUNDLE
+
+    training, validation = gaussian_classes(300, 16, seed=1), gaussian_classes(300, 16, seed=2)
+    path = tmp_path / "calibration.json"
+    Calibration.fit(validation, training, weights="w" * 64).save(str(path))
+    side, header, means = 16384, io.BytesIO(), io.BytesIO()
+    npy.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (side, side)})
+    with zipfile.ZipFile(tmp_path / "calibration.npz", "w", zipfile.ZIP_DEFLATED, compresslevel=4) as zf:
+        np.save(means, np.zeros((6, 1024), np.float32))
+        zf.writestr("means.npy", means.getvalue(), compress_type=zipfile.ZIP_STORED)
+        with zf.open("precision.npy", "w", force_zip64=True) as f:  # streamed: never the 2 GiB in memory
+            f.write(header.getvalue())
+            block, left = bytes(64 << 20), side * side * 4
+            while left:
+                f.write(block[: min(len(block), left)])
+                left -= min(len(block), left)
+    assert (tmp_path / "calibration.npz").stat().st_size < 2 << 20
+    saved = json.loads(path.read_text())
+    saved["arrays_sha256"] = hashlib.sha256((tmp_path / "calibration.npz").read_bytes()).hexdigest()
+    path.write_text(json.dumps(saved))
+    limited = "import resource; resource.setrlimit(resource.RLIMIT_AS, ({gib} << 30, {gib} << 30))\n"
+    guarded = f"""{limited.format(gib=3)}import sys
+sys.path.insert(0, {BUNDLE!r})
+from scripts.calibration import Calibration
+try:
+    Calibration.load({str(path)!r}, 6, 1024)
+except ValueError as e:
+    print("refused:", e.problem)
+"""
+    control = f"""{limited.format(gib=1)}import numpy
+try:
+    numpy.load({str(tmp_path / 'calibration.npz')!r})["precision"]
+except MemoryError:
+    print("MemoryError")
+"""
+    proc = subprocess.run([sys.executable, "-c", guarded], capture_output=True, text=True, timeout=120)
+    assert "its precision is compressed (np.savez stores arrays)" in proc.stdout, proc.stderr
+    proc = subprocess.run([sys.executable, "-c", control], capture_output=True, text=True, timeout=120)
+    assert "MemoryError" in proc.stdout + proc.stderr

@@ -151,3 +151,35 @@ def test_without_fcntl_a_run_goes_on_unlocked_and_touches_no_other_runs_files(tm
     monkeypatch.setattr(os, "name", "nt")
     monkeypatch.setattr(os, "kill", lambda *args: pytest.fail("os.kill would end the process on Windows"))
     assert remove_stale(str(tmp_path), ".MedNIST-download-") == []
+
+
+def test_a_run_removes_only_the_temporary_files_of_writers_that_are_gone(trained, tmp_path):
+    """Taking a folder removes ``.tmp-<pid>-*`` files whose process is gone, never a live writer's (inference's
+    clean-up deleted a running export's file); exports and calibration take the folder's lock themselves."""
+    from scripts.export import export
+    from scripts.files import FolderLock
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    writer = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        dead, live = tmp_path / f".tmp-{gone.stdout.strip()}-a.pt", tmp_path / f".tmp-{writer.pid}-b.pt2"
+        for path in (dead, live):
+            path.write_bytes(b"partial")
+        FolderLock([str(tmp_path)]).acquire().release()
+        assert live.exists() and not dead.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from scripts.files import FolderLock; "
+         f"FolderLock([{str(tmp_path)!r}]).acquire(); print('held', flush=True); sys.stdin.read()"],
+        cwd=BUNDLE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with bundle_error(f"{tmp_path} is in use by another run"):
+            export("pt2", str(trained / "models" / "model.pt"), str(tmp_path / "model.pt2"))
+        assert not (tmp_path / "model.pt2").exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -52,6 +52,7 @@ from monai.bundle import ConfigParser
 bundle = sys.argv[1]
 parser = ConfigParser()
 parser.read_config(os.path.join(bundle, "configs", "inference.json"))
+parser.read_meta(os.path.join(bundle, "configs", "metadata.json"))
 with open(os.path.join(bundle, "large_files.yml")) as f:
     large = yaml.safe_load(f)
 for entry in large["large_files"]:  # each published file stood in by a local one of the same kind

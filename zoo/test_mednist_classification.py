@@ -94,6 +94,7 @@ class TestMedNISTClassification(unittest.TestCase):
         os.makedirs(models)
         parser = ConfigParser()  # weights of the bundle's network, as the Zoo's verify_bundle.py makes them
         parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
+        parser.read_meta(os.path.join(BUNDLE_ROOT, "configs", "metadata.json"))
         torch.save(parser.get_parsed_content("network_def").state_dict(), os.path.join(models, "model.pt"))
         images = os.path.join(self.dataset_dir, "MedNIST", "Hand")
         override = {**TEST_CASE_INFER, "input": images, "output_dir": self.output_dir, "ckpt_dir": models}

@@ -1,0 +1,217 @@
+"""Image files (scripts.images): each kind read as the bundle's one reader reads it, DICOM as a viewer shows it,
+and files that declare more than the bundle needs refused from their headers, quickly and in little memory."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import struct
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import BUNDLE, class_image, infer, write_dicom
+from scripts.images import read_image
+
+
+@pytest.fixture(scope="module")
+def picture():
+    """A MedNIST-like 64 x 64 gray image (uint8) and the array the bundle reads from its PNG (W, H)."""
+    gray = class_image(4, np.random.default_rng(0))
+    return gray, gray.T.astype(np.float32)
+
+
+def test_each_kind_reads_to_the_same_pixels(picture, tmp_path):
+    gray, expected = picture
+    Image.fromarray(gray).save(tmp_path / "a.png")
+    Image.fromarray(gray).convert("RGB").save(tmp_path / "rgb.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    nib.save(nib.Nifti1Image(gray.T.astype(np.float32), np.eye(4)), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti2Image(gray.T[..., None].astype(np.int16), np.eye(4)), tmp_path / "b.nii")
+    write_dicom(tmp_path / "a.dcm", gray)
+    write_dicom(tmp_path / "noext", gray)
+    for name in ("a.png", "rgb.png", "a.nii.gz", "b.nii", "a.dcm", "noext"):
+        array, kind = read_image(str(tmp_path / name))
+        assert array.shape == (64, 64) and np.array_equal(array, expected), (name, kind)
+    assert np.array_equal(read_image(str(tmp_path / "g16.png"))[0], expected * 257)
+    rgb, _ = read_image(str(tmp_path / "a.png"), channels=3)
+    assert rgb.shape == (64, 64, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+
+
+@pytest.mark.parametrize(
+    "encoding", ["8-bit", "16-bit rescaled and windowed", "MONOCHROME1", "RLE", "deflated", "no suffix"]
+)
+def test_dicom_is_read_as_a_viewer_shows_it(encoding, picture, tmp_path):
+    """The modality LUT, then the window, MONOCHROME1 inverted: after the bundle's min-max scaling, the same
+    pixels as the 8-bit rendering (within the rounding of an 8-bit display)."""
+    from scripts.images import DEFLATED
+
+    gray, expected = picture
+    path = tmp_path / ("image" if encoding == "no suffix" else "image.dcm")
+    if encoding == "16-bit rescaled and windowed":
+        center, width = 40.0, 400.0  # a soft-tissue window; air and bone far outside it
+        hu = gray.astype(np.float64) / 255 * width + center - width / 2
+        stored = np.round(hu + 1024).astype(np.uint16)
+        stored[:4], stored[-4:] = 0, 3000  # outside the window: shown black and white
+        write_dicom(path, stored, RescaleSlope=1.0, RescaleIntercept=-1024.0, WindowCenter=center, WindowWidth=width)
+        display = np.clip(gray.astype(np.float64), 0, 255)
+        display[:4], display[-4:] = 0, 255
+        expected = display.T.astype(np.float32)
+    elif encoding == "MONOCHROME1":
+        write_dicom(path, 255 - gray, photometric="MONOCHROME1")
+    else:
+        syntax = {"RLE": "1.2.840.10008.1.2.5", "deflated": DEFLATED}.get(encoding)
+        write_dicom(path, gray, syntax=syntax)
+    array, kind = read_image(str(path))
+
+    def scaled(x):  # as the bundle's ScaleIntensityd does
+        return (x - x.min()) / (x.max() - x.min())
+
+    assert kind.startswith("DICOM") and np.abs(scaled(array) - scaled(expected)).max() < 0.01, kind
+
+
+def test_dicom_without_one_image_gets_its_reason(picture, tmp_path):
+    gray, _ = picture
+    write_dicom(tmp_path / "frames.dcm", np.stack([gray, gray]), NumberOfFrames=2)
+    write_dicom(tmp_path / "report.dcm", None)
+    write_dicom(tmp_path / "jpegls.dcm", gray, syntax="1.2.840.10008.1.2.4.80", encapsulate=True)
+    reasons = {}
+    for name in ("frames.dcm", "report.dcm", "jpegls.dcm"):
+        with pytest.raises(ValueError) as err:
+            read_image(str(tmp_path / name))
+        reasons[name] = str(err.value)
+    assert "a multi-frame DICOM (2 frames)" in reasons["frames.dcm"]
+    assert "it holds no image" in reasons["report.dcm"]
+    assert "JPEG-LS" in reasons["jpegls.dcm"] and "pip install pylibjpeg" in reasons["jpegls.dcm"]
+
+
+def nifti_with_extensions(size: int, count: int) -> bytes:
+    """A gzipped NIfTI-1 of a 64 x 64 slice whose header announces ``count`` extensions of ``size`` bytes each
+    (they compress to almost nothing): what nibabel reads in full."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((64, 64))
+    header.set_data_dtype(np.uint8)
+    raw = bytearray(header.binaryblock)
+    offset = 352 + count * size
+    raw[108:112] = struct.pack("<f", float(offset))
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1) as f:
+        f.write(bytes(raw) + b"\x01\0\0\0")
+        for _ in range(count):
+            f.write(struct.pack("<ii", size, 4))  # the extension's size counts these 8 bytes
+            for _ in range(size // (8 << 20) - 1):
+                f.write(b"x" * (8 << 20))  # not zeros: nibabel strips a trailing null padding
+            f.write(b"x" * ((8 << 20) - 8))
+        f.write(bytes(64 * 64))
+    return out.getvalue()
+
+
+def progressive_jpeg_with_scans(scans: int) -> bytes:
+    """A small progressive JPEG with its scans repeated to ``scans`` (each decodes the whole picture again)."""
+    buffer = io.BytesIO()
+    Image.fromarray(class_image(0, np.random.default_rng(0))).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last = data.rindex(b"\xff\xda")
+    return data[:last] + data[last:-2] * (scans - data.count(b"\xff\xda") + 1) + b"\xff\xd9"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak memory read from /proc")
+def test_files_declaring_more_than_the_bundle_needs_are_refused_at_once(tmp_path):
+    """Bombs under every size limit: a NIfTI of 2 MB whose header extensions declare 512 MiB, a progressive JPEG
+    of 20,000 scans, a PNG of 60,000 x 60,000 pixels, a NIfTI of shape (0, 64): each refused from its header in a
+    fresh process whose peak memory (VmHWM, which exec resets) stays under 1 GiB, in under 5 s; nibabel alone
+    (the control) reads the extensions in full."""
+    (tmp_path / "ext.nii.gz").write_bytes(nifti_with_extensions(64 << 20, 8))
+    (tmp_path / "scans.jpg").write_bytes(progressive_jpeg_with_scans(20_000))
+    png = io.BytesIO()
+    Image.new("1", (1, 1)).save(png, "PNG")
+    data = png.getvalue()
+    ihdr = b"IHDR" + struct.pack(">II", 60_000, 60_000) + data[24:29]
+    (tmp_path / "wide.png").write_bytes(data[:8] + struct.pack(">I", 13) + ihdr + struct.pack(">I", 0) + data[33:])
+    nib.save(nib.Nifti1Image(np.zeros((0, 64), np.float32), np.eye(4)), tmp_path / "empty.nii")
+    assert os.path.getsize(tmp_path / "ext.nii.gz") < 3 << 20
+    code = f"""
+import json, sys, time
+sys.path.insert(0, {BUNDLE!r})
+from scripts.images import read_image
+out = {{}}
+for name in ("ext.nii.gz", "scans.jpg", "wide.png", "empty.nii"):
+    start = time.monotonic()
+    try:
+        read_image({str(tmp_path)!r} + "/" + name)
+        out[name] = ["read", 0]
+    except ValueError as e:
+        out[name] = [str(e), time.monotonic() - start]
+out["peak_mib"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    import json
+
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert "with pixels at offset" in out["ext.nii.gz"][0]
+    assert "more than 100 scans" in out["scans.jpg"][0]
+    assert "over the 25,000,000 limit" in out["wide.png"][0]
+    assert "has no pixels" in out["empty.nii"][0]
+    assert all(out[n][1] < 5 for n in ("ext.nii.gz", "scans.jpg", "wide.png", "empty.nii"))
+    assert out["peak_mib"] < 1024, out
+    control = f"""
+import nibabel
+image = nibabel.load({str(tmp_path / 'ext.nii.gz')!r})
+print(len(image.header.extensions), sum(len(e.get_content()) for e in image.header.extensions) >> 20)
+"""
+    proc = subprocess.run([sys.executable, "-c", control], capture_output=True, text=True, timeout=300)
+    extensions, mib = map(int, proc.stdout.split())
+    assert extensions == 8 and mib >= 511, proc.stdout  # nibabel read the 512 MiB the header declared
+
+
+def test_every_bad_input_costs_its_own_row(trained, mednist, tmp_path, monkeypatch):
+    """A NIfTI of shape (0, 64), a 250-character file name with pictures on, file names a spreadsheet would take
+    for a formula or MONAI for an expression, given in an input list (never evaluated): each good image is
+    predicted, each bad one gets its row, and no cell of predictions.csv is a formula."""
+    import csv
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    hand = os.path.join(mednist, "MedNIST", "Hand", "000000.jpeg")
+    names = ["h" * 245 + ".jpeg", "=HYPERLINK(1).jpeg", "$__import__('os').jpeg", "+1.jpeg"]
+    for name in names:
+        shutil.copy(hand, folder / name)
+    nib.save(nib.Nifti1Image(np.zeros((0, 64), np.float32), np.eye(4)), folder / "empty.nii")
+    (tmp_path / "inputs.txt").write_text(
+        "# one path a line\n" + "\n".join(["in/empty.nii", *(f"in/{n}" for n in names)])
+    )
+    infer(trained, tmp_path / "out", None, input_list=tmp_path / "inputs.txt", visualize="true")
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        rows = {os.path.basename(r["path"]): r for r in csv.DictReader(f)}
+    assert "has no pixels" in rows["empty.nii"]["error"] and len(rows) == 5
+    for name in names:
+        assert rows[name]["label"] == "Hand" and not rows[name]["error"], name
+    pictures = sorted(os.listdir(tmp_path / "out" / "visualizations"))
+    assert len(pictures) == 4 and max(map(len, pictures)) <= len("0000_") + 40 + len(".png")
+    monkeypatch.chdir(folder)  # relative paths: the cells start with the names
+    infer(trained, tmp_path / "rel", [names[1], names[3]])  # (a name starting with $ MONAI would evaluate)
+    with open(tmp_path / "rel" / "predictions.csv", newline="") as f:
+        cells = [r["path"] for r in csv.DictReader(f)]
+    assert cells == ["'=HYPERLINK(1).jpeg", "'+1.jpeg"]
+
+
+def test_an_empty_folder_and_a_symlink_loop(trained, tmp_path):
+    from scripts.inputs import find_inputs
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "loop" / "a").mkdir(parents=True)
+    os.symlink("..", tmp_path / "loop" / "a" / "up")
+    Image.fromarray(class_image(1, np.random.default_rng(0))).save(tmp_path / "loop" / "a" / "x.png")
+    start = time.monotonic()
+    found = find_inputs(f"{tmp_path}/loop/**/*.png")
+    assert [d["path"] for d in found] == [f"{tmp_path}/loop/a/x.png"] and time.monotonic() - start < 5
+    (item,) = find_inputs(str(tmp_path / "empty"))
+    assert item["error"].startswith("the folder holds no images of the accepted kinds")
