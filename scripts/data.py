@@ -157,18 +157,19 @@ class ImageData:
                 )
         if not rows:
             raise BundleError(f"--datalist {self.datalist} lists no images.", "add rows of image,label.")
+        folder = os.path.dirname(os.path.abspath(self.datalist))
+        missing = [r["image"] for r in rows if not os.path.isfile(os.path.join(folder, r["image"]))]
+        if missing:
+            raise BundleError(
+                f"--datalist {self.datalist} names {len(missing)} file(s) that do not exist, e.g. {missing[0]}.",
+                "fix the paths (relative to the CSV's folder, or absolute) or delete their rows.",
+            )
         return rows
 
     def csv_items(self) -> tuple[list[dict], list[str] | None]:
         """The CSV's items (paths as given, relative to its folder) and their splits (None without the column)."""
         labels = {c: i for i, c in enumerate(self.classes)}
         items = [{"image": r["image"], "label": labels[r["label"]]} for r in self.rows]
-        missing = [d["image"] for d in items if not os.path.isfile(os.path.join(self.root, d["image"]))]
-        if missing:
-            raise BundleError(
-                f"--datalist {self.datalist} names {len(missing)} file(s) that do not exist, e.g. {missing[0]}.",
-                "fix the paths (relative to the CSV's folder, or absolute) or delete their rows.",
-            )
         splits = [r["split"] for r in self.rows] if "split" in self.rows[0] else None
         return items, splits
 
