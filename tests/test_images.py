@@ -215,3 +215,43 @@ def test_an_empty_folder_and_a_symlink_loop(trained, tmp_path):
     assert [d["path"] for d in found] == [f"{tmp_path}/loop/a/x.png"] and time.monotonic() - start < 5
     (item,) = find_inputs(str(tmp_path / "empty"))
     assert item["error"].startswith("the folder holds no images of the accepted kinds")
+
+
+def test_dicom_and_its_rendering_get_the_same_prediction(trained, mednist, tmp_path):
+    """Each MedNIST-like JPEG and its DICOM encodings (8-bit, 16-bit rescaled with a window that renders to the
+    JPEG's pixels, MONOCHROME1, RLE, without suffix) in one inference folder, and as an --eval_dir: the same label
+    and probabilities within an 8-bit rendering's rounding."""
+    import csv
+
+    from conftest import CLASSES, evaluate
+
+    folder, pairs = tmp_path / "in", {}
+    folder.mkdir()
+    for cls in ("Hand", "HeadCT", "CXR"):
+        source = os.path.join(mednist, "MedNIST", cls, "000003.jpeg")
+        gray = np.asarray(Image.open(source))
+        os.symlink(source, folder / f"{cls}.jpeg")
+        names = [f"{cls}_8bit.dcm", f"{cls}_mono1.dcm", f"{cls}_rle.dcm", f"{cls}_nosuffix", f"{cls}_ct16.dcm"]
+        write_dicom(folder / names[0], gray)
+        write_dicom(folder / names[1], 255 - gray, photometric="MONOCHROME1")
+        write_dicom(folder / names[2], gray, syntax="1.2.840.10008.1.2.5")
+        write_dicom(folder / names[3], gray)
+        stored = np.round(gray.astype(np.float64) / 255 * 400 + 40 - 200 + 1024).astype(np.uint16)
+        write_dicom(folder / names[4], stored, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
+        pairs[f"{cls}.jpeg"] = names
+    infer(trained, tmp_path / "out", folder)
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        rows = {os.path.basename(r["path"]): r for r in csv.DictReader(f)}
+    for jpeg, names in pairs.items():
+        expected = np.array([float(rows[jpeg][c]) for c in CLASSES])
+        for name in names:
+            assert rows[name]["error"] == "" and rows[name]["label"] == rows[jpeg]["label"], name
+            got = np.array([float(rows[name][c]) for c in CLASSES])
+            assert np.abs(got - expected).max() < (0.02 if "ct16" in name else 1e-5), name
+    eval_dir = tmp_path / "eval" / "Hand"
+    eval_dir.mkdir(parents=True)
+    for name in pairs["Hand.jpeg"]:
+        os.link(folder / name, eval_dir / name)
+    evaluate(trained, tmp_path / "metrics", eval_dir=tmp_path / "eval", dataset_dir=mednist)
+    with open(tmp_path / "metrics" / "predictions.csv") as f:
+        assert {r["label"] for r in csv.DictReader(f)} == {rows["Hand.jpeg"]["label"]}
