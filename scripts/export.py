@@ -19,7 +19,7 @@ import torch
 from .calibration import calibration_for
 from .config import CONFIGS
 from .errors import BundleError
-from .files import FolderLock, fsync_folder, temporary_path
+from .files import FolderLock, fsync_folder, temporary_folder
 from .model_file import FORMAT_FILE, ModelDescription, load_model
 from .programs import write_onnx, write_pt2
 
@@ -79,7 +79,8 @@ def export(kind: str, ckpt_path: str = "models/model.pt", out: str | None = None
         calibration = calibration_for(str(ckpt_path), network, len(description.classes))
         carried = json.dumps(calibration.to_json()) if calibration.fitted else None
         logger.info(f"exporting {ckpt_path} to {out} ({kind}): tracing, writing, then loading it back to compare")
-        tmp = temporary_path(folder, suffix)
+        staging = temporary_folder(folder)  # a folder of its own: the archive inside is named as the file will be
+        tmp = os.path.join(staging, os.path.basename(out))
         try:
             if kind == "pt2":
                 write_pt2(network, tmp, description.image_size, carried)
@@ -99,8 +100,7 @@ def export(kind: str, ckpt_path: str = "models/model.pt", out: str | None = None
             os.replace(tmp, out)
             fsync_folder(folder)
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            shutil.rmtree(staging, ignore_errors=True)
     finally:
         lock.release()
     logger.info(f"exported {ckpt_path} to {out} (largest logit difference {gap:.2g})")

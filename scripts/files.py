@@ -51,6 +51,12 @@ def temporary_path(folder: str, suffix: str = "") -> str:
     return path
 
 
+def temporary_folder(folder: str) -> str:
+    """A new ``.tmp-<pid>-*`` folder in ``folder``: removed by :func:`remove_stale` once this process is gone."""
+    os.makedirs(folder, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=folder)
+
+
 def atomic_write(path: str, write, mode: str = "w") -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it over ``path``: ``path``
     is always the old complete file or the new one, even across a power cut."""
