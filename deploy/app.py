@@ -90,7 +90,9 @@ class BundleInference(MonaiBundleInferenceOperator):
 
     def post_process(self, data: Any, *args, **kwargs):
         out = super().post_process(data, *args, **kwargs)
-        self.confidence = float(out["probabilities"].max()) if isinstance(out, dict) and "probabilities" in out else None
+        self.confidence = (
+            float(out["probabilities"].max()) if isinstance(out, dict) and "probabilities" in out else None
+        )
         return out
 
     def compute(self, op_input, op_output, context):

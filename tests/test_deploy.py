@@ -47,7 +47,16 @@ def test_the_deploy_app_labels_as_the_bundle_does(trained, mednist, tmp_path):
         expected = {os.path.basename(r["path"]): r["label"] for r in csv.DictReader(f) if not r["error"]}
     assert len(expected) == 12
     for model, out in ((bundle / "models" / "model.ts", tmp_path / "ts"), (bundle, tmp_path / "folder")):
-        cmd = [sys.executable, os.path.join(BUNDLE, "deploy", "app.py"), "-i", str(inputs), "-o", str(out), "-m", str(model)]
+        cmd = [
+            sys.executable,
+            os.path.join(BUNDLE, "deploy", "app.py"),
+            "-i",
+            str(inputs),
+            "-o",
+            str(out),
+            "-m",
+            str(model),
+        ]
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         rows = json.loads((out / "summary.json").read_text())["images"]
