@@ -1,5 +1,6 @@
-"""Report the compute device: versions, each GPU, a timed matrix product, autocast support and, on a CPU,
-whether bf16 is faster than fp32 (training's ``--cpu_bf16 auto`` probe). Fails only with ``--require_gpu``.
+"""Report the compute device: versions, each GPU, a timed matrix product, autocast support and, on a
+CPU, the bf16 probe's speed and the precision ``--cpu_bf16 auto`` gives training, with its evidence. Fails only
+with ``--require_gpu``.
 
     python -m scripts.check_gpu [--require_gpu true] [--size 2048]
 """
@@ -14,7 +15,7 @@ import fire
 import torch
 
 from .checks import as_bool
-from .precision import BF16_MIN_SPEEDUP, bf16_speedup
+from .precision import Processor, bf16_speedup, decide, timed_ratios
 
 
 def _timed_matmul(device: torch.device, size: int, dtype=torch.float32) -> float:
@@ -57,12 +58,12 @@ def check_gpu(require_gpu: bool = False, size: int = 2048) -> None:
         return
     print(f"No CUDA GPU is available: training runs on the CPU ({torch.get_num_threads()} threads).")
     print(f"  CPU matmul {size}x{size} fp32: {_timed_matmul(torch.device('cpu'), size):.1f} GFLOP/s")
-    speedup = bf16_speedup()
-    fast = "faster: training uses bf16" if speedup >= BF16_MIN_SPEEDUP else "not faster: training uses fp32"
+    bf16, evidence = decide(Processor.here(), timed_ratios)
     print(f"  CPU bf16 autocast: {_autocast_works('cpu', torch.bfloat16)}")
     print(
-        f"  CPU bf16 speed: a training step ran {speedup:.2f}x as fast as fp32 on this "
-        f"{torch.backends.cpu.get_cpu_capability()} CPU, {fast} (--cpu_bf16 auto)"
+        f"  CPU bf16 speed: a training step ran {bf16_speedup():.2f}x as fast as fp32 on this "
+        f"{torch.backends.cpu.get_cpu_capability()} CPU; training uses {'bf16' if bf16 else 'fp32'} "
+        f"(--cpu_bf16 auto, {evidence})"
     )
     print(
         "To use an NVIDIA GPU, install a CUDA build of torch that matches your driver, e.g.\n"
