@@ -42,14 +42,20 @@ def test_benchmark_measures_training_and_inference_against_the_bare_network(medn
         assert f"{kind}_of_bare: {run[f'{kind}_of_bare']:.0%} (target >= " in proc.stdout
     assert report["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()
     assert f"{report['machine']['capability']}, {os.cpu_count()} cores" in proc.stdout
-    assert "precision: fp32, batch 8, " in proc.stdout and "round 1/1: training" in proc.stdout
+    assert "precision: fp32 (--cpu_bf16 false), batch 8, " in proc.stdout and "round 1/1: training" in proc.stdout
 
 
 def test_benchmark_bad_arguments(mednist, tmp_path):
     from tools.benchmark import benchmark
 
-    with pytest.raises(SystemExit, match="--repeats must be at least 1"):
+    with pytest.raises(SystemExit, match="--repeats must be a whole number of at least 1, got 0"):
         benchmark(dataset_dir=mednist, repeats=0, out=str(tmp_path / "b.json"))
+    with pytest.raises(SystemExit, match="--load must be a whole number of at least 0, got -1"):
+        benchmark(dataset_dir=mednist, load=-1, out=str(tmp_path / "b.json"))
+    with pytest.raises(SystemExit, match="--decisions must be a whole number of at least 0, got 'x'"):
+        benchmark(decisions="x", out=str(tmp_path / "b.json"))
+    with pytest.raises(SystemExit, match="--dataset_dir is missing"):
+        benchmark(out=str(tmp_path / "b.json"))
     with pytest.raises(SystemExit, match="no key batch_sise in configs/train.json"):
         benchmark(dataset_dir=mednist, out=str(tmp_path / "b.json"), batch_sise=8)
     shutil.copytree(mednist, tmp_path / "data")

@@ -1,7 +1,9 @@
 """Measure the bundle's training and inference against its bare network on this machine.
 
     python -m tools.benchmark --dataset_dir /path/holding/MedNIST [--num_images 2048] [--repeats 3]
-                                [--per_sample false] [--choices false] [--out outputs/benchmark.json] [--train_json_key value]
+                                [--per_sample false] [--choices false] [--load 0] [--out outputs/benchmark.json]
+                                [--train_json_key value]
+    python -m tools.benchmark --decisions 20 [--load 1] [--probe_only false] [--out outputs/decisions.json]
 
 Developer tooling, run from the repository root (not part of the bundle's release). Each round runs in a fresh
 process and interleaves each bundle iteration with one bare step, so that the machine's drift touches both
@@ -24,6 +26,12 @@ the default is from the best choice here.
 With ``--per_sample true``, each round also times configs/per_sample.json, the original project's pipeline
 (MONAI's per-sample transforms on each decoded JPEG, batch 4 x 2, fp32), over the same images. The table gives
 each figure's median over the rounds. Extra ``--key value`` pairs override train.json (not per_sample.json).
+
+With ``--load N``, N competing CPU-bound processes (a Python loop each) run beside every round, started and
+stopped by the benchmark: a busy machine, repeatable. Thread settings come from the environment
+(``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY``), which each round's process inherits.
+With ``--decisions N``, N fresh processes each make ``--cpu_bf16 auto``'s decision (with ``--probe_only true``,
+the probe's alone, as on a processor whose flags cannot be read) and the table counts their picks and times.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from scripts.errors import BundleError
 from scripts.files import remove_stale
 
 TARGETS = {"training_of_bare": 0.95, "inference_of_bare": 0.80}
+BENCHMARK, DECISIONS = "outputs/benchmark.json", "outputs/decisions.json"
 CHOICE_IMAGES = 384  # images timed for each choice, after two warm-up steps
 
 
@@ -186,7 +195,9 @@ def _measure(dataset_dir: str, num_images: int, overrides: dict) -> dict:
     parser.update({"cache#data#training": "@bench_train", "cache#data#validation": "@bench_val"})
     batch = parser.get_parsed_content("batch_size")
     result = {"bf16_speedup": round(bf16_speedup(), 2), "batch": batch, "threads": torch.get_num_threads()}
-    result["precision"] = "bf16" if parser.get_parsed_content("precision").decide() else "fp32"
+    precision = parser.get_parsed_content("precision")
+    result["precision"] = "bf16" if precision.decide() else "fp32"
+    result["precision_evidence"] = precision.evidence
     bare_step = training_step(_parser(["train.json"], work, dataset_dir, num_images, overrides))
     root = parser.get_parsed_content("data").root
     parser.get_parsed_content("data").prepare()
@@ -254,6 +265,53 @@ def _measure_per_sample(dataset_dir: str, num_images: int) -> dict:
     return {"per_sample_training_img_per_s": round(rate(times, 0, batch), 1)}
 
 
+def _measure_decision(dataset_dir: str, num_images: int, overrides: dict) -> dict:
+    """One ``--cpu_bf16 auto`` decision in this fresh process, timed; the probe's alone with ``probe_only``."""
+    import torch
+
+    from scripts.precision import Processor, decide, timed_ratios
+
+    processor = Processor.here()
+    if overrides.get("probe_only"):
+        processor = Processor(None, processor.capability, processor.onednn_isa)
+    start = time.perf_counter()
+    bf16, evidence = decide(processor, timed_ratios)
+    seconds = time.perf_counter() - start
+    return {"bf16": bf16, "evidence": evidence, "seconds": round(seconds, 3), "threads": torch.get_num_threads()}
+
+
+def competitors(count: int) -> list:
+    """``count`` CPU-bound processes, stopped when this one exits (also by a plain kill)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(int(count))]
+    atexit.register(lambda: [p.kill() for p in procs])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return procs
+
+
+def count_decisions(count: int, probe_only: bool, load: int, out: str) -> None:
+    """``count`` fresh processes' ``--cpu_bf16 auto`` decisions: the picks, their evidence and times."""
+    import torch
+
+    competitors(load)
+    runs = [_run_one("decision", "", 0, {"probe_only": probe_only}) for _ in range(int(count))]
+    for i, run in enumerate(runs):
+        print(f"{i + 1}: {'bf16' if run['bf16'] else 'fp32'} in {run['seconds']:.2f} s ({run['evidence']})")
+    picks = sum(run["bf16"] for run in runs)
+    seconds = sorted(run["seconds"] for run in runs)
+    print(
+        f"{torch.backends.cpu.get_cpu_capability()} ({cpu_name()}), {load} competing process(es)"
+        f"{', probe only' if probe_only else ''}: bf16 in {picks} of {count}, fp32 in {count - picks}; decision "
+        f"{statistics.median(seconds):.2f} s (median), {seconds[-1]:.2f} s (longest)"
+    )
+    _save(out, {"load": load, "probe_only": probe_only, "bf16_picks": picks, "runs": runs})
+
+
+def _save(out: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+
+
 def _scratch() -> str:
     """A scratch folder removed at exit, also by a plain kill; a killed benchmark's folders are removed first."""
     os.chdir(BUNDLE)
@@ -284,24 +342,34 @@ def _median(values: list):
 
 
 def benchmark(
-    dataset_dir: str,
+    dataset_dir: str = "",
     num_images: int = 2048,
     repeats: int = 3,
     per_sample: bool = False,
     choices: bool = False,
-    out: str = "outputs/benchmark.json",
+    load: int = 0,
+    decisions: int = 0,
+    probe_only: bool = False,
+    out: str = "",
     _one: str = "",
     **overrides,
 ) -> None:
     """Run ``repeats`` rounds, print each round and the medians against the targets, save them as JSON."""
     if _one:
-        measure = {"bundle": _measure, "choices": _measure_choices}.get(_one, lambda d, n, o: _measure_per_sample(d, n))
+        measure = {"bundle": _measure, "choices": _measure_choices, "decision": _measure_decision}.get(
+            _one, lambda d, n, o: _measure_per_sample(d, n)
+        )
         print("RESULT " + json.dumps(measure(dataset_dir, num_images, overrides)), flush=True)
         return
     import torch
 
-    if int(repeats) < 1:
-        sys.exit(f"ERROR: --repeats must be at least 1, got {repeats!r}.")
+    for name, value, least in (("repeats", repeats, 1), ("load", load, 0), ("decisions", decisions, 0)):
+        if not isinstance(value, int) or value < least:
+            sys.exit(f"ERROR: --{name} must be a whole number of at least {least}, got {value!r}.")
+    if decisions:
+        return count_decisions(decisions, str(probe_only).lower() in ("true", "1"), load, out or DECISIONS)
+    if not dataset_dir:
+        sys.exit("ERROR: --dataset_dir is missing. Fix: point it at the folder holding MedNIST (or its images).")
     config = bundle_parser("train")
     unknown = [key for key in overrides if key not in config]
     if unknown:  # checked once here, before any round starts a process
@@ -315,6 +383,7 @@ def benchmark(
         sys.exit(str(e))
     asked = {"per_sample": per_sample, "choices": choices}
     kinds = ["bundle"] + [kind for kind, on in asked.items() if str(on).lower() in ("true", "1")]
+    competitors(load)
     runs = []
     for round_ in range(int(repeats)):
         row = {}
@@ -336,12 +405,16 @@ def benchmark(
         "capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
+        "competing_processes": load,
     }
-    print(f"machine: {machine['cpu']}, {machine['capability']}, {machine['cores']} cores, torch {machine['torch']}")
     print(
-        f"precision: {median['precision']}, batch {median['batch']}, {median['threads']} threads (bf16 ran "
-        f"{median['bf16_speedup']}x as fast as fp32 in the --cpu_bf16 auto probe); medians of {repeats} round(s)"
-        + (f"; overrides {overrides}" if overrides else "")
+        f"machine: {machine['cpu']}, {machine['capability']}, {machine['cores']} cores, torch {machine['torch']}, "
+        f"{load} competing process(es)"
+    )
+    print(
+        f"precision: {median['precision']} ({median['precision_evidence']}), batch {median['batch']}, "
+        f"{median['threads']} threads; the bf16 probe's steps ran {median['bf16_speedup']}x as fast as fp32; "
+        f"medians of {repeats} round(s)" + (f"; overrides {overrides}" if overrides else "")
     )
     print("| metric | median |\n|---|---|")
     for key, value in median.items():
@@ -360,9 +433,7 @@ def benchmark(
         speedup = median["training_img_per_s"] / median["per_sample_training_img_per_s"]
         print(f"training speed-up over the per-sample pipeline: {speedup:.1f}x")
     report = {"machine": machine, "repeats": repeats, "overrides": overrides, "median": median, "runs": runs}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+    _save(out or BENCHMARK, report)
 
 
 if __name__ == "__main__":
