@@ -61,14 +61,15 @@ def test_cli_from_another_folder_without_pythonpath(elsewhere, mednist, trained)
 
 def test_python_api_from_another_folder(elsewhere, mednist, trained):
     """From a folder without `scripts` and no PYTHONPATH: `ConfigWorkflow(...).check_properties()` for the train and
-    infer workflows, and `monai.bundle.load` of a downloaded copy (only its folder known) for both."""
+    infer workflows, `monai.bundle.load` of a downloaded copy (only its folder known) for both, and MONAI FL's
+    `MonaiAlgo` given the bundle root once, its folders relative to the working directory."""
     bundles = elsewhere / "bundles"
     copy = bundles / "mednist_classification"
     shutil.copytree(BUNDLE, copy, ignore=shutil.ignore_patterns(".*", "tests", "tools", "__pycache__", "models"))
     os.makedirs(copy / "models")
     shutil.copy(trained / "models" / "model.pt", copy / "models" / "model.pt")
     code = f"""
-import monai.bundle, torch
+import os, monai.bundle, torch
 from monai.bundle import ConfigWorkflow
 common = dict(bundle_root={BUNDLE!r}, output_dir={str(elsewhere / "api")!r})
 train = ConfigWorkflow(config_file={TRAIN!r}, workflow_type="train", dataset_dir={mednist!r}, **common)
@@ -80,12 +81,27 @@ print("infer properties missing:", infer.check_properties(), len(infer.dataset))
 for kind in ("train", "inference"):
     net = monai.bundle.load("mednist_classification", bundle_dir={str(bundles)!r}, workflow_type=kind, progress=False)
     print(kind, type(net).__name__, tuple(net.cpu()(torch.rand(2, 1, 64, 64)).shape))
+from monai.fl.client import MonaiAlgo  # as NVIDIA FLARE's MONAI examples call it: the bundle root given once
+from monai.fl.utils.exchange_object import ExchangeObject
+site = dict(dataset_dir={mednist!r}, output_dir="fl/out", ckpt_dir="fl/models", batch_size=16, download=False)
+evaluation = dict(site, output_dir="fl/eval", split_file="fl/out/split.json")  # the test split training made
+algo = MonaiAlgo(bundle_root={BUNDLE!r}, local_epochs=1, train_kwargs=site, eval_kwargs=evaluation)
+algo.initialize(extra={{"CLIENT_NAME": "site-1"}})
+weights = torch.load({str(trained / "models" / "model.pt")!r}, weights_only=True)
+print("fl accuracy", algo.evaluate(ExchangeObject(weights=weights)).metrics["accuracy"])
+algo.train(ExchangeObject(weights=weights))
+print("fl trained", sorted(os.listdir("fl/models")), algo.get_weights().weight_type)
+algo.finalize()
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train properties missing: [] 5 96" in proc.stdout and "infer properties missing: [] 120" in proc.stdout
     assert "train DenseNet121 (2, 6)" in proc.stdout and "inference DenseNet121 (2, 6)" in proc.stdout
+    accuracy = float(proc.stdout.split("fl accuracy ")[1].split()[0])
+    with open(elsewhere / "fl" / "eval" / "metrics.json") as f:  # relative to where it was called from
+        assert accuracy == pytest.approx(json.load(f)["accuracy"]) and accuracy > 0.5  # the weights it was sent
+    assert "'model.pt', 'network_data_format.json'] fl_weight_diff" in proc.stdout  # what FLARE's server gets
 
 
 def test_metadata_has_mandatory_keys():
@@ -220,3 +236,20 @@ def test_monai_builtin_tracking_is_refused_naming_the_bundle_settings():
     with bundle_error("--tracking mlflow: MONAI's built-in tracking settings") as found:
         check_command_line([MAIN, "run", "training", "--config_file", TRAIN, "--tracking", "mlflow"])
     assert "configs/mlflow.json" in found[0].fix
+
+
+PATHS = {"bundle_root", "dataset_dir", "output_dir", "ckpt_dir", "ckpt_path", "split_file", "tensorboard_dir"}
+
+
+def test_every_hyper_parameter_is_checked_and_tracked():
+    """Each value train.json declares above ``check`` (its hyper-parameters, bar the paths, which their users
+    check, and the download source) goes through ``check`` by a rule in ``scripts.checks.RULES``, so a new key
+    cannot go unchecked, and configs/mlflow.json tracks what ``check`` returns."""
+    from scripts.checks import RULES
+
+    config = json.load(open(TRAIN))
+    header = list(config)[1 : list(config).index("check")]  # after "imports"
+    declared = set(header) - PATHS - {"download_url", "download_md5", "on_cuda"}
+    checked = {key for key, value in config["check"].items() if value == f"@{key}"}
+    assert declared - checked == set() and checked <= set(RULES)
+    assert "$@check" in json.dumps(json.load(open(os.path.join(CONFIGS, "mlflow.json"))))

@@ -86,16 +86,18 @@ def test_monai_algo_still_refuses_bad_values_before_work(mednist, tmp_path):
 
 
 def test_flare_simulator_job_with_two_sites(mednist, tmp_path):
-    """FedAvg in NVIDIA FLARE's simulator: 2 sites, 2 rounds, each evaluating the global model every round (read
-    back from TensorBoard) and training on where its last round ended, then the global model evaluated on the
-    held-out test split."""
+    """FedAvg in NVIDIA FLARE's simulator, run from another folder with relative paths: 2 sites, 2 rounds, each
+    evaluating the global model every round (read back from TensorBoard) and training on where its last round
+    ended, then the global model evaluated on the held-out test split."""
     pytest.importorskip("nvflare")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    work = tmp_path / "fl"
-    cmd = [sys.executable, "fl/job.py", "--dataset_dir", mednist, "--work_dir", str(work), "--sites", "2"]
-    cmd += ["--shards", "skewed", "--rounds", "2", "--batch_size", "8", "--test_frac", "0.2"]
-    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=600)
+    work, elsewhere = tmp_path / "fl", tmp_path / "elsewhere"  # relative paths, from another folder
+    elsewhere.mkdir()
+    job = os.path.join(BUNDLE, "fl", "job.py")
+    cmd = [sys.executable, job, "--dataset_dir", os.path.relpath(mednist, elsewhere), "--work_dir", "../fl"]
+    cmd += ["--sites", "2", "--shards", "skewed", "--rounds", "2", "--batch_size", "8", "--test_frac", "0.2"]
+    proc = subprocess.run(cmd, cwd=elsewhere, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((work / "fl.json").read_text())
     assert report["data"]["pool"] == 108 and report["data"]["test"] == 12
