@@ -164,30 +164,14 @@ def nifti_header(head: bytes) -> dict:
             dims = struct.unpack(order + "8h", head[40:56])
             code, bits = struct.unpack(order + "hh", head[70:74])
             offset = struct.unpack(order + "f", head[108:112])[0]
-            return {
-                "version": 1,
-                "order": order,
-                "dims": dims,
-                "code": code,
-                "bits": bits,
-                "offset": offset,
-                "size": 348,
-            }
+            return dict(version=1, order=order, dims=dims, code=code, bits=bits, offset=offset, size=348)
         if struct.unpack(order + "i", head[:4])[0] == 540 and len(head) >= 544:
             if head[4:8] != b"n+2\0":
                 raise ValueError("cannot read image: a NIfTI-2 header of a .hdr/.img pair, not a .nii file")
             code, bits = struct.unpack(order + "hh", head[12:16])
             dims = struct.unpack(order + "8q", head[16:80])
             offset = struct.unpack(order + "q", head[168:176])[0]
-            return {
-                "version": 2,
-                "order": order,
-                "dims": dims,
-                "code": code,
-                "bits": bits,
-                "offset": offset,
-                "size": 540,
-            }
+            return dict(version=2, order=order, dims=dims, code=code, bits=bits, offset=offset, size=540)
     raise ValueError("cannot read image: its content is not a NIfTI header")
 
 

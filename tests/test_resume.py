@@ -115,12 +115,17 @@ def test_resume_without_checkpoint_is_refused_and_writes_nothing(mednist, tmp_pa
     assert os.listdir(tmp_path) == []  # no split.json, event files or empty ckpt_dir
 
 
-def test_second_run_in_a_folder_is_refused_until_the_first_dies(mednist, tmp_path):
-    holder = subprocess.Popen(
+def lock_holder(folder) -> subprocess.Popen:
+    """Another process holding the run lock of ``folder`` until its stdin closes."""
+    return subprocess.Popen(
         [sys.executable, "-c", "import sys; from scripts.files import FolderLock; "
-         f"FolderLock([{str(tmp_path / 'models')!r}]).acquire(); print('held', flush=True); sys.stdin.read()"],
+         f"FolderLock([{str(folder)!r}]).acquire(); print('held', flush=True); sys.stdin.read()"],
         cwd=BUNDLE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def test_second_run_in_a_folder_is_refused_until_the_first_dies(mednist, tmp_path):
+    holder = lock_holder(tmp_path / "models")
     try:
         assert holder.stdout.readline() == "held\n"
         with bundle_error(f"{tmp_path / 'models'} is in use by another run (process {holder.pid})") as found:
@@ -170,11 +175,7 @@ def test_a_run_removes_only_the_temporary_files_of_writers_that_are_gone(trained
     finally:
         writer.kill()
         writer.wait()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from scripts.files import FolderLock; "
-         f"FolderLock([{str(tmp_path)!r}]).acquire(); print('held', flush=True); sys.stdin.read()"],
-        cwd=BUNDLE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    holder = lock_holder(tmp_path)
     try:
         assert holder.stdout.readline() == "held\n"
         with bundle_error(f"{tmp_path} is in use by another run"):

@@ -2,6 +2,7 @@
 
     python -m tools.time_to_accuracy --dataset_dir /path/holding/MedNIST --work_dir /tmp/tta [--target 0.995]
                                        [--stop true] [--configs quick] [--any_train_json_key value ...]
+    python -m tools.time_to_accuracy --datalist labels.csv --work_dir /tmp/tta ...
 
 Developer tooling, run from the repository root (not part of the bundle's release). Runs ``monai.bundle run
 training`` and ``run evaluating`` as a user would (extra ``--key value`` pairs are passed to training as
@@ -30,7 +31,7 @@ from tools.commands import run_bundle
 
 
 def time_to_accuracy(
-    dataset_dir: str, work_dir: str, target: float = 0.995, stop: bool = False, configs: str = "", **overrides
+    work_dir: str, dataset_dir: str = "", target: float = 0.995, stop: bool = False, configs: str = "", **overrides
 ) -> None:
     """Train with the defaults (plus the override files ``configs``, comma-separated names in configs/, and
     ``overrides``), evaluate on the test split, print and save the timings."""
@@ -48,7 +49,7 @@ def time_to_accuracy(
     if os.path.exists(os.path.join(models, "model.pt")):
         sys.exit(f"ERROR: {models} already holds a model.pt. Fix: pass a new --work_dir, so that no run is mixed in.")
     os.makedirs(work_dir, exist_ok=True)
-    folders = ["--dataset_dir", dataset_dir, "--output_dir", out, "--ckpt_dir", models]
+    folders = ["--output_dir", out, "--ckpt_dir", models] + (["--dataset_dir", dataset_dir] if dataset_dir else [])
     if str(stop).lower() in ("true", "1"):
         overrides = {**overrides, "target_accuracy": float(target)}
     extra = [str(x) for k, v in overrides.items() for x in (f"--{k}", v)]
@@ -58,7 +59,8 @@ def time_to_accuracy(
     last_epoch_end = os.path.getmtime(history_file)  # written as each epoch ends
     evaluate = f"['{train}','{os.path.join(BUNDLE, 'configs', 'evaluate.json')}']"
     test_dir = os.path.join(work_dir, "test")
-    evaluating = ["run", "evaluating", "--config_file", evaluate, *folders, "--output_dir", test_dir]
+    data = [str(x) for k, v in overrides.items() if k == "datalist" for x in (f"--{k}", v)]  # the same images
+    evaluating = ["run", "evaluating", "--config_file", evaluate, *folders, *data, "--output_dir", test_dir]
     run_bundle(*evaluating, "--split_file", split, log=os.path.join(work_dir, "evaluating.log"))
     with open(history_file) as f:
         history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
