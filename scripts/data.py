@@ -86,6 +86,8 @@ def split_by_content(items: list[dict], hashes: list[str], val_frac: float, test
         shuffle=True,
         seed=seed,
     )
+    placed = {id(first) for part in parts for first in part}
+    parts[0] += [first for first in firsts if id(first) not in placed]  # MONAI rounds each part alone: none lost
     by_first = {id(members[0]): members for members in groups.values()}
     return {
         name: sorted((d for first in part for d in by_first[id(first)]), key=lambda d: (d["label"], d["image"]))

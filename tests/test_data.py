@@ -331,3 +331,19 @@ d.prepare_mednist({str(data)!r}, False, "", {md5!r})
     root = prepare_mednist(str(data), False, "", md5)
     assert sorted(os.listdir(data)) == ["MedNIST", "MedNIST.tar.gz"]  # the leftover is gone
     assert all(len(os.listdir(os.path.join(root, c))) == 3 for c in CLASSES)
+
+
+@pytest.mark.parametrize("per_class", [3, 13, 25])  # 3 and 13: MONAI alone leaves images out
+def test_the_split_keeps_every_image_once(per_class):
+    """MONAI's partition_dataset_classes rounds each part on its own and can leave an image out (one of MedNIST's
+    AbdomenCT, seen on the development copy); every image lands in exactly one part, the stratified cut kept."""
+    from monai.data import partition_dataset_classes
+
+    items = [{"image": f"c{c}/{i:05d}", "label": c} for c in range(2) for i in range(per_class + c)]
+    hashes = [d["image"] for d in items]  # all distinct
+    split = split_by_content(items, hashes, 0.1, 0.1, 0)
+    placed = [d["image"] for part in SPLITS for d in split[part]]
+    assert sorted(placed) == sorted(hashes)  # none lost, none twice
+    monai_parts = partition_dataset_classes(items, [d["label"] for d in items], [0.8, 0.1, 0.1], shuffle=True, seed=0)
+    for name, part in zip(SPLITS[1:], monai_parts[1:]):  # validation and test as MONAI cuts them
+        assert [d["image"] for d in split[name]] == sorted(d["image"] for d in part)
