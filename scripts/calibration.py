@@ -222,7 +222,7 @@ class Calibration:
             with open(path, "rb") as f:
                 data = f.read(1 << 20)
             saved = json.loads(data)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
             raise BundleError(f"{path} is not readable JSON ({e}).", REFIT) from e
         calibration = cls.from_json(saved, path)
         arrays = arrays_path(path)

@@ -144,9 +144,14 @@ class FolderLock:
             path = os.path.join(folder, self.NAME)
             if os.path.exists(folder) and not os.path.isdir(folder):
                 raise BundleError(f"{folder} is a file, not a folder.", "pass a folder path for the outputs.")
+            if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
+                raise BundleError(
+                    f"{path} is a link or special file, not the lock file runs write there.", "remove it."
+                )
             try:
                 os.makedirs(folder, exist_ok=True)
-                f = open(path, "a+")
+                flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                f = os.fdopen(os.open(path, flags, 0o644), "r+")  # never through a link planted since
             except OSError as e:
                 raise BundleError(
                     f"cannot write to {folder} ({e.strerror or e}).",

@@ -13,6 +13,7 @@ import gzip
 import io
 import math
 import os
+import stat
 import struct
 import zlib
 
@@ -38,12 +39,22 @@ def image_suffix(path: str) -> bool:
     return name.endswith(IMAGE_SUFFIXES) or ("." not in name and is_dicom(path))
 
 
+def open_regular(path: str):
+    """``path`` opened for reading if it is a regular file (a pipe or device would block or never end), else a
+    ``ValueError``; opened without blocking, so a pipe is refused rather than waited on."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("is not a regular file (a pipe, socket or device)")
+    return os.fdopen(fd, "rb")
+
+
 def is_dicom(path: str) -> bool:
-    """Whether ``path`` is a file starting with DICOM's 128-byte preamble and ``DICM`` marker."""
+    """Whether ``path`` is a regular file starting with DICOM's 128-byte preamble and ``DICM`` marker."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return f.read(132)[128:] == b"DICM"
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
@@ -53,7 +64,7 @@ def read_bytes(path: str) -> bytes:
         raise ValueError("file does not exist")
     if os.path.isdir(path):
         raise ValueError("is a directory, not an image file")
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         data = f.read(MAX_FILE_BYTES + 1)
     if not data:
         raise ValueError("file is empty")
@@ -112,7 +123,8 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
         if i + 2 > n:
             break
         length = int.from_bytes(data[i : i + 2], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and i + 7 <= n:
+        frame_header = 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xF7  # F7: JPEG-LS
+        if frame_header and i + 7 <= n:
             height, width = struct.unpack(">HH", data[i + 3 : i + 7])
             size = (width, height)
         i += length
@@ -217,26 +229,97 @@ def decode_nifti(data: bytes, name: str, max_pixels: int):
     return array.reshape(plane[:2]), f"NIfTI {np.dtype(dtype).name}"
 
 
+VRS = frozenset(
+    b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", DEFLATED}
+RLE_SYNTAX = "1.2.840.10008.1.2.5"
+JPEG_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81)}  # JPEG and JPEG-LS
+JPEG2000_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
+PHOTOMETRICS = {1: ("MONOCHROME1", "MONOCHROME2"), 3: ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")}
+
+
 def dicom_meta(data: bytes) -> tuple[str, int]:
-    """The transfer syntax UID of a DICOM file's meta information (group 2, explicit VR little endian) and where
-    that group ends."""
+    """The transfer syntax UID of a DICOM file's meta information and where that group ends; a ``ValueError``
+    unless the group is as the standard writes it (explicit VR little endian, every VR a real one), so that it
+    reads the same here and in pydicom."""
     i, syntax = 132, ""
     while i + 8 <= len(data) and data[i : i + 2] == b"\x02\x00":
         element, vr = struct.unpack("<H", data[i + 2 : i + 4])[0], data[i + 4 : i + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+        if vr not in VRS:
+            raise ValueError("cannot read image: a DICOM file whose meta information is not explicit VR")
+        if vr in (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"):
             length, start = struct.unpack("<I", data[i + 8 : i + 12])[0], i + 12
         else:
             length, start = struct.unpack("<H", data[i + 6 : i + 8])[0], i + 8
         if element == 0x0010:
             syntax = data[start : start + length].rstrip(b"\0 ").decode("ascii", "replace")
         i = start + length
+    if not syntax:
+        raise ValueError("cannot read image: a DICOM file naming no transfer syntax in its meta information")
     return syntax, i
+
+
+def rle_lengths(frame: bytes, most: int) -> list[int]:
+    """The decoded length of each segment of an RLE frame, counted from its runs (stopping past ``most``)."""
+    count = struct.unpack("<I", frame[:4])[0] if len(frame) >= 64 else 0
+    if not 1 <= count <= 15:
+        raise ValueError("cannot read image: a corrupt RLE frame")
+    offsets = [*struct.unpack("<15I", frame[4:64])[:count], len(frame)]
+    lengths = []
+    for start, end in zip(offsets, offsets[1:]):
+        i, n = start, 0
+        while i < end and n <= most:
+            c = frame[i]
+            n, i = (n + c + 1, i + c + 2) if c < 128 else (n + 257 - c, i + 2) if c > 128 else (n, i + 1)
+        lengths.append(n)
+    return lengths
+
+
+def check_dicom_pixels(ds, syntax: str, rows: int, columns: int) -> None:
+    """Before pydicom decodes: the pixel data holds exactly the image its header declares (native: its byte
+    count; compressed: the frame's own size, from its JPEG or JPEG 2000 markers or its RLE runs)."""
+    from pydicom.encaps import generate_frames
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    samples, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.get("BitsAllocated", 0))
+    if syntax in NATIVE_SYNTAXES:
+        expected = math.ceil(rows * columns * samples * bits / 8)
+        if len(ds.PixelData) not in (expected, expected + 1):  # one byte of padding to an even length
+            raise ValueError(f"pixel data of {len(ds.PixelData):,} bytes, not the {expected:,} its header declares")
+        return
+    if syntax not in JPEG_SYNTAXES | JPEG2000_SYNTAXES | {RLE_SYNTAX}:
+        raise ValueError(
+            f"transfer syntax {syntax} is not one the bundle reads (native, deflate, RLE, JPEG, JPEG 2000)"
+        )
+    if not get_decoder(syntax).is_available:
+        raise ValueError(f"cannot decode its transfer syntax {UID(syntax).name}: {DICOM_DECODERS}")
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception as e:
+        raise ValueError(f"cannot read image: corrupt encapsulated pixel data ({type(e).__name__})") from e
+    if syntax == RLE_SYNTAX:
+        pixels = rows * columns  # a segment's even-length padding may decode to a few bytes more
+        if any(not pixels <= n <= pixels + 256 for n in rle_lengths(frame, pixels + 256)):
+            raise ValueError(f"an RLE frame that does not decode to its {columns}x{rows} pixels")
+        return
+    if syntax in JPEG_SYNTAXES:
+        size = jpeg_size(frame)
+    else:
+        at = frame.find(b"\xff\x4f\xff\x51")  # the codestream's start and SIZ marker
+        if at < 0 or len(frame) < at + 24:
+            raise ValueError("cannot read image: a JPEG 2000 frame without its size marker")
+        width, height, left, top = struct.unpack(">IIII", frame[at + 8 : at + 24])
+        size = (width - left, height - top)
+    if size != (columns, rows):
+        raise ValueError(f"a compressed frame of {size[0]}x{size[1]} pixels in a {columns}x{rows} DICOM image")
 
 
 def decode_dicom(data: bytes, channels: int, max_pixels: int):
     """A single-frame DICOM image as a viewer shows it, as (W, H) (or (W, H, 3) of RGB), and its kind."""
     import pydicom
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     syntax, end = dicom_meta(data)
     if syntax == DEFLATED:  # pydicom inflates the whole dataset at once: bound it first
@@ -251,6 +334,8 @@ def decode_dicom(data: bytes, channels: int, max_pixels: int):
         ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as e:
         raise ValueError(f"cannot read image: not a readable DICOM file ({type(e).__name__}: {e})") from e
+    if str(ds.file_meta.get("TransferSyntaxUID", "")) != syntax:
+        raise ValueError("cannot read image: a DICOM file whose meta information reads two ways")
     if "PixelData" not in ds:
         what = getattr(ds.get("SOPClassUID"), "name", "") or "a DICOM object"
         raise ValueError(f"it holds no image ({what}): pass DICOM images")
@@ -260,9 +345,13 @@ def decode_dicom(data: bytes, channels: int, max_pixels: int):
     rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     check_size(columns, rows, max_pixels)
     photometric = str(ds.get("PhotometricInterpretation", ""))
-    samples = int(ds.get("SamplesPerPixel", 1))
-    if samples not in (1, 3) or int(ds.get("BitsAllocated", 0)) not in (1, 8, 16, 32):
+    samples, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.get("BitsAllocated", 0))
+    if samples not in PHOTOMETRICS or bits not in (1, 8, 16, 32) or not 1 <= ds.get("BitsStored", bits) <= bits:
         raise ValueError(f"cannot read image: a DICOM image of {samples} samples of {ds.get('BitsAllocated')} bits")
+    if photometric not in PHOTOMETRICS[samples]:
+        allowed = " or ".join(PHOTOMETRICS[samples])
+        raise ValueError(f"a DICOM image in {photometric or 'no'} colour space: the bundle reads {allowed}")
+    check_dicom_pixels(ds, syntax, rows, columns)
     try:
         array = ds.pixel_array
     except Exception as e:
@@ -270,8 +359,6 @@ def decode_dicom(data: bytes, channels: int, max_pixels: int):
         if isinstance(e, (NotImplementedError, RuntimeError)) and "plugin" in str(e).lower():
             raise ValueError(f"cannot decode its transfer syntax {name}: {DICOM_DECODERS}") from e
         raise ValueError(f"cannot read image: its pixel data ({name}): {type(e).__name__}: {e}") from e
-    if photometric == "PALETTE COLOR":
-        array = apply_color_lut(array, ds)
     if array.ndim == 3:  # RGB (pydicom has converted YBR)
         array = array.astype(np.float32)
         gray = array @ np.array([0.299, 0.587, 0.114], np.float32)

@@ -114,7 +114,7 @@ class ModelDescription:
             if len(data) > MAX_FORMAT_BYTES:
                 raise ValueError(f"over {MAX_FORMAT_BYTES:,} bytes")
             described = json.loads(data)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
             raise BundleError(f"{path} is not readable JSON ({e}).", "train again, or delete it.") from e
         return cls.from_json(described, path)
 
@@ -153,6 +153,14 @@ def read_model_file(path: str) -> bytes:
     return data
 
 
+# the operations of torch.save's state-dict and checkpoint pickles (protocol 2)
+PICKLE_OPS = frozenset(
+    "PROTO GLOBAL BINPUT LONG_BINPUT MEMOIZE BINGET LONG_BINGET EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 MARK REDUCE "
+    "BINUNICODE SHORT_BINUNICODE BININT BININT1 BININT2 LONG1 BINFLOAT NEWFALSE NEWTRUE NONE BINPERSID EMPTY_DICT "
+    "SETITEM SETITEMS EMPTY_LIST APPEND APPENDS BUILD STOP".split()
+)
+
+
 def weights_bytes(network: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in network.state_dict().values())
 
@@ -163,11 +171,14 @@ def check_checkpoint_archive(data: bytes, path: str, budget: int) -> None:
     import zipfile
 
     try:
-        infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = archive.infolist()
     except (zipfile.BadZipFile, ValueError, EOFError) as e:
         raise BundleError(f"checkpoint {path} cannot be read (not a torch.save archive: {e}).", TRAIN_FIRST) from e
     declared = sum(info.file_size for info in infos)
     problem = f"{declared:,} bytes declared, more than its network's weights need" if declared > budget else None
+    if not data.startswith(b"PK\x03\x04") or min((i.header_offset for i in infos), default=1) != 0:
+        problem = "bytes before its zip archive (torch would read them, not the archive)"
     for info in infos if problem is None else ():
         top, _, name = info.filename.partition("/")
         if not CHECKPOINT_ENTRY.fullmatch(name) or not re.fullmatch(r"[\w.-]{1,200}", top):
@@ -176,8 +187,32 @@ def check_checkpoint_archive(data: bytes, path: str, budget: int) -> None:
             problem = f"a compressed entry {info.filename!r} (torch.save stores them)"
         if problem:
             break
+    pickles = [info for info in infos if info.filename.endswith("/data.pkl")] if problem is None else []
+    if problem is None and len(pickles) != 1:
+        problem = f"{len(pickles)} data.pkl entries, not one"
+    problem = problem or pickle_problem(archive.read(pickles[0]))
     if problem:
         raise BundleError(f"refused to load {path}: it holds {problem}.", TRAIN_FIRST)
+
+
+def pickle_problem(pickled: bytes) -> str | None:
+    """What, in a state dict's pickle, ``torch.save`` never writes: an operation outside :data:`PICKLE_OPS`, or a
+    tuple taken again from the memo (hashing a key of such tuples nested n deep costs 2**n), else None."""
+    import pickletools
+
+    memo, built = {}, None
+    try:
+        for op, arg, _ in pickletools.genops(pickled):
+            if op.name not in PICKLE_OPS:
+                return f"a pickle operation {op.name} that torch.save does not write"
+            if op.name in ("BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if op.name == "MEMOIZE" else arg] = built
+            elif op.name in ("BINGET", "LONG_BINGET") and memo.get(arg) == "tuple":
+                return "a pickled tuple used twice (torch.save writes each once)"
+            built = "tuple" if op.name.startswith("TUPLE") else op.name
+    except ValueError as e:
+        return f"a corrupt pickle ({e})"
+    return None
 
 
 def load_weights(data: bytes, network: torch.nn.Module, path: str, checkpoint: bool = False) -> None:

@@ -118,7 +118,7 @@ class PredictionWriter:
         write_csv(self.path, self.columns, kept)
         if self.pictures is not None:
             self.pictures.drawn = sum(not r["error"] for r in kept)
-        self.file = open(self.path, "a", newline="")
+        self.file = open(self.path, "a", newline="", encoding="utf-8", errors="backslashreplace")  # any file name
         self.csv = csv.DictWriter(self.file, fieldnames=list(self.columns), extrasaction="ignore")
 
     def collect(self, engine: Engine) -> None:

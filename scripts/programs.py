@@ -24,6 +24,7 @@ import re
 import warnings
 import zipfile
 from collections import Counter
+from zipfile import ZIP_DEFLATED, ZIP_STORED
 
 import torch
 
@@ -55,7 +56,8 @@ def refused(path: str, what: str, fix: str | None = None) -> BundleError:
 def zip_entries(data: bytes, path: str) -> dict[str, bytes]:
     """Each entry of the zip archive ``data``, read once, by its name under the one top folder. Refused before any
     is read: too many entries or bytes declared, names outside one top folder (``..``, absolute, backslashes),
-    names equal but for case, encrypted or unusually compressed entries. ``zipfile`` checks names and CRCs."""
+    names equal but for case, encrypted or compressed entries (the writers store them; ``torch.jit.save`` deflates
+    its ``code/``, each far under 1 MiB). ``zipfile`` checks names and CRCs."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
@@ -75,8 +77,9 @@ def zip_entries(data: bytes, path: str) -> dict[str, bytes]:
             raise refused(path, f"it holds a second top folder {info.filename.partition('/')[0]!r}")
         if info.filename.lower() in seen:
             raise refused(path, f"it holds a second entry named {info.filename!r}")
-        if info.flag_bits & 1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise refused(path, f"it holds an encrypted or unusually compressed entry {info.filename!r}")
+        code = info.filename.partition("/")[2].startswith("code/") and info.file_size <= MAX_EXTRA_BYTES
+        if info.flag_bits & 1 or info.compress_type not in ((ZIP_STORED, ZIP_DEFLATED) if code else (ZIP_STORED,)):
+            raise refused(path, f"it holds an encrypted or compressed entry {info.filename!r}")
         seen.add(info.filename.lower())
     entries = {}
     try:
@@ -217,7 +220,7 @@ def extra_json(content: bytes, path: str, name: str) -> str:
             raise ValueError(f"{len(content):,} bytes")
         text = content.decode("utf-8")
         json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise refused(path, f"its {name} is not JSON of at most {MAX_EXTRA_BYTES:,} bytes ({e})") from e
     return text
 
@@ -257,9 +260,11 @@ def load_pt2(data: bytes, path: str, network: torch.nn.Module, image_size):
                 raise refused(path, f"its {name} is {len(found):,} bytes, not its tensor's {len(content):,}")
             rebuilt[name] = found
             continue
+        if len(found) > 4 * len(content) + (1 << 20):  # parsed JSON takes ~20x its text: bounded before parsing
+            raise refused(path, f"its {name} is {len(found):,} bytes, the bundle's export's {len(content):,}")
         try:
             ours, theirs = json.loads(content), json.loads(found)
-        except ValueError:
+        except (ValueError, RecursionError):
             ours, theirs = content, found
         else:
             if name == "models/model.json":
@@ -434,11 +439,13 @@ def load_onnx(data: bytes, path: str, network: torch.nn.Module, image_size):
         import onnxruntime  # noqa: F401
     except ImportError as e:
         raise BundleError(f"checking and running an .onnx model needs {e.name}.", "pip install onnx onnxruntime") from e
+    expected = fresh("onnx", network, image_size)
+    if len(data) > expected.ByteSize() + 2 * MAX_EXTRA_BYTES:  # parsing takes ~80x the bytes: bounded first
+        raise refused(path, f"it is {len(data):,} bytes, the bundle's export {expected.ByteSize():,}")
     try:
         found = onnx.ModelProto.FromString(data)
     except Exception as e:
         raise refused(path, f"it is not an ONNX model ({type(e).__name__})") from e
-    expected = fresh("onnx", network, image_size)
     properties = {p.key: p.value for p in found.metadata_props}
     allowed = {p.key for p in expected.metadata_props} | {CALIBRATION_ENTRY}
     unknown = sorted(set(properties) - allowed)

@@ -173,8 +173,9 @@ print(len(image.header.extensions), sum(len(e.get_content()) for e in image.head
 
 def test_every_bad_input_costs_its_own_row(trained, mednist, tmp_path, monkeypatch):
     """A NIfTI of shape (0, 64), a 250-character file name with pictures on, file names a spreadsheet would take
-    for a formula or MONAI for an expression, given in an input list (never evaluated): each good image is
-    predicted, each bad one gets its row, and no cell of predictions.csv is a formula."""
+    for a formula or MONAI for an expression, given in an input list (never evaluated), a named pipe and a file
+    name that is not UTF-8 in a folder: each good image is predicted, each bad one gets its row, and no cell of
+    predictions.csv is a formula."""
     import csv
     import shutil
 
@@ -196,6 +197,13 @@ def test_every_bad_input_costs_its_own_row(trained, mednist, tmp_path, monkeypat
         assert rows[name]["label"] == "Hand" and not rows[name]["error"], name
     pictures = sorted(os.listdir(tmp_path / "out" / "visualizations"))
     assert len(pictures) == 4 and max(map(len, pictures)) <= len("0000_") + 40 + len(".png")
+    os.mkfifo(folder / "pipe.png")  # would block a reader forever
+    shutil.copy(hand, os.path.join(os.fsencode(folder), b"\xff-latin1.jpeg"))  # a name that is not UTF-8
+    infer(trained, tmp_path / "all", str(folder))
+    with open(tmp_path / "all" / "predictions.csv", newline="") as f:
+        rows = {os.path.basename(r["path"]): r for r in csv.DictReader(f)}
+    assert "not a regular file" in rows["pipe.png"]["error"] and len(rows) == 7
+    assert rows["\\udcff-latin1.jpeg"]["label"] == "Hand"  # escaped in the CSV, predicted
     monkeypatch.chdir(folder)  # relative paths: the cells start with the names
     infer(trained, tmp_path / "rel", [names[1], names[3]])  # (a name starting with $ MONAI would evaluate)
     with open(tmp_path / "rel" / "predictions.csv", newline="") as f:
@@ -255,3 +263,77 @@ def test_dicom_and_its_rendering_get_the_same_prediction(trained, mednist, tmp_p
     evaluate(trained, tmp_path / "metrics", eval_dir=tmp_path / "eval", dataset_dir=mednist)
     with open(tmp_path / "metrics" / "predictions.csv") as f:
         assert {r["label"] for r in csv.DictReader(f)} == {rows["Hand.jpeg"]["label"]}
+
+
+def implicit_meta(data: bytes) -> bytes:
+    """A DICOM file's bytes with its meta information group rewritten in implicit VR (which the standard forbids
+    there, and pydicom accepts)."""
+    i, out = 132, bytearray(data[:132])
+    while data[i : i + 2] == b"\x02\x00":
+        vr = data[i + 4 : i + 6]
+        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ"):
+            length, start = struct.unpack("<I", data[i + 8 : i + 12])[0], i + 12
+        else:
+            length, start = struct.unpack("<H", data[i + 6 : i + 8])[0], i + 8
+        out += data[i : i + 4] + struct.pack("<I", length) + data[start : start + length]
+        i = start + length
+    return bytes(out + data[i:])
+
+
+def test_hostile_dicom_and_special_files_are_refused_before_decoding(tmp_path):
+    """Only DICOM as the standard writes it, and pixel data holding exactly the declared image: a deflated file
+    whose meta is implicit VR (20 MB of pixels in 20 KB), an RLE frame of 64 MB runs in a 64x64 image, a JPEG
+    frame of 3000x3000 in a 64x64 image, native pixel data twice the declared size, a palette-colour image,
+    a named pipe: each refused in one line, in a fresh process under 1 GiB and 5 s each; the control: pydicom
+    alone inflates the first in full."""
+    import pydicom
+
+    from scripts.images import DEFLATED
+
+    gray = np.zeros((64, 64), np.uint8)
+    write_dicom(tmp_path / "deflated.dcm", np.zeros((4000, 5000), np.uint8), syntax=DEFLATED)
+    (tmp_path / "implicit-bomb.dcm").write_bytes(implicit_meta((tmp_path / "deflated.dcm").read_bytes()))
+    runs = struct.pack("<16I", 1, 64, *[0] * 14) + b"\x81\x00" * (512 << 10)  # each pair: 128 equal bytes
+    write_dicom(tmp_path / "rle-bomb.dcm", gray, syntax="1.2.840.10008.1.2.5")
+    ds = pydicom.dcmread(tmp_path / "rle-bomb.dcm")
+    ds.PixelData = pydicom.encaps.encapsulate([runs])
+    ds.save_as(tmp_path / "rle-bomb.dcm")
+    big = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(big, "JPEG")
+    write_dicom(tmp_path / "jpeg-frame.dcm", gray, syntax="1.2.840.10008.1.2.4.50", encapsulate=True)
+    ds = pydicom.dcmread(tmp_path / "jpeg-frame.dcm")
+    ds.PixelData = pydicom.encaps.encapsulate([big.getvalue()])
+    ds.save_as(tmp_path / "jpeg-frame.dcm")
+    write_dicom(tmp_path / "oversized.dcm", np.zeros((128, 64), np.uint8), Rows=64)
+    write_dicom(tmp_path / "palette.dcm", gray, photometric="PALETTE COLOR")
+    os.mkfifo(tmp_path / "pipe.dcm")
+    names = ["implicit-bomb.dcm", "rle-bomb.dcm", "jpeg-frame.dcm", "oversized.dcm", "palette.dcm", "pipe.dcm"]
+    assert all(os.path.getsize(tmp_path / n) < 2 << 20 for n in names[:3])
+    code = f"""
+import json, sys, time
+sys.path.insert(0, {BUNDLE!r})
+from scripts.images import read_image
+out = {{}}
+for name in {names!r}:
+    start = time.monotonic()
+    try:
+        read_image({str(tmp_path)!r} + "/" + name)
+        out[name] = ["read", 0]
+    except ValueError as e:
+        out[name] = [str(e), time.monotonic() - start]
+out["peak_mib"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    import json
+
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert "meta information is not explicit VR" in out["implicit-bomb.dcm"][0]
+    assert "RLE frame that does not decode to its 64x64 pixels" in out["rle-bomb.dcm"][0]
+    assert "a compressed frame of 3000x3000 pixels in a 64x64 DICOM image" in out["jpeg-frame.dcm"][0]
+    assert "pixel data of 8,192 bytes, not the 4,096" in out["oversized.dcm"][0]
+    assert "PALETTE COLOR colour space" in out["palette.dcm"][0]
+    assert "not a regular file" in out["pipe.dcm"][0]
+    assert all(out[n][1] < 5 and "\n" not in out[n][0] for n in names) and out["peak_mib"] < 1024, out
+    inflated = pydicom.dcmread(tmp_path / "implicit-bomb.dcm")  # the control: pydicom inflates it all
+    assert len(inflated.PixelData) == 4000 * 5000

@@ -150,8 +150,10 @@ def pt2_cases(genuine: list, marker):
     yield "weights file one byte short", archive([(n, d[:-1] if n == weights[0] else d) for n, d in genuine])
     yield "calibration that is not JSON", archive(genuine + [(f"{top}/extra/calibration.json", payload)])
     # the genuine archive reshaped: it must still load, with the genuine weights
+    yield "entries deflated (a program's JSON could inflate to 1 GiB)", archive(genuine, zipfile.ZIP_DEFLATED)
+    padded = dict(genuine)[program] + b" " * (5 * len(dict(genuine)[program]) + (1 << 20))  # the same JSON, padded
+    yield "its program padded to 6x its size", archive([(n, padded if n == program else d) for n, d in genuine])
     yield "genuine: entries in reverse order", archive(genuine[::-1])
-    yield "genuine: entries deflated", archive(genuine, zipfile.ZIP_DEFLATED)
     yield "genuine: another top folder name", archive([("renamed/" + n.partition("/")[2], d) for n, d in genuine])
 
 
@@ -278,6 +280,9 @@ def onnx_cases(model, secret):
     m = copy()
     m.graph.doc_string = "changed documentation"
     yield "genuine: documentation changed", m
+    m = copy()
+    m.graph.doc_string = "x" * (3 << 20)  # parsing costs ~80x the bytes: a bomb is refused by its size first
+    yield "3 MiB of documentation", m
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +340,7 @@ def test_fuzzed_pt2_archives_are_refused_in_one_line_or_load_the_genuine_weights
         expected = small_network()(torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0)))
     genuine = entries_of((small / "model.pt2").read_bytes())
     outcomes = run_cases(pt2_cases(genuine, marker), tmp_path / "model.pt2", marker, expected, "pt2")
-    assert outcomes["refused"] >= 60 and outcomes["genuine"] == 3, outcomes
+    assert outcomes["refused"] >= 62 and outcomes["genuine"] == 2, outcomes
 
 
 def test_fuzzed_torchscript_is_refused_in_one_line_or_loads_the_genuine_weights(small, tmp_path):
@@ -366,7 +371,7 @@ def test_fuzzed_onnx_models_are_refused_in_one_line_or_load_the_genuine_weights(
     with torch.no_grad():
         expected = small_network()(torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0)))
     outcomes = run_cases(onnx_cases(model, secret), tmp_path / "model.onnx", marker, expected, "onnx")
-    assert outcomes["refused"] >= 8 and outcomes["genuine"] == 1, outcomes
+    assert outcomes["refused"] >= 9 and outcomes["genuine"] == 1, outcomes
     # the control: ONNX Runtime, given the file's path, reads the other file the model names
     external = next(onnx_cases(model, secret))[1]
     onnx.save(external, str(tmp_path / "external.onnx"))
@@ -402,6 +407,9 @@ def test_model_pt_archives_are_refused_before_torch_reads_them(small, tmp_path):
 
     marker = tmp_path / "payload-ran"
     genuine = entries_of((small / "model.pt").read_bytes())
+    old = io.BytesIO()
+    torch.save({"other": torch.zeros(3)}, old, _use_new_zipfile_serialization=False)
+    old_format = old.getvalue()
     storage = next(n for n, _ in genuine if n.rsplit("/", 1)[-1].isdigit())
     pkl = next(n for n, _ in genuine if n.endswith("data.pkl"))
     cases = {
@@ -411,6 +419,8 @@ def test_model_pt_archives_are_refused_before_torch_reads_them(small, tmp_path):
         "a storage declaring 3.7 GB": declare_size(archive(genuine), storage, 0xF000_0000),
         "a pickle": archive([(n, pickle.dumps(Payload(marker)) if n == pkl else d) for n, d in genuine]),
         "a foreign entry": archive(genuine + [(f"{genuine[0][0].partition('/')[0]}/extra/run.py", b"print(1)")]),
+        "an old torch.save before the archive": old_format + archive(genuine),
+        "a dict key of tuples nested 63 deep": archive([(n, nested_key(63) if n == pkl else d) for n, d in genuine]),
     }
     for label, data in cases.items():
         path = tmp_path / "model.pt"
@@ -420,6 +430,23 @@ def test_model_pt_archives_are_refused_before_torch_reads_them(small, tmp_path):
             load(path)
         assert "\n" not in found[0].problem and time.monotonic() - start < 5 and not marker.exists(), label
     assert len(cases["a deflated 64 MiB storage"]) < 1 << 20
+    # the controls: torch.load reads the old-format prefix instead of the archive, and hangs on the nested key
+    (tmp_path / "prefixed.pt").write_bytes(cases["an old torch.save before the archive"])
+    assert list(torch.load(tmp_path / "prefixed.pt", weights_only=True)) == ["other"]
+    (tmp_path / "nested.pt").write_bytes(cases["a dict key of tuples nested 63 deep"])
+    code = f"import torch; torch.load({str(tmp_path / 'nested.pt')!r}, weights_only=True)"
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=10)
+
+
+def nested_key(depth: int) -> bytes:
+    """A protocol-2 pickle of a dict whose keys are tuples t = (t', t'), nested up to ``depth`` deep, each half the
+    memo's same tuple (``depth`` odd: the tuples pair up as keys and values): a few hundred bytes whose last key
+    costs 2**(depth - 1) to hash."""
+    ops = b"\x80\x02}(K\x01\x85q\x00"  # PROTO 2, EMPTY_DICT, MARK, (1,) memoized as 0
+    for k in range(1, depth + 1):
+        ops += b"h" + bytes([k - 1]) + b"h" + bytes([k - 1]) + b"\x86q" + bytes([k])  # (t, t) memoized as k
+    return ops + b"u."  # SETITEMS (key, value pairs since the mark), STOP
 
 
 def test_tampered_checkpoint_in_inference_is_refused_before_any_file(trained, mednist, tmp_path):

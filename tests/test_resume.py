@@ -184,3 +184,19 @@ def test_a_run_removes_only_the_temporary_files_of_writers_that_are_gone(trained
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_lock_is_never_taken_through_a_link(tmp_path):
+    """A `.mednist.lock` planted as a link (e.g. in a model folder someone sent) is refused, its target untouched;
+    the control: opening the path as a plain file would have truncated the target."""
+    from scripts.files import FolderLock
+
+    victim = tmp_path / "victim.py"
+    victim.write_text("print('mine')\n")
+    os.symlink(victim, tmp_path / ".mednist.lock")
+    with bundle_error(f"{tmp_path / '.mednist.lock'} is a link or special file"):
+        FolderLock([str(tmp_path)]).acquire()
+    assert victim.read_text() == "print('mine')\n"
+    with open(tmp_path / ".mednist.lock", "a+") as f:  # what the lock did before
+        f.truncate(0)
+    assert victim.read_text() == ""
