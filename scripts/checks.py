@@ -166,6 +166,7 @@ RULES = {  # every key a workflow's check gives, with its rule
     "datalist": path,
     "device": check_device,
     "cpu_bf16": bf16_setting,
+    "cpu_threads": integer(0),
     "amp": flag,
     "channels_last": flag,
     "augment": flag,
