@@ -373,6 +373,21 @@ def decode_dicom(data: bytes, channels: int, max_pixels: int):
     return np.swapaxes(array, 0, 1), f"DICOM {photometric} {bits}-bit"
 
 
+def dicom_uid(path: str) -> str:
+    """The SOPInstanceUID of a DICOM file the reader has accepted, else ``""``: what a row names of a DICOM image
+    besides its path (never a patient's name, ID or birth date)."""
+    import pydicom
+
+    if not is_dicom(path):
+        return ""
+    try:
+        with open_regular(path) as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        return str(ds.get("SOPInstanceUID", ""))
+    except Exception:
+        return ""
+
+
 def read_image(path: str, channels: int = 1, max_pixels: int = MAX_PIXELS):
     """The image file ``path`` as a float32 array, (W, H) for ``channels`` 1 (colour to luma) or (W, H, 3) for 3
     (gray repeated), and its kind (``PNG L``, ``DICOM MONOCHROME2 16-bit``...); a ``ValueError`` saying why not."""

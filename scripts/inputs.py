@@ -13,7 +13,7 @@ import torch
 from monai.data import get_track_meta, set_track_meta
 
 from .errors import BundleError, root_cause
-from .images import IMAGE_SUFFIXES, image_suffix
+from .images import IMAGE_SUFFIXES, dicom_uid, image_suffix
 
 ACCEPTED = "images of the accepted kinds (.png, .jpeg, .jpg, .nii, .nii.gz, .dcm, or DICOM files without a suffix)"
 
@@ -130,7 +130,7 @@ class SafeDataset(torch.utils.data.Dataset):
     """``data`` through ``transform`` (the bundle's preprocessing: its loader first) one item at a time, with MONAI's
     metadata tracking off (only the pixels are needed); an item that cannot be used, whatever fails, becomes zeros
     of ``channels`` x ``image_size`` with the reason under ``error``. ``min_side``: the loaded image's smaller
-    side."""
+    side; ``sop_instance_uid``: a DICOM image's (no other tag of the file leaves it)."""
 
     def __init__(self, data: list[dict], transform, image_size, channels: int = 1):
         self.data, self.transform = data, transform
@@ -143,7 +143,7 @@ class SafeDataset(torch.utils.data.Dataset):
         item = dict(self.data[index])
         out = {"path": str(item.get("path", item["image"])), "label": item.get("label", -1)}
         if item.get("error"):
-            return {**out, "image": self.blank.clone(), "error": item["error"], "min_side": 0}
+            return {**out, "image": self.blank.clone(), "error": item["error"], "min_side": 0, "sop_instance_uid": ""}
         tracking = get_track_meta()
         set_track_meta(False)
         try:
@@ -156,7 +156,7 @@ class SafeDataset(torch.utils.data.Dataset):
                     f"preprocessing gave {tuple(image.shape)}, not {tuple(self.blank.shape)} finite values"
                 )
         except Exception as e:
-            return {**out, "image": self.blank.clone(), "error": reason(e), "min_side": 0}
+            return {**out, "image": self.blank.clone(), "error": reason(e), "min_side": 0, "sop_instance_uid": ""}
         finally:
             set_track_meta(tracking)
-        return {**out, "image": image, "error": "", "min_side": side}
+        return {**out, "image": image, "error": "", "min_side": side, "sop_instance_uid": dicom_uid(out["path"])}

@@ -19,11 +19,19 @@ from .files import FORMULA_START, csv_cell, write_csv
 
 logger = logging.getLogger(__name__)
 MIN_SIDE = 32  # pixels: smaller images are flagged (MedNIST's are 64 x 64)
-TEXT = ("path", "true_label", "label", "flag", "error")  # cells of text, escaped; the others are numbers
+TEXT = (
+    "path",
+    "true_label",
+    "label",
+    "flag",
+    "error",
+    "sop_instance_uid",
+)  # cells of text, escaped; the others are numbers
 
 
 def columns(classes) -> tuple:
-    return ("path", "true_label", "label", "confidence", *classes, "ood_score", "ood_score_kind", "flag", "error")
+    return ("path", "true_label", "label", "confidence", *classes, "ood_score", "ood_score_kind", "flag", "error",
+            "sop_instance_uid")  # fmt: skip
 
 
 def flag(probs: np.ndarray, score: float, threshold, constant: bool, min_side: int, low_confidence: float) -> str:
@@ -50,10 +58,11 @@ def prediction_rows(outputs: dict, calibration, classes, low_confidence: float) 
     constant = (batch["image"].detach().flatten(1).std(1).cpu().numpy() == 0).tolist()
     errors = batch.get("error", [""] * len(logits))
     sides = batch.get("min_side", [MIN_SIDE] * len(logits))
+    uids = batch.get("sop_instance_uid", [""] * len(logits))  # a DICOM image's, the only tag a row names
     labels = outputs["labels"]
     rows = []
     for i, path in enumerate(batch["path"]):
-        row = {"path": path, "error": errors[i]}
+        row = {"path": path, "error": errors[i], "sop_instance_uid": uids[i]}
         if not errors[i]:
             score = float(scores[i])
             row.update(label=classes[int(np.nan_to_num(probs[i], nan=-1).argmax())], confidence=f"{probs[i].max():.6f}")

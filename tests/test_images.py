@@ -225,11 +225,17 @@ def test_an_empty_folder_and_a_symlink_loop(trained, tmp_path):
     assert item["error"].startswith("the folder holds no images of the accepted kinds")
 
 
+PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-8812345", "PatientBirthDate": "19700101"}
+
+
 def test_dicom_and_its_rendering_get_the_same_prediction(trained, mednist, tmp_path):
     """Each MedNIST-like JPEG and its DICOM encodings (8-bit, 16-bit rescaled with a window that renders to the
     JPEG's pixels, MONOCHROME1, RLE, without suffix) in one inference folder, and as an --eval_dir: the same label
-    and probabilities within an 8-bit rendering's rounding."""
+    and probabilities within an 8-bit rendering's rounding; each DICOM row names its SOPInstanceUID, and no file
+    the runs write (CSV, pictures, metrics) holds the patient's name, ID or birth date."""
     import csv
+
+    import pydicom
 
     from conftest import CLASSES, evaluate
 
@@ -240,20 +246,23 @@ def test_dicom_and_its_rendering_get_the_same_prediction(trained, mednist, tmp_p
         gray = np.asarray(Image.open(source))
         os.symlink(source, folder / f"{cls}.jpeg")
         names = [f"{cls}_8bit.dcm", f"{cls}_mono1.dcm", f"{cls}_rle.dcm", f"{cls}_nosuffix", f"{cls}_ct16.dcm"]
-        write_dicom(folder / names[0], gray)
-        write_dicom(folder / names[1], 255 - gray, photometric="MONOCHROME1")
-        write_dicom(folder / names[2], gray, syntax="1.2.840.10008.1.2.5")
-        write_dicom(folder / names[3], gray)
+        write_dicom(folder / names[0], gray, **PATIENT)
+        write_dicom(folder / names[1], 255 - gray, photometric="MONOCHROME1", **PATIENT)
+        write_dicom(folder / names[2], gray, syntax="1.2.840.10008.1.2.5", **PATIENT)
+        write_dicom(folder / names[3], gray, **PATIENT)
         stored = np.round(gray.astype(np.float64) / 255 * 400 + 40 - 200 + 1024).astype(np.uint16)
-        write_dicom(folder / names[4], stored, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
+        window = {"RescaleSlope": 1, "RescaleIntercept": -1024, "WindowCenter": 40, "WindowWidth": 400}
+        write_dicom(folder / names[4], stored, **window, **PATIENT)
         pairs[f"{cls}.jpeg"] = names
-    infer(trained, tmp_path / "out", folder)
+    infer(trained, tmp_path / "out", folder, visualize="true")
     with open(tmp_path / "out" / "predictions.csv") as f:
         rows = {os.path.basename(r["path"]): r for r in csv.DictReader(f)}
     for jpeg, names in pairs.items():
         expected = np.array([float(rows[jpeg][c]) for c in CLASSES])
+        assert rows[jpeg]["sop_instance_uid"] == ""
         for name in names:
             assert rows[name]["error"] == "" and rows[name]["label"] == rows[jpeg]["label"], name
+            assert rows[name]["sop_instance_uid"] == pydicom.dcmread(folder / name).SOPInstanceUID, name
             got = np.array([float(rows[name][c]) for c in CLASSES])
             assert np.abs(got - expected).max() < (0.02 if "ct16" in name else 1e-5), name
     eval_dir = tmp_path / "eval" / "Hand"
@@ -263,6 +272,11 @@ def test_dicom_and_its_rendering_get_the_same_prediction(trained, mednist, tmp_p
     evaluate(trained, tmp_path / "metrics", eval_dir=tmp_path / "eval", dataset_dir=mednist)
     with open(tmp_path / "metrics" / "predictions.csv") as f:
         assert {r["label"] for r in csv.DictReader(f)} == {rows["Hand.jpeg"]["label"]}
+    written = [p for out in ("out", "metrics") for p in (tmp_path / out).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".png" for p in written) and any(p.name == "metrics.json" for p in written)
+    for path in written:
+        data = path.read_bytes()
+        assert not any(value.encode() in data for value in PATIENT.values()), path
 
 
 def implicit_meta(data: bytes) -> bytes:

@@ -20,6 +20,7 @@ from scripts.predictions import read_predictions
 
 CLASS_NAMES = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
 COLUMNS = ["path", "true_label", "label", "confidence", *CLASS_NAMES, "ood_score", "ood_score_kind", "flag", "error"]
+COLUMNS += ["sop_instance_uid"]
 
 
 def read_rows(path) -> list[dict]:
