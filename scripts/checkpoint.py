@@ -155,8 +155,9 @@ def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path
     channels, size)."""
     if not resume:
         return ""
-    if description is not None and os.path.isfile(os.path.join(ckpt_dir, FORMAT_FILE)):
-        trained = ModelDescription.beside(os.path.join(ckpt_dir, "model.pt"))
+    beside = os.path.join(os.path.dirname(str(model_path)), FORMAT_FILE)
+    if description is not None and os.path.isfile(beside):
+        trained = ModelDescription.beside(str(model_path))
         differs = description.describes(trained)
         if differs:
             raise BundleError(

@@ -7,7 +7,8 @@ guards or external references: anything the bundle would not have written is ref
 - ``.pt2``: the graph (``models/model.json``) equal to the fresh one but for its nodes' source metadata, every
   other entry equal, each weight file of its tensor's size; only ``extra/calibration.json`` may be added.
 - ``.ts``: the TorchScript classes (code, type names and local names normalised: TorchScript numbers them by what
-  else a process scripted) and the module pickle equal, each storage of its size; ``extra/`` files are not read.
+  else a process scripted) and the module pickle equal, each storage of its size; ``extra/`` files are unpacked
+  but never used.
 - ``.onnx``: the model equal to the fresh one but for documentation, metadata and the initializers' values, which
   must be inline and of their declared size; only the ``calibration.json`` property may be added.
 """
