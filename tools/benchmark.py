@@ -272,7 +272,7 @@ def _measure_decision(dataset_dir: str, num_images: int, overrides: dict) -> dic
     from scripts.precision import Processor, decide, timed_ratios
 
     processor = Processor.here()
-    if overrides.get("probe_only"):
+    if str(overrides.get("probe_only")).lower() in ("true", "1"):
         processor = Processor(None, processor.capability, processor.onednn_isa)
     start = time.perf_counter()
     bf16, evidence = decide(processor, timed_ratios)
@@ -359,7 +359,8 @@ def benchmark(
         measure = {"bundle": _measure, "choices": _measure_choices, "decision": _measure_decision}.get(
             _one, lambda d, n, o: _measure_per_sample(d, n)
         )
-        print("RESULT " + json.dumps(measure(dataset_dir, num_images, overrides)), flush=True)
+        settings = {**overrides, "probe_only": probe_only} if _one == "decision" else overrides
+        print("RESULT " + json.dumps(measure(dataset_dir, num_images, settings)), flush=True)
         return
     import torch
 
