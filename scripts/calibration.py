@@ -37,7 +37,8 @@ REFIT = "fit it again: python -m scripts.calibration (see README), or delete it.
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The temperature minimising the negative log-likelihood of ``labels`` under ``softmax(logits / T)``; 1, with a
-    warning, when every image is right (the likelihood then only grows as T shrinks: no finite optimum)."""
+    warning, when every image is right (the likelihood then only grows as T shrinks: no finite optimum); within
+    :data:`TEMPERATURES` (the bound, with a warning, for a model wrong on most images)."""
     logits, labels = logits.double(), labels.long()
     if len(labels) and bool((logits.argmax(1) == labels).all()):
         logger.warning(
@@ -55,7 +56,11 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().exp())
+    fitted = float(log_t.detach().exp())
+    if not TEMPERATURES[0] <= fitted <= TEMPERATURES[1]:  # a model wrong on most images: softmax flat or certain
+        logger.warning(f"the fitted temperature {fitted:.3g} is outside {list(TEMPERATURES)}: kept at the bound")
+        fitted = min(max(fitted, TEMPERATURES[0]), TEMPERATURES[1])
+    return fitted
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

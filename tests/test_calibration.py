@@ -43,6 +43,16 @@ def test_no_temperature_is_fitted_when_validation_has_no_error():
     assert 0 < fit_temperature(z, labels) < 1
 
 
+def test_a_model_wrong_everywhere_gets_a_temperature_the_loader_accepts():
+    """Every image confidently wrong (a model trained a step or two, as the Model Zoo's CI trains it): the
+    likelihood improves without bound as T grows; the fit stops at the bound, which loading accepts."""
+    z, _ = sampled_logits(1.0)
+    labels = (z.argmax(1) + 1) % 6
+    t = fit_temperature(z * 50, labels)
+    assert t == 100.0
+    assert Calibration.from_json(Calibration(t, None, "0" * 64).to_json(), "test").temperature == t
+
+
 def test_ece_of_a_calibrated_and_an_overconfident_model():
     confident = torch.tensor([[0.9, 0.1]] * 10, dtype=torch.float64)
     labels = torch.tensor([0] * 9 + [1])  # right 9 times in 10 at confidence 0.9: calibrated
