@@ -88,6 +88,12 @@ def split_by_content(items: list[dict], hashes: list[str], val_frac: float, test
     )
     placed = {id(first) for part in parts for first in part}
     parts[0] += [first for first in firsts if id(first) not in placed]  # MONAI rounds each part alone: none lost
+    for part, frac in zip(parts[1:], (val_frac, test_frac)):  # nor does a small class leave a part without it
+        for label in {d["label"] for d in parts[0]} - {d["label"] for d in part} if frac > 0 else ():
+            mine = [d for d in parts[0] if d["label"] == label]
+            if len(mine) > 1:
+                parts[0].remove(mine[-1])
+                part.append(mine[-1])
     by_first = {id(members[0]): members for members in groups.values()}
     return {
         name: sorted((d for first in part for d in by_first[id(first)]), key=lambda d: (d["label"], d["image"]))
