@@ -1,9 +1,9 @@
 """A hospital's side of federated training (NVIDIA FLARE Client API): MONAI FL's ``MonaiAlgo`` runs this bundle on
 the site's own images, and only weights travel.
 
-Started by FLARE (see ``fl/job.py``), once per site. Each site ``S`` keeps its images in ``SITES_DIR/S/<class>/``
-and its split (prepared by the job), outputs and checkpoints in ``SITES_DIR/S/out`` and ``SITES_DIR/S/models``: nothing is shared
-between sites. Every round: the global weights are evaluated on the site's test split, trained on for
+Started by FLARE (see ``fl/job.py``), once per site. Each site ``S`` keeps its images in
+``SITES_DIR/S/images/<class>/`` and its split (prepared by the job), outputs and checkpoints in ``SITES_DIR/S/out``
+and ``SITES_DIR/S/models``: nothing is shared between sites. Every round: the global weights are evaluated on the site's test split, trained on for
 ``--local_epochs``, and the weight difference is sent back with the round's metrics (also logged to
 TensorBoard through FLARE).
 """
@@ -25,7 +25,8 @@ from nvflare.client.tracking import SummaryWriter
 def site_algo(bundle_root: str, site_dir: str, local_epochs: int, overrides: dict) -> MonaiAlgo:
     """``MonaiAlgo`` on the bundle's own configs, with the site's folders (and ``overrides``) for training and
     for evaluating the global weights on the site's test split."""
-    folders = {"dataset_dir": site_dir, "output_dir": os.path.join(site_dir, "out"), "download": False}
+    folders = {"dataset_dir": os.path.join(site_dir, "images"), "output_dir": os.path.join(site_dir, "out")}
+    folders["download"] = False  # the site's class folders in images/, its runs' files beside them
     folders["ckpt_dir"] = os.path.join(site_dir, "models")
     common = {**folders, **overrides}  # the bundle root given to MonaiAlgo alone, as FLARE's examples do
     return MonaiAlgo(

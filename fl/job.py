@@ -63,7 +63,8 @@ def prepare_site(site_dir: str, val_frac: float, test_frac: float, seed: int) ->
     """A site's data prepared as the bundle's ``preparing`` run does (its split saved in ``site_dir/out``), which
     MONAI FL's ``MonaiAlgo`` then reads; the site's classes."""
     out = os.path.join(site_dir, "out")
-    parser = bundle_parser("train", dataset_dir=site_dir, output_dir=out, ckpt_dir=os.path.join(site_dir, "models"),
+    images, models = os.path.join(site_dir, "images"), os.path.join(site_dir, "models")
+    parser = bundle_parser("train", dataset_dir=images, output_dir=out, ckpt_dir=models,
                            val_frac=val_frac, test_frac=test_frac, seed=seed, download=False)  # fmt: skip
     data = parser.get_parsed_content("data")
     data.prepare()
@@ -72,7 +73,7 @@ def prepare_site(site_dir: str, val_frac: float, test_frac: float, seed: int) ->
 
 def prepare(dataset_dir: str, work: str, sites: int, shards: str, images: int, seed: int) -> dict:
     """The test split in ``work/test``, the pool of training images in ``work/pool``, the sites' shards in
-    ``work/sites/<site>`` (each a folder of class folders); returns their sizes and the classes."""
+    ``work/sites/<site>/images`` (each a folder of class folders); returns their sizes and the classes."""
     data = ImageData(os.path.abspath(dataset_dir), "", download=False)
     if data.kind in ("csv", "download"):
         sys.exit(f"ERROR: --dataset_dir {dataset_dir} holds no class folders. Fix: pass MedNIST or a folder of them.")
@@ -95,7 +96,7 @@ def prepare(dataset_dir: str, work: str, sites: int, shards: str, images: int, s
             count = round(share[c] * len(members))
             taken += members[start[c] : start[c] + count]
             start[c] += count
-        link_folder(os.path.join(work, "sites", site), taken, root)
+        link_folder(os.path.join(work, "sites", site, "images"), taken, root)  # beside it: out/, models/, eval/
         sizes[site] = {cls: sum(d["label"] == c for d in taken) for c, cls in enumerate(classes)}
     return {"test": len(split["test"]), "pool": sum(map(len, by_class)), "sites": sizes, "classes": classes}
 

@@ -164,6 +164,7 @@ RULES = {  # every key a workflow's check gives, with its rule
     "pretrained_lr_factor": number(0, 1, closed=True),
     "pretrained": path,
     "datalist": path,
+    "dataset_dir": path,
     "device": check_device,
     "cpu_bf16": bf16_setting,
     "cpu_threads": integer(0),
