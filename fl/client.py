@@ -3,9 +3,9 @@ the site's own images, and only weights travel.
 
 Started by FLARE (see ``fl/job.py``), once per site. Each site ``S`` keeps its images in
 ``SITES_DIR/S/images/<class>/`` and its split (prepared by the job), outputs and checkpoints in ``SITES_DIR/S/out``
-and ``SITES_DIR/S/models``: nothing is shared between sites. Every round: the global weights are evaluated on the site's test split, trained on for
-``--local_epochs``, and the weight difference is sent back with the round's metrics (also logged to
-TensorBoard through FLARE).
+and ``SITES_DIR/S/models``: nothing is shared between sites. Every round: the global weights are evaluated on the
+site's test split, trained on for ``--local_epochs``, and the weight difference is sent back with the round's
+metrics (also logged to TensorBoard through FLARE).
 """
 
 from __future__ import annotations
