@@ -75,7 +75,7 @@ class HistoryWriter:
 
     def epoch_completed(self, engine: Engine) -> None:
         now, metrics = time.perf_counter(), engine.state.metrics
-        metrics["lr"] = self.lr  # the epoch's learning rate among the trainer's metrics, where trackers read them
+        metrics["epoch_lr"] = self.lr  # the learning rate at the epoch's start, among the metrics trackers read
         row = {"epoch": engine.state.epoch, **{k: metrics.get(k, "") for k in ("train_loss", "train_acc")}}
         row.update({k: self.val.get(k, "") for k in ("val_loss", "val_acc")}, lr=self.lr)
         row.update(epoch_time_s=round(now - self.epoch_t0, 3), elapsed_s=round(self.offset + now - self.t0, 3))

@@ -156,7 +156,7 @@ def test_folders_that_cannot_train_are_refused_before_any_file(tmp_path):
         run_workflow(("train",), "training", dataset_dir=data, output_dir=tmp_path / "out", ckpt_dir=tmp_path / "m")
     assert not (tmp_path / "m").exists() and not (tmp_path / "out").exists()
     data = write_own(tmp_path / "small", {"CT": 20, "MRI": 2})
-    with bundle_error("class MRI has 2 image(s): the validation set would have none of it") as found:
+    with bundle_error("class MRI has 2 image(s): the test set would have none of it") as found:
         run_workflow(("train",), "training", dataset_dir=data, output_dir=tmp_path / "out", ckpt_dir=tmp_path / "m")
     assert "raise --val_frac" in found[0].fix and os.listdir(tmp_path / "out") == [".mednist.lock"]
 

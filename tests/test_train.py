@@ -81,6 +81,7 @@ def test_tensorboard_has_one_value_per_step_and_tag(trained):
         assert sorted(steps[tag]) == [1, 2], tag  # one value an epoch
     assert sorted(steps["train_loss_iteration"]) == list(range(1, 13))  # 2 epochs of 6 iterations
     assert sorted(steps["lr"]) == list(range(1, 13)) and max(values["lr"]) == pytest.approx(0.001)
+    assert sorted(steps["epoch_lr"]) == [1, 2]  # and the rate at each epoch's start, where trackers read it
 
 
 def test_split_is_disjoint_stratified_and_reused(trained, mednist, tmp_path):
