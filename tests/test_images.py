@@ -121,6 +121,30 @@ def progressive_jpeg_with_scans(scans: int) -> bytes:
     return data[:last] + data[last:-2] * (scans - data.count(b"\xff\xda") + 1) + b"\xff\xd9"
 
 
+def read_in_fresh_process(folder, names, timeout: int) -> dict:
+    """Each of ``names`` in ``folder`` read by the bundle's reader in a fresh process: per name its refusal and the
+    seconds it took (``["read", 0]`` if accepted), and the process's peak memory (VmHWM, which exec resets)."""
+    import json
+
+    code = f"""
+import json, sys, time
+sys.path.insert(0, {BUNDLE!r})
+from scripts.images import read_image
+out = {{}}
+for name in {list(names)!r}:
+    start = time.monotonic()
+    try:
+        read_image({str(folder)!r} + "/" + name)
+        out[name] = ["read", 0]
+    except ValueError as e:
+        out[name] = [str(e), time.monotonic() - start]
+out["peak_mib"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak memory read from /proc")
 def test_files_declaring_more_than_the_bundle_needs_are_refused_at_once(tmp_path):
     """Bombs under every size limit: a NIfTI of 2 MB whose header extensions declare 512 MiB, a progressive JPEG
@@ -136,25 +160,7 @@ def test_files_declaring_more_than_the_bundle_needs_are_refused_at_once(tmp_path
     (tmp_path / "wide.png").write_bytes(data[:8] + struct.pack(">I", 13) + ihdr + struct.pack(">I", 0) + data[33:])
     nib.save(nib.Nifti1Image(np.zeros((0, 64), np.float32), np.eye(4)), tmp_path / "empty.nii")
     assert os.path.getsize(tmp_path / "ext.nii.gz") < 3 << 20
-    code = f"""
-import json, sys, time
-sys.path.insert(0, {BUNDLE!r})
-from scripts.images import read_image
-out = {{}}
-for name in ("ext.nii.gz", "scans.jpg", "wide.png", "empty.nii"):
-    start = time.monotonic()
-    try:
-        read_image({str(tmp_path)!r} + "/" + name)
-        out[name] = ["read", 0]
-    except ValueError as e:
-        out[name] = [str(e), time.monotonic() - start]
-out["peak_mib"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
-print(json.dumps(out))
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    import json
-
-    out = json.loads(proc.stdout.splitlines()[-1])
+    out = read_in_fresh_process(tmp_path, ["ext.nii.gz", "scans.jpg", "wide.png", "empty.nii"], timeout=300)
     assert "with pixels at offset" in out["ext.nii.gz"][0]
     assert "more than 100 scans" in out["scans.jpg"][0]
     assert "over the 25,000,000 limit" in out["wide.png"][0]
@@ -323,25 +329,7 @@ def test_hostile_dicom_and_special_files_are_refused_before_decoding(tmp_path):
     os.mkfifo(tmp_path / "pipe.dcm")
     names = ["implicit-bomb.dcm", "rle-bomb.dcm", "jpeg-frame.dcm", "oversized.dcm", "palette.dcm", "pipe.dcm"]
     assert all(os.path.getsize(tmp_path / n) < 2 << 20 for n in names[:3])
-    code = f"""
-import json, sys, time
-sys.path.insert(0, {BUNDLE!r})
-from scripts.images import read_image
-out = {{}}
-for name in {names!r}:
-    start = time.monotonic()
-    try:
-        read_image({str(tmp_path)!r} + "/" + name)
-        out[name] = ["read", 0]
-    except ValueError as e:
-        out[name] = [str(e), time.monotonic() - start]
-out["peak_mib"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
-print(json.dumps(out))
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    import json
-
-    out = json.loads(proc.stdout.splitlines()[-1])
+    out = read_in_fresh_process(tmp_path, names, timeout=120)
     assert "meta information is not explicit VR" in out["implicit-bomb.dcm"][0]
     assert "RLE frame that does not decode to its 64x64 pixels" in out["rle-bomb.dcm"][0]
     assert "a compressed frame of 3000x3000 pixels in a 64x64 DICOM image" in out["jpeg-frame.dcm"][0]
