@@ -28,9 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.config import BUNDLE_ROOT, bundle_parser  # noqa: E402
 from scripts.data import ImageData, file_hash, images_by_class, split_by_content  # noqa: E402
-from scripts.model_file import FORMAT_FILE, ModelDescription  # noqa: E402
+from tools.bundle import BUNDLE_ROOT, workflow  # noqa: E402
 
 SKEW = {  # share of each class (AbdomenCT, BreastMRI, CXR, ChestCT, Hand, HeadCT) held by each of 3 sites
     "site-1": (0.7, 0.1, 0.1, 0.7, 0.1, 0.7),  # mostly CT
@@ -64,11 +63,11 @@ def prepare_site(site_dir: str, val_frac: float, test_frac: float, seed: int) ->
     MONAI FL's ``MonaiAlgo`` then reads; the site's classes."""
     out = os.path.join(site_dir, "out")
     images, models = os.path.join(site_dir, "images"), os.path.join(site_dir, "models")
-    parser = bundle_parser("train", dataset_dir=images, output_dir=out, ckpt_dir=models,
-                           val_frac=val_frac, test_frac=test_frac, seed=seed, download=False)  # fmt: skip
-    data = parser.get_parsed_content("data")
-    data.prepare()
-    return data.classes
+    flow = workflow("train", run_id="preparing", dataset_dir=images, output_dir=out, ckpt_dir=models,
+                    val_frac=val_frac, test_frac=test_frac, seed=seed, download=False)  # fmt: skip
+    flow.run()
+    flow.finalize()
+    return flow.parser.get_parsed_content("classes")
 
 
 def prepare(dataset_dir: str, work: str, sites: int, shards: str, images: int, seed: int) -> dict:
@@ -101,23 +100,18 @@ def prepare(dataset_dir: str, work: str, sites: int, shards: str, images: int, s
     return {"test": len(split["test"]), "pool": sum(map(len, by_class)), "sites": sizes, "classes": classes}
 
 
-def workflow(names: list[str], run_id: str, **overrides):
+def run(names: list[str], run_id: str, **overrides) -> None:
     """The bundle's workflow of ``configs/<names>.json`` with ``overrides``, run in this process and finalized."""
-    from monai.bundle import ConfigWorkflow
-
-    configs = [os.path.join(BUNDLE_ROOT, "configs", f"{name}.json") for name in names]
-    flow = ConfigWorkflow(config_file=configs, run_id=run_id, workflow_type=None, bundle_root=BUNDLE_ROOT, **overrides)
-    flow.initialize()
+    flow = workflow(*names, run_id=run_id, **overrides)
     flow.run()
     flow.finalize()
-    return flow
 
 
 def evaluate(work: str, models: str, name: str) -> float:
     """The bundle's evaluation of ``models/model.pt`` on the held-out test split: its accuracy."""
     out = os.path.join(work, name, "eval")
-    workflow(["train", "evaluate"], "evaluating", eval_dir=os.path.join(work, "test"), ckpt_dir=models,
-             output_dir=out, dataset_dir=os.path.join(work, "pool"))  # fmt: skip
+    run(["train", "evaluate"], "evaluating", eval_dir=os.path.join(work, "test"), ckpt_dir=models,
+        output_dir=out, dataset_dir=os.path.join(work, "pool"))  # fmt: skip
     with open(os.path.join(out, "metrics.json")) as f:
         return json.load(f)["accuracy"]
 
@@ -155,13 +149,13 @@ def federated(
     args = f"--bundle_root {BUNDLE_ROOT} --sites_dir {os.path.join(work, 'sites')} --local_epochs {local_epochs}"
     args += f" --epochs {rounds * local_epochs} --batch_size {batch_size} --test_frac {test_frac}"
     args += f" --threads {max(1, (os.cpu_count() or 1) // sites)}"  # the sites share this machine's cores
-    # the network as FLARE's server builds it: class and arguments of network_def, for the data's classes
-    parser = bundle_parser("train", dataset_dir=os.path.join(work, "pool"), download=False)
-    arguments = {k: parser.get_parsed_content(f"network_def#{k}") for k in parser["network_def"] if k != "_target_"}
-    network = parser.get_parsed_content("network_def")
+    # the network as FLARE's server builds it: network_def as data (the bundle's description), for the data's classes
+    flow = workflow("train", dataset_dir=os.path.join(work, "pool"), download=False)
+    description = flow.parser.get_parsed_content("description")
+    arguments = {k: v for k, v in description.network_def.items() if k != "_target_"}
     recipe = FedAvgRecipe(
         name="mednist_fedavg",
-        model={"class_path": f"{type(network).__module__}.{type(network).__name__}", "args": arguments},
+        model={"class_path": description.network_def["_target_"], "args": arguments},
         min_clients=sites,
         num_rounds=rounds,
         train_script=os.path.join(BUNDLE_ROOT, "fl", "client.py"),
@@ -179,16 +173,14 @@ def federated(
     models = os.path.join(work, "global", "models")
     os.makedirs(models)
     torch.save(state, os.path.join(models, "model.pt"))
-    description = ModelDescription(report["data"]["classes"])  # the global model's classes travel with it
-    with open(os.path.join(models, FORMAT_FILE), "w") as f:
-        json.dump(description.to_json(), f, indent=4)
-    report["bytes_per_round"] = 2 * sites * sum(v.numel() * v.element_size() for v in network.state_dict().values())
+    description.write(models)  # the global model's description travels with it
+    report["bytes_per_round"] = 2 * sites * sum(v.numel() * v.element_size() for v in state.values())
     report["federated_test_accuracy"] = evaluate(work, models, "global")
     if str(central).lower() in ("true", "1"):
         out, models = os.path.join(work, "central", "out"), os.path.join(work, "central", "models")
         start = time.perf_counter()
-        workflow(["train"], "training", dataset_dir=os.path.join(work, "pool"), output_dir=out, ckpt_dir=models,
-                 epochs=rounds * local_epochs, batch_size=batch_size, val_frac=0.1, test_frac=test_frac, seed=seed)  # fmt: skip
+        run(["train"], "training", dataset_dir=os.path.join(work, "pool"), output_dir=out, ckpt_dir=models,
+            epochs=rounds * local_epochs, batch_size=batch_size, val_frac=0.1, test_frac=test_frac, seed=seed)  # fmt: skip
         report["central_wall_s"] = round(time.perf_counter() - start, 1)
         report["central_test_accuracy"] = evaluate(work, models, "central")
     with open(os.path.join(work, "fl.json"), "w") as f:

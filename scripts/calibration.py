@@ -1,8 +1,8 @@
 """Calibrated confidence and the out-of-distribution score, fitted after training and kept with the model.
 
 Temperature scaling (Guo et al., 2017) divides the logits by the ``T`` that minimises the validation negative
-log-likelihood. The out-of-distribution score is the Mahalanobis distance (Lee et al., 2018) of an image's pooled
-features (``class_layers.flatten``) to the nearest class mean, with the training images' within-class covariance
+log-likelihood. The out-of-distribution score is the Mahalanobis distance (Lee et al., 2018) of an image's features
+(the input of the network's classifier layer) to the nearest class mean, with the training images' within-class covariance
 shrunk as Ledoit and Wolf (2004) do; without features (an export), the energy ``-T * logsumexp(logits / T)``
 (Liu et al., 2020). Thresholds: the validation scores' 97th percentile, so about 3% of unseen MedNIST is flagged.
 ``calibration.json`` and ``calibration.npz`` (no pickle) sit beside ``model.pt``, bound to its weights' hash;
@@ -26,13 +26,13 @@ from monai.metrics import calibration_binning
 from .errors import BundleError
 from .files import atomic_write, is_main_process
 from .model_file import load_model
-from .outputs import FEATURE_LAYER, Outputs
+from .outputs import Outputs
 
 logger = logging.getLogger(__name__)
 UNFLAGGED = 0.97  # share of validation images below the out-of-distribution thresholds
 STATISTICS_IMAGES = 6000  # training images, stratified, that make the class means and covariance
 TEMPERATURES = (0.01, 100.0)  # what a fitted temperature can be: beyond, softmax is all or nothing, or flat
-REFIT = "fit it again: python -m scripts.calibration (see README), or delete it."
+REFIT = "fit it again: run calibrating (README: Commands), or delete it."
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -127,9 +127,9 @@ def weights_sha256(network: torch.nn.Module) -> str:
 class Calibration:
     """A temperature and out-of-distribution statistics fitted for ``weights``; unfitted: T = 1, no threshold."""
 
-    def __init__(self, temperature=1.0, energy_threshold=None, weights="", counts=None):
+    def __init__(self, temperature=1.0, energy_threshold=None, weights="", counts=None, feature_layer=""):
         self.temperature, self.energy_threshold = float(temperature), energy_threshold
-        self.weights, self.counts = weights, dict(counts or {})
+        self.weights, self.counts, self.feature_layer = weights, dict(counts or {}), feature_layer
         self.means = self.precision = self.feature_threshold = None
 
     @property
@@ -137,14 +137,14 @@ class Calibration:
         return self.energy_threshold is not None
 
     @classmethod
-    def fit(cls, validation: dict, statistics: dict | None, weights: str) -> Calibration:
+    def fit(cls, validation: dict, statistics: dict | None, weights: str, feature_layer: str = "") -> Calibration:
         """The temperature and thresholds from ``validation``, the class statistics from ``statistics`` (training
         images), each ``Outputs.gathered()``."""
         logits, labels = validation["logits"], validation["labels"]
         temperature = fit_temperature(logits, labels)
         threshold = float(np.quantile(energy(logits, temperature).numpy(), UNFLAGGED))
         counts = {"threshold_images": len(labels)}
-        calibration = cls(temperature, threshold, weights, counts)
+        calibration = cls(temperature, threshold, weights, counts, feature_layer)
         if statistics is not None and statistics["features"] is not None and validation["features"] is not None:
             features, classes = statistics["features"].double(), statistics["labels"].long()
             present = sorted(set(classes.tolist()))
@@ -172,7 +172,7 @@ class Calibration:
             "temperature": self.temperature,
             "energy_threshold": self.energy_threshold,
             "feature_threshold": self.feature_threshold,
-            "feature_layer": FEATURE_LAYER,
+            "feature_layer": self.feature_layer,
             "unflagged_validation_share": UNFLAGGED,
             "weights_sha256": self.weights,
             **self.counts,
@@ -256,32 +256,21 @@ class Calibration:
 
 
 def npz_arrays(data: bytes, expected: dict[str, tuple]) -> dict[str, np.ndarray]:
-    """The float32 arrays of an ``np.savez`` archive holding exactly ``expected`` (name: shape), each header read and
-    checked before its values are: stored entries of exactly their header's and values' size, no pickle."""
-    from numpy.lib import format as npy
-
+    """The float32 arrays of an ``np.savez`` archive holding exactly ``expected`` (name: shape), read by numpy
+    without pickle. ``data`` is bounded by the caller to what those arrays take, and its entries must be stored,
+    as ``np.savez`` writes them: a deflated one could declare and inflate any size."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        infos = {info.filename: info for info in archive.infolist()}
-    except (zipfile.BadZipFile, ValueError, EOFError) as e:
-        raise ValueError(f"not an np.savez archive ({e})") from e
-    if sorted(infos) != sorted(f"{name}.npy" for name in expected):
-        raise ValueError(f"it holds {sorted(infos)[:4]}, not the arrays {sorted(expected)}")
-    arrays = {}
+        if any(i.compress_type != zipfile.ZIP_STORED for i in zipfile.ZipFile(io.BytesIO(data)).infolist()):
+            raise ValueError("its arrays are compressed (np.savez stores them)")
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            if sorted(archive.files) != sorted(expected):
+                raise ValueError(f"it holds {sorted(archive.files)[:4]}, not the arrays {sorted(expected)}")
+            arrays = {name: archive[name] for name in expected}
+    except (zipfile.BadZipFile, EOFError, OSError, MemoryError) as e:
+        raise ValueError(f"not an np.savez archive of its arrays ({type(e).__name__}: {e})") from e
     for name, shape in expected.items():
-        info = infos[f"{name}.npy"]
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
-            raise ValueError(f"its {name} is compressed (np.savez stores arrays)")
-        with archive.open(info) as f:
-            version = npy.read_magic(f)
-            header = npy.read_array_header_1_0(f) if version == (1, 0) else npy.read_array_header_2_0(f)
-            declared, fortran, dtype = header
-            if declared != tuple(shape) or dtype != np.dtype("<f4"):
-                raise ValueError(f"its {name} is declared {declared} {dtype}, not {tuple(shape)} float32")
-            if info.file_size != f.tell() + 4 * math.prod(shape):
-                raise ValueError(f"its {name} entry is not of its array's size")
-            values = np.frombuffer(f.read(4 * math.prod(shape)), dtype="<f4")
-            arrays[name] = values.reshape(shape, order="F" if fortran else "C").copy()
+        if arrays[name].shape != tuple(shape) or arrays[name].dtype != np.dtype("<f4"):
+            raise ValueError(f"its {name} is {arrays[name].shape} {arrays[name].dtype}, not {tuple(shape)} float32")
     return arrays
 
 
@@ -294,19 +283,16 @@ def arrays_path(path: str) -> str:
     return os.path.splitext(path)[0] + ".npz"
 
 
-def feature_size(network: torch.nn.Module) -> int | None:
-    """How many pooled features ``network`` has at :data:`FEATURE_LAYER`'s output (the classifier's inputs)."""
-    layers = dict(network.named_modules()) if isinstance(network, torch.nn.Module) else {}
-    if not isinstance(layers.get(FEATURE_LAYER), torch.nn.Module) or isinstance(network, torch.jit.ScriptModule):
-        return None
-    linear = [m for m in network.modules() if isinstance(m, torch.nn.Linear)]
-    return linear[-1].in_features if linear else None
+def feature_size(network: torch.nn.Module, feature_layer: str) -> int | None:
+    """How many features ``network`` gives its classifier layer ``feature_layer`` (None for an export)."""
+    layer = dict(network.named_modules()).get(feature_layer) if isinstance(network, torch.nn.Module) else None
+    return layer.in_features if isinstance(layer, torch.nn.Linear) else None
 
 
-def calibration_for(model_path: str | None, network: torch.nn.Module, classes: int) -> Calibration:
-    """The calibration of the loaded model file ``model_path`` (its ``network``): the one an export carries, else
-    ``calibration.json`` beside it, refused if fitted for other weights; unfitted, with a warning, where there
-    is none."""
+def calibration_for(model_path: str | None, network: torch.nn.Module, description) -> Calibration:
+    """The calibration of the loaded model file ``model_path`` (its ``network``, its ``description``): the one an
+    export carries, else ``calibration.json`` beside it, refused if fitted for other weights; unfitted, with a
+    warning, where there is none."""
     if not model_path or not os.path.isfile(model_path):
         return Calibration()
     carried = getattr(network, "calibration", None)
@@ -316,13 +302,14 @@ def calibration_for(model_path: str | None, network: torch.nn.Module, classes: i
     if not os.path.isfile(path):
         logger.warning(f"no calibration beside {model_path}: probabilities are not calibrated, rows flagged")
         return Calibration()
-    calibration = Calibration.load(path, classes, feature_size(network))
+    features = feature_size(network, description.feature_layer)
+    calibration = Calibration.load(path, len(description.classes), features)
     found = weights_sha256(network) if any(True for _ in network.state_dict()) else ""
     if calibration.weights != found:
         raise BundleError(
             f"{path} was fitted for other weights than {model_path} (sha256 {calibration.weights[:12]} against "
             f"{found[:12] or 'unknown: an ONNX model carries its own'}).",
-            "fit it for this model: python -m scripts.calibration --ckpt_dir DIR (see README), or remove it.",
+            f"fit it for this model (run calibrating, README: Commands), or remove it. {REFIT}",
         )
     return calibration
 
@@ -339,24 +326,26 @@ def statistics_subset(items: list[dict], limit: int = STATISTICS_IMAGES) -> list
 
 
 class CalibrationFit:
-    """After training (main process), the step :meth:`run`: ``model_path``'s weights into ``network``, its features
-    on a stratified subset of the ``training`` items and its logits and features on ``validation`` through MONAI
-    evaluators (with ``prepare_batch``, fp32, as evaluation and inference run), fitted and saved beside
-    ``model_path``, for its ``classes``."""
+    """The step after training (main process) :meth:`run`: the model file ``model_path`` (rebuilt from its
+    description), its features on a stratified subset of the ``training`` items and its logits and features on
+    ``validation`` (a loader) through MONAI evaluators (fp32, as evaluation and inference run), fitted and saved
+    beside it."""
 
-    def __init__(self, network, model_path: str, training, validation, prepare_batch, batch_size: int, device):
-        self.network, self.model_path, self.training, self.validation = network, str(model_path), training, validation
-        self.prepare_batch, self.batch_size, self.device = prepare_batch, int(batch_size), device
-        self.path = None
+    def __init__(self, model_path: str, training, validation, batch_size: int, device):
+        self.model_path, self.training, self.validation = str(model_path), training, validation
+        self.batch_size, self.device, self.path = int(batch_size), device, None
 
     def run(self) -> Calibration | None:
         from ignite.handlers import ProgressBar
         from monai.data import DataLoader
         from monai.engines import SupervisedEvaluator
 
+        from .model_file import ModelDescription
+
         if not is_main_process() or not os.path.isfile(self.model_path):
             return None
-        network = load_model(self.model_path, self.device, network=self.network)
+        description = ModelDescription.beside(self.model_path)
+        network = load_model(self.model_path, self.device, description=description)
         subset = statistics_subset(self.training)
         logger.info(
             f"fitting the calibration of {self.model_path}: features of {len(subset)} training images, logits and "
@@ -365,15 +354,16 @@ class CalibrationFit:
         collected = {}
         loader = DataLoader(subset, batch_size=self.batch_size, shuffle=False)
         for name, data in (("statistics", loader), ("validation", self.validation)):
-            outputs = Outputs(network, keep=True)
-            evaluator = SupervisedEvaluator(
-                self.device, data, network, prepare_batch=self.prepare_batch, val_handlers=[outputs], decollate=False
-            )
+            outputs = Outputs(network, description.feature_layer, keep=True)
+            evaluator = SupervisedEvaluator(self.device, data, network, val_handlers=[outputs], decollate=False)
             ProgressBar(desc=f"Calibration ({name})", persist=False).attach(evaluator)
             evaluator.run()
             outputs.hook.handle.remove()
             collected[name] = outputs.gathered()
-        calibration = Calibration.fit(collected["validation"], collected["statistics"], weights_sha256(network))
+        weights = weights_sha256(network)
+        calibration = Calibration.fit(
+            collected["validation"], collected["statistics"], weights, description.feature_layer
+        )
         self.path = calibration_path(self.model_path)
         calibration.save(self.path)
         logits, labels = collected["validation"]["logits"], collected["validation"]["labels"]
@@ -388,32 +378,3 @@ class CalibrationFit:
             f"{calibration.energy_threshold:.3f} (energy); wrote {self.path}"
         )
         return calibration
-
-
-def calibrate(config_file: str = "train", **overrides) -> str:
-    """Fit and save the calibration of a trained ``<ckpt_dir>/model.pt`` on its ``<output_dir>/split.json``, as
-    training's last step does; ``overrides`` are training keys (``--dataset_dir``, ``--ckpt_dir``, ...). Takes
-    the run lock of both folders."""
-    from .config import bundle_parser
-
-    parser = bundle_parser(config_file, download=False, **overrides)
-    subset = {"_target_": "scripts.calibration.statistics_subset", "items": "$@split['training']"}
-    parser["cache#data#training"] = subset  # only the training images the statistics need are preprocessed
-    split_file, model_path = parser.get_parsed_content("split_file"), parser.get_parsed_content("ckpt_path")
-    for path in (split_file, model_path):
-        if not os.path.isfile(path):
-            raise BundleError(f"{path} does not exist.", "pass the --output_dir and --ckpt_dir of a training run.")
-    lock = parser.get_parsed_content("run_lock").acquire()
-    try:
-        parser.get_parsed_content("cache").build()
-        parser.get_parsed_content("calibration_fit").run()
-    finally:
-        lock.release()
-    return calibration_path(model_path)
-
-
-if __name__ == "__main__":
-    import fire
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    fire.Fire(calibrate)

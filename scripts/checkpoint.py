@@ -4,7 +4,6 @@ they hold, and where a resumed run starts."""
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import re
@@ -13,11 +12,11 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
-from monai.handlers import CheckpointLoader
 
 from .errors import BundleError
 from .files import atomic_write, fsync_folder, is_main_process
-from .model_file import FORMAT_FILE, ModelDescription
+from .model_file import FORMAT_FILE, ModelDescription, read_checkpoint
+from .networks import size_of
 
 logger = logging.getLogger(__name__)
 
@@ -66,73 +65,65 @@ class RunSettings:
         pass
 
 
-class TrainingCheckpoints:
-    """A trainer handler saving, with :class:`SafeDiskSaver`, ``model_path`` (the weights at ``evaluator``'s best
-    accuracy so far), the ``description`` of its classes, channels and size beside it (``network_data_format.json``,
-    when the trainer starts), and after every epoch ``checkpoint_epoch=N.pt`` (``state``: anything with a
-    ``state_dict``; the trainer, AMP scaler, best-model record, :class:`RunSettings`). With ``resume_from`` MONAI's
-    ``CheckpointLoader`` restores it all when the trainer starts (the best-model record only while model.pt
-    exists), then older checkpoints are removed. It attaches what its checkpoints hold and follow, before its own
-    handlers: ``early_stop`` (:class:`~scripts.history.EarlyStop`, whose state it saves) and ``history``
-    (:class:`~scripts.history.HistoryWriter`: a kill between the two leaves a history row the resumed run
-    rewrites, never a checkpoint without its row)."""
+class BestModel:
+    """A validation handler: ``model_path``, ``network``'s weights at the evaluator's best ``score_name`` so far
+    (ignite's ``Checkpoint`` with :class:`SafeDiskSaver`: MONAI's ``CheckpointSaver`` writes in place), and its
+    ``description`` beside it before the first. ``state_dict``: the best score, for a resumed run, kept only
+    while ``model_path`` exists."""
 
-    def __init__(self, model_path: str, evaluator: Engine, state: dict, batch_size: int, history, description,
-                 early_stop, resume_from: str = ""):  # fmt: skip
+    def __init__(self, model_path: str, network, description, score_name: str = "val_acc"):
+        self.path, self.description, self.described = str(model_path), description, False
+        folder, name = os.path.split(self.path)
+        self.checkpoint = Checkpoint({"model": network}, SafeDiskSaver(folder), filename_pattern=name,
+                                     score_name=score_name, n_saved=1)  # fmt: skip
+
+    def attach(self, evaluator: Engine) -> None:
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def save(self, evaluator: Engine) -> None:
+        if not self.described and is_main_process():
+            self.description.write(os.path.dirname(os.path.abspath(self.path)))
+            self.described = True
+        self.checkpoint(evaluator)
+
+    def state_dict(self) -> dict:
+        return self.checkpoint.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if os.path.isfile(self.path):
+            self.checkpoint.load_state_dict(state)
+
+
+class TrainingCheckpoint:
+    """A trainer handler: after every epoch ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (:class:`SafeDiskSaver`, the
+    older one removed) holding ``state`` (anything with a ``state_dict``), the trainer, its AMP scaler and the
+    :class:`RunSettings`; with ``resume_from`` (:func:`check_resume`) all of it restored, from the bytes checked,
+    when the trainer starts, then the older checkpoints removed."""
+
+    def __init__(self, ckpt_dir: str, state: dict, batch_size: int, resume_from: str = ""):
         unsaveable = [k for k, v in state.items() if not callable(getattr(v, "state_dict", None))]
         if unsaveable:
-            raise TypeError(f"TrainingCheckpoints: {unsaveable} have no state_dict (a config reference gone astray?)")
-        self.dirname, self.model_file = os.path.split(model_path)
-        self.evaluator, self.resume_from = evaluator, resume_from
-        self.state = {**state, "early_stop": early_stop}
-        self.history, self.description, self.early_stop = history, description, early_stop
-        self.settings = RunSettings(batch_size)
-
-    def write_description(self, trainer: Engine) -> None:
-        if is_main_process():
-            path = os.path.join(self.dirname, FORMAT_FILE)
-            atomic_write(path, lambda f: json.dump(self.description.to_json(), f, indent=4))
+            raise TypeError(f"TrainingCheckpoint: {unsaveable} have no state_dict (a config reference gone astray?)")
+        self.dirname, self.resume_from = str(ckpt_dir), resume_from
+        self.state = {**state, "settings": RunSettings(batch_size)}
 
     def attach(self, trainer: Engine) -> None:
-        self.early_stop.attach(trainer)
-        self.history.attach(trainer)
-        trainer.add_event_handler(Events.STARTED, self.write_description)
-        best_model = Checkpoint(
-            {"model": self.state["model"]},
-            SafeDiskSaver(self.dirname),
-            filename_pattern=self.model_file,
-            score_name="val_acc",
-            n_saved=1,
-        )
-        # on the evaluator once training starts: an evaluation that builds the trainer but never runs it (the Model
-        # Zoo's check_properties of train.json + evaluate.json) keeps its own metrics
-        trainer.add_event_handler(Events.STARTED, lambda _: self.watch(best_model))
-        to_save = {**self.state, "trainer": trainer, "best_model": best_model, "settings": self.settings}
+        to_save = {**self.state, "trainer": trainer}
         if getattr(trainer, "scaler", None) is not None:
             to_save["scaler"] = trainer.scaler  # CUDA AMP gradient scaler
-        checkpoint = Checkpoint(
-            to_save,
-            SafeDiskSaver(self.dirname),
-            score_function=lambda engine: engine.state.epoch,
-            score_name="epoch",
-            n_saved=1,
-            include_self=True,
-        )
+        checkpoint = Checkpoint(to_save, SafeDiskSaver(self.dirname), score_function=lambda e: e.state.epoch,
+                                score_name="epoch", n_saved=1, include_self=True)  # fmt: skip
         trainer.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
         if self.resume_from:
             load = {**to_save, "checkpointer": checkpoint}
-            if not os.path.isfile(os.path.join(self.dirname, self.model_file)):
-                load.pop("best_model")
-            CheckpointLoader(self.resume_from, load, map_location="cpu").attach(trainer)
-            trainer.add_event_handler(Events.STARTED, self.remove_older)
+            trainer.add_event_handler(Events.STARTED, lambda engine: self.resume(engine, load))
 
-    def watch(self, best_model: Checkpoint) -> None:
-        if not self.evaluator.has_event_handler(best_model, Events.EPOCH_COMPLETED):
-            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, best_model)
-
-    def remove_older(self, trainer: Engine) -> None:
-        """Remove the checkpoints older than the one resumed from (a kill after saving can leave two)."""
-        for old in checkpoints(self.dirname):
+    def resume(self, trainer: Engine, to_load: dict) -> None:
+        weights = sum(t.numel() * t.element_size() for t in self.state["model"].state_dict().values())
+        max_epochs = trainer.state.max_epochs  # this run's --epochs, not the checkpoint's (as MONAI's loader)
+        Checkpoint.load_objects(to_load=to_load, checkpoint=read_checkpoint(self.resume_from, weights))
+        trainer.state.max_epochs = max_epochs
+        for old in checkpoints(self.dirname):  # a kill after saving can leave two
             if checkpoint_epoch(old) < checkpoint_epoch(self.resume_from) and is_main_process():
                 os.remove(old)
                 logger.info(f"removed {old}, older than {self.resume_from}")
@@ -148,15 +139,15 @@ def checkpoints(ckpt_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(glob.escape(ckpt_dir), "checkpoint_epoch=*.pt")), key=checkpoint_epoch)
 
 
-def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path: str, description=None) -> str:
+def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path: str, description) -> str:
     """With ``resume``, the newest ``checkpoint_epoch=N.pt`` of ``ckpt_dir`` (else ``""``), refused before any work
-    if missing, unreadable, without run settings, past ``epochs``, of another ``batch_size`` or number of
-    processes (ignite would keep the old epoch length), or trained for another ``description`` (classes,
-    channels, size)."""
+    if missing, not as the bundle writes it (:func:`~scripts.model_file.read_checkpoint`), without run settings,
+    past ``epochs``, of another ``batch_size`` or number of processes (ignite would keep the old epoch length), or
+    trained for another ``description`` (classes, channels, size, network)."""
     if not resume:
         return ""
     beside = os.path.join(os.path.dirname(str(model_path)), FORMAT_FILE)
-    if description is not None and os.path.isfile(beside):
+    if os.path.isfile(beside):
         trained = ModelDescription.beside(str(model_path))
         differs = description.describes(trained)
         if differs:
@@ -172,14 +163,13 @@ def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path
         )
     path = found[-1]
     fix = "delete it to resume from an older one, or train without --resume."
+    ckpt = read_checkpoint(path, size_of(description.network_def))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the run's own checkpoint
         trainer, saved = ckpt["trainer"], ckpt["settings"]
         done = int(trainer["epoch"]) if "epoch" in trainer else trainer["iteration"] // trainer["epoch_length"]
-    except KeyError as e:
+        saved = {"batch_size": int(saved["batch_size"]), "processes": int(saved["processes"])}
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise BundleError(f"the checkpoint {path} lacks {e} (made by an older version?).", fix) from e
-    except Exception as e:
-        raise BundleError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}).", fix) from e
     if epochs < done:
         raise BundleError(
             f"--epochs {epochs} is less than the {done} epochs {path} has already trained.",

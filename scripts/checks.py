@@ -5,7 +5,6 @@ unchecked. The command line's keys must be the configs' (``--epoch`` is refused:
 
 from __future__ import annotations
 
-import ast
 import difflib
 import math
 import os
@@ -13,7 +12,8 @@ import re
 
 import torch
 
-from .errors import BundleError
+from . import networks
+from .errors import BundleError, report_errors_briefly
 
 # the options of `python -m monai.bundle run` itself, and the keys MONAI's experiment tracking adds
 RUN_OPTIONS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
@@ -129,6 +129,11 @@ def text(key, value):
     return value
 
 
+def inputs(key, value):
+    """A path or a list of paths (or none)."""
+    return [path(key, v) for v in value] if isinstance(value, (list, tuple)) else path(key, value)
+
+
 def path(key, value):
     """A file or folder path (or none): not checked for existence here, by the step that reads it."""
     if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -136,6 +141,10 @@ def path(key, value):
     return None if value in (None, "") else os.fspath(value)
 
 
+PATHS = (
+    "bundle_root output_dir ckpt_dir ckpt_path split_file tensorboard_dir download_url input_list model_file eval_dir"
+)
+PATHS = PATHS.split()
 RULES = {  # every key a workflow's check gives, with its rule
     "epochs": integer(1),
     "epoch_length": optional(integer(1)),
@@ -179,25 +188,18 @@ RULES = {  # every key a workflow's check gives, with its rule
     "visualize": optional(lambda key, value: "auto" if value == "auto" else as_bool(value, key)),
     "gradcam_layer": text,
     "pipeline": one_of("batched", "per_sample"),
+    "download_md5": text,
+    "input": inputs,
+    "network": lambda key, value: networks.classifier(value) and value,
+    **dict.fromkeys(PATHS, path),
 }
 PER_SAMPLE = {"augment": True}  # what configs/per_sample.json's pipeline always does
 
 
-def config_ids(config, prefix: str = "") -> set[str]:
-    """Every id of a config, nested ones as ``a#b#0``."""
-    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
-    ids = set()
-    for key, value in items:
-        ids |= {f"{prefix}{key}"} | config_ids(value, f"{prefix}{key}#")
-    return ids
-
-
-def check_command_line(argv: list[str]) -> None:
-    """Refuse a ``--key`` of ``python -m monai.bundle run`` (``argv``) that none of its config files declares (nor,
-    for ``a#b#c``, its parent ``a#b``), naming the closest known key (``--epoch`` -> ``--epochs``): MONAI would
-    add it to the config and ignore it."""
-    from monai.bundle import ConfigParser
-
+def check_command_line(argv: list[str], known: set[str]) -> None:
+    """Refuse a ``--key`` of ``python -m monai.bundle run`` (``argv``) that is not one of the ``known`` keys the
+    workflow checks (``a#b`` keys, overriding a component's argument, aside), naming the closest
+    (``--epoch`` -> ``--epochs``): MONAI would add it to the config and ignore it."""
     if not argv or not argv[0].endswith(os.path.join("monai", "bundle", "__main__.py")) or "run" not in argv[1:2]:
         return  # not the command line (ConfigWorkflow, tests, the Model Zoo's CI)
     options = {}  # --key value and --key=value, as fire reads them
@@ -205,14 +207,7 @@ def check_command_line(argv: list[str]) -> None:
         if arg.startswith("--") and len(arg) > 2:
             key, _, value = arg[2:].partition("=")
             options[key.replace("-", "_")] = value or (argv[i + 1] if i + 1 < len(argv) else "")
-    files = options.get("config_file")
-    if not files:
-        return
-    try:
-        files = ast.literal_eval(files) if files.strip().startswith("[") else files
-        known = config_ids(ConfigParser.load_config_files(files)) | RUN_OPTIONS
-    except Exception:
-        return  # MONAI reports a config file it cannot read
+    known = set(known) | RUN_OPTIONS
     if "tracking" in options:
         known |= TRACKING_KEYS
         if not options["tracking"].lower().endswith((".json", ".yaml", ".yml")):
@@ -221,23 +216,23 @@ def check_command_line(argv: list[str]) -> None:
                 "iteration as a list, which this bundle's batched training does not give.",
                 "pass --tracking configs/mlflow.json (this bundle's MLflow settings, see README).",
             )
-    for key in options:  # a nested key may add an argument to a component the configs declare
-        if key not in known and key.rpartition("#")[0] not in known:
-            close = difflib.get_close_matches(key, sorted(k for k in known if "#" not in k), n=1, cutoff=0.6)
+    for key in options:
+        if key not in known and "#" not in key:
+            close = difflib.get_close_matches(key, sorted(known - RUN_OPTIONS), n=1, cutoff=0.6)
             hint = f"did you mean --{close[0]}? " if close else ""
-            raise BundleError(
-                f"--{key} is not a key of {files}.",
-                f"{hint}The keys are those of the config files (README lists them).",
-            )
+            raise BundleError(f"--{key} is not a key of this workflow.", f"{hint}The keys are those the README lists.")
 
 
 def check_values(argv=None, **keys) -> dict:
-    """``keys`` checked by their :data:`RULES` and converted, after the command line ``argv`` (the configs give
-    ``sys.argv``; None from Python); one message naming the key and the fix for the first bad one."""
+    """The first step of every workflow: from here on a ``BundleError`` ending the process prints as one message
+    (:func:`~scripts.errors.report_errors_briefly`); then the command line ``argv`` (the configs give
+    ``sys.argv``; None from Python) and ``keys``, checked by their :data:`RULES` and converted: one message naming
+    the key and the fix for the first bad one."""
+    report_errors_briefly()
     unknown = set(keys) - set(RULES)
     if unknown:
         raise TypeError(f"check_values got keys without a rule in scripts.checks.RULES: {sorted(unknown)}")
-    check_command_line(argv or [])
+    check_command_line(argv or [], set(keys))
     return {key: RULES[key](key, value) for key, value in keys.items()}
 
 
@@ -289,12 +284,3 @@ def check_class_names(classes, source: str) -> list[str]:
     if twice:
         raise BundleError(f"{source} names the class {twice[0]!r} twice.", "give each class one name.")
     return names
-
-
-def check_batches(images: int, batch_size: int) -> None:
-    """Stop unless the training set fills at least one batch: each epoch leaves out the last partial batch."""
-    if images < batch_size:
-        raise BundleError(
-            f"--batch_size {batch_size} is more than the {images} training images.",
-            f"pass --batch_size {max(1, images)} or less, or train on more images.",
-        )

@@ -19,9 +19,9 @@ from monai.apps.utils import check_hash, extractall
 from monai.data import partition_dataset_classes
 from monai.utils import optional_import
 
-from .checks import check_class_names
+from .checks import as_bool, check_class_names
 from .errors import BundleError
-from .files import atomic_write, remove_stale
+from .files import atomic_write, is_main_process, remove_stale
 from .images import image_suffix
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
@@ -63,8 +63,8 @@ def images_by_class(root: str, classes, key: str) -> dict[str, list[str]]:
 
 
 def file_hash(path: str) -> str:
-    """A digest of a file's bytes: identical images share it."""
-    digest = hashlib.blake2b(digest_size=16)
+    """The SHA-256 of a file's bytes (identical images share it; releases name their files by it)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -104,13 +104,15 @@ def split_by_content(items: list[dict], hashes: list[str], val_frac: float, test
 class ImageData:
     """The images of a run and their split: ``datalist`` (a CSV of ``image,label[,split]``, paths relative to it),
     else MedNIST in ``dataset_dir`` (``dataset_dir/MedNIST``, or ``dataset_dir`` named MedNIST; downloaded there
-    if absent and ``download``), else ``dataset_dir``'s class folders (any names, at least two, in sorted order)."""
+    if absent and ``download``), else ``dataset_dir``'s class folders (any names, at least two, in sorted order);
+    refused if the training part fills no batch of ``batch_size``."""
 
     def __init__(self, dataset_dir, split_file: str, val_frac=0.1, test_frac=0.1, seed=0, datalist=None,
-                 download=True, url: str = "", md5: str = ""):  # fmt: skip
+                 download=True, url: str = "", md5: str = "", batch_size: int = 1):  # fmt: skip
         self.dataset_dir, self.split_file, self.datalist = str(dataset_dir), str(split_file), datalist or None
         self.params = {"seed": int(seed), "val_frac": float(val_frac), "test_frac": float(test_frac)}
-        self.download, self.url, self.md5 = bool(download), url, md5
+        self.download, self.url, self.md5 = as_bool(download, "download"), url, md5
+        self.batch_size = int(batch_size)
         self.prepared, self.report = None, {}
         nested = os.path.join(self.dataset_dir, "MedNIST")
         if self.datalist:
@@ -209,6 +211,10 @@ class ImageData:
             logger.info(f"wrote the data split to {self.split_file}")
         self.prepared = {name: self.on_disk(saved[name]) for name in SPLITS}
         self.report = self.describe(items, hashes, classes)
+        if len(self.prepared["training"]) < self.batch_size:  # each epoch leaves out the last partial batch
+            images = len(self.prepared["training"])
+            raise BundleError(f"--batch_size {self.batch_size} is more than the {images} training images.",
+                              f"pass --batch_size {max(1, images)} or less, or train on more images.")  # fmt: skip
         return self.prepared
 
     def saved_split(self, classes) -> dict | None:
@@ -399,3 +405,81 @@ def eval_datalist(eval_dir, data: ImageData, classes) -> list[dict]:
         )
     saved = data.saved_split(classes)
     return data.on_disk(saved["test"])
+
+
+class DataReport:
+    """A trainer handler writing, when training starts, ``output_dir/data_report.json`` and its summary in the
+    log: from the prepared ``data`` (:class:`ImageData`) and the built ``cache`` (:class:`~scripts.cache.Cache`),
+    images per class and split, identical images (within a part, and across parts: a leak), unreadable files,
+    constant images, the files' kinds and sizes, the class imbalance."""
+
+    def __init__(self, output_dir: str, data, cache):
+        self.path = os.path.join(str(output_dir), "data_report.json")
+        self.data, self.cache = data, cache
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda _: self.write())
+
+    def content(self) -> dict:
+        report = dict(self.data.report)
+        counts = report.get("images", {})
+        training = {c: n["training"] for c, n in counts.items()}
+        seen = self.cache.seen
+        preprocessed = sum(seen["modes"].values())
+        report["imbalance"] = {
+            "training_images_per_class": training,
+            "largest_to_smallest": (
+                round(max(training.values()) / max(1, min(training.values())), 2) if training else None
+            ),
+        }
+        report["preprocessed_images"] = preprocessed
+        report["unreadable"] = [{"path": p, "reason": r} for p, r in self.cache.failed]
+        report["constant_images"] = {"count": len(seen["constant"]), "examples": seen["constant"][:10]}
+        report["kinds"] = dict(seen["modes"].most_common())
+        report["sizes"] = {f"{w}x{h}": n for (w, h), n in seen["sizes"].most_common(20)}
+        report["distinct_sizes"] = len(seen["sizes"])
+        return report
+
+    def write(self) -> dict:
+        """The step: write the report and log its summary (a leak and an imbalance as warnings)."""
+        report = self.content()
+        if is_main_process():
+            atomic_write(self.path, lambda f: json.dump(report, f, indent=1))
+        counts = report["images"]
+        parts = ", ".join(f"{c} {n['training']}/{n['validation']}/{n['test']}" for c, n in counts.items())
+        logger.info(
+            f"data: {report['source']} at {report['root']}; images per class (training/validation/test): {parts}"
+        )
+        alike = report["identical_images"]
+        if alike["groups"]:
+            logger.info(
+                f"data: {alike['images']} images in {alike['groups']} groups of identical files, each group kept "
+                "in one part of the split"
+            )
+        if alike["groups_across_splits"]:
+            logger.warning(
+                f"data: {alike['groups_across_splits']} groups of identical images lie in more than one part (the "
+                f"split given, or an older one): test images also seen in training, e.g. {alike['examples_across_splits'][0]}"
+            )
+        if alike["groups_with_different_labels"]:
+            logger.warning(
+                f"data: {alike['groups_with_different_labels']} groups of identical images have different labels, "
+                f"e.g. {alike['examples_with_different_labels'][0]}"
+            )
+        constant = report["constant_images"]["count"]
+        kinds = ", ".join(f"{k} {n}" for k, n in report["kinds"].items())
+        sizes = ", ".join(f"{s} {n}" for s, n in list(report["sizes"].items())[:3])
+        logger.info(
+            f"data: of {report['preprocessed_images']} preprocessed images, {constant} constant, "
+            f"{len(report['unreadable'])} unreadable; kinds: {kinds}; sizes: {sizes}"
+            f"{' ...' if report['distinct_sizes'] > 3 else ''}"
+        )
+        ratio = report["imbalance"]["largest_to_smallest"]
+        if ratio and ratio >= 3:
+            logger.warning(
+                f"data: the largest class has {ratio}x the training images of the smallest (see --class_weights)"
+            )
+        logger.info(f"wrote {self.path}")
+        return report

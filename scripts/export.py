@@ -17,13 +17,13 @@ import fire
 import torch
 
 from .calibration import calibration_for
-from .config import CONFIGS
 from .errors import BundleError
 from .files import FolderLock, fsync_folder, temporary_folder
-from .model_file import FORMAT_FILE, ModelDescription, load_model
+from .model_file import DESCRIPTION_FILES, ModelDescription, load_model, model_metadata
 from .programs import write_onnx, write_pt2
 
 logger = logging.getLogger(__name__)
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def check_parity(ckpt_path: str, path: str, description: ModelDescription, atol: float = 1e-4) -> float:
@@ -49,11 +49,13 @@ def write_ts(network: torch.nn.Module, path: str, description: ModelDescription)
     the bundle's inference config and the model's metadata (its classes, channels and size)."""
     from monai.data import save_net_with_metadata
 
-    with open(os.path.join(CONFIGS, "inference.json"), "rb") as f:
+    with open(os.path.join(CONFIGS, "inference.json"), "rb") as f:  # carried as a file, as MONAI Deploy reads it
         config = f.read()
+    with open(os.path.join(CONFIGS, "metadata.json"), "rb") as f:
+        metadata = model_metadata(json.loads(f.read(1 << 20)), description)
     with torch.no_grad():
         scripted = torch.jit.script(network.eval())
-    save_net_with_metadata(scripted, path, include_config_vals=False, meta_values=description.metadata(),
+    save_net_with_metadata(scripted, path, include_config_vals=False, meta_values=metadata,
                            more_extra_files={"inference.json": config})  # fmt: skip
 
 
@@ -76,7 +78,7 @@ def export(kind: str, ckpt_path: str = "models/model.pt", out: str | None = None
     try:
         description = ModelDescription.beside(ckpt_path)
         network = load_model(str(ckpt_path), description=description)
-        calibration = calibration_for(str(ckpt_path), network, len(description.classes))
+        calibration = calibration_for(str(ckpt_path), network, description)
         carried = json.dumps(calibration.to_json()) if calibration.fitted else None
         logger.info(f"exporting {ckpt_path} to {out} ({kind}): tracing, writing, then loading it back to compare")
         staging = temporary_folder(folder)  # a folder of its own: the archive inside is named as the file will be
@@ -91,7 +93,9 @@ def export(kind: str, ckpt_path: str = "models/model.pt", out: str | None = None
             gap = check_parity(str(ckpt_path), tmp, description)
             source = os.path.dirname(os.path.abspath(str(ckpt_path)))
             if source != folder:  # what travels beside the model: its description, a .ts's calibration
-                travelling = [FORMAT_FILE] + (["calibration.json"] if kind == "ts" and calibration.fitted else [])
+                travelling = [*DESCRIPTION_FILES] + (
+                    ["calibration.json"] if kind == "ts" and calibration.fitted else []
+                )
                 for name in travelling:
                     if os.path.isfile(os.path.join(source, name)):
                         shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))

@@ -39,9 +39,9 @@ def plot_history(rows: list[dict], path: str) -> None:
 class HistoryWriter:
     """After every epoch, ``history.csv`` and ``training_history.png`` (atomically): the epoch's training loss
     and accuracy, its validation's (blank without one), the learning rate at its start and timings; complete
-    after an early stop or a crash, and a resumed run keeps the earlier rows. Attached by
-    :class:`~scripts.checkpoint.TrainingCheckpoints`, before its checkpoints: a kill between the two leaves a
-    row the resumed run rewrites, never a checkpoint without its row."""
+    after an early stop or a crash, and a resumed run keeps the earlier rows. Listed before the epoch's
+    checkpoint: a kill between the two leaves a row the resumed run rewrites, never a checkpoint without its
+    row."""
 
     def __init__(self, output_dir: str, evaluator: Engine, optimizer: torch.optim.Optimizer):
         self.csv_path = os.path.join(output_dir, "history.csv")
@@ -75,7 +75,6 @@ class HistoryWriter:
 
     def epoch_completed(self, engine: Engine) -> None:
         now, metrics = time.perf_counter(), engine.state.metrics
-        metrics["epoch_lr"] = self.lr  # the learning rate at the epoch's start, among the metrics trackers read
         row = {"epoch": engine.state.epoch, **{k: metrics.get(k, "") for k in ("train_loss", "train_acc")}}
         row.update({k: self.val.get(k, "") for k in ("val_loss", "val_acc")}, lr=self.lr)
         row.update(epoch_time_s=round(now - self.epoch_t0, 3), elapsed_s=round(self.offset + now - self.t0, 3))

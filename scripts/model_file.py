@@ -1,13 +1,13 @@
 """Model files: read into memory once (bounded), accepted only in the forms the bundle writes, loaded from exactly
-the bytes checked; and the model's description (classes, input channels, image size) that travels beside them.
+the bytes checked; and the model's description that travels beside them.
 
 - ``model.pt`` (and training checkpoints): ``torch.save``'s archive layout, entries stored as torch writes them,
   no more bytes declared than the network's weights need (a checkpoint: four times), then
   ``torch.load(weights_only=True)``; every key and shape must be the network's.
 - ``.pt2``, ``.ts``, ``.onnx``: the bundle's own program for the network, with the file's weights
   (:mod:`scripts.programs`).
-- ``network_data_format.json`` beside a model file: its classes, channels and image size, in the form of the
-  ``network_data_format`` of MONAI's ``metadata.json``; without one, the bundle's ``configs/metadata.json``'s.
+- ``network_data_format.json`` (classes, channels, image size; MONAI's metadata form) and ``network.json`` (the
+  network as data, :mod:`scripts.networks`) beside a model file; without them, MedNIST's DenseNet121.
 """
 
 from __future__ import annotations
@@ -17,18 +17,21 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
-from . import programs
+from . import networks, programs
 from .checks import check_class_names
-from .config import CONFIGS, bundle_parser
+from .data import MEDNIST
 from .errors import BundleError
+from .files import atomic_write
+from .networks import NETWORK_FILE
 
 SUFFIXES = (".pt", ".ts", ".pt2", ".onnx")
 MAX_FILE_BYTES = programs.MAX_ARCHIVE_BYTES
 FORMAT_FILE = "network_data_format.json"
+DESCRIPTION_FILES = (FORMAT_FILE, NETWORK_FILE)  # what travels with a model file
 MAX_FORMAT_BYTES = 1 << 20
 CHECKPOINT_ENTRY = re.compile(
     r"data\.pkl|\.format_version|\.storage_alignment|byteorder|version|\.data/version|\.data/serialization_id|data/\d+"
@@ -36,53 +39,67 @@ CHECKPOINT_ENTRY = re.compile(
 TRAIN_FIRST = "train first (it writes models/model.pt), or pass a model.pt saved by this bundle."
 
 
+def network_data_format(classes, in_channels: int, image_size) -> dict:
+    """The ``network_data_format`` of MONAI's ``metadata.json`` for a model of ``classes``, channels and size."""
+    tensor = {"format": "magnitude", "dtype": "float32", "value_range": [0, 1], "is_patch_data": False}
+    image = {"type": "image", "modality": "regular", "num_channels": in_channels, "spatial_shape": list(image_size)}
+    image["channel_def"] = {"0": "image"} if in_channels == 1 else {"0": "R", "1": "G", "2": "B"}
+    pred = {"type": "probabilities", "num_channels": len(classes), "spatial_shape": [len(classes)]}
+    pred["channel_def"] = {str(i): name for i, name in enumerate(classes)}
+    return {"inputs": {"image": {**tensor, **image}}, "outputs": {"pred": {**tensor, **pred, "format": "classes"}}}
+
+
+def densenet121(classes: int, in_channels: int) -> dict:
+    """The bundle's default network_def as data (the network of a model folder without ``network.json``)."""
+    return {"_target_": "monai.networks.nets.DenseNet121", "spatial_dims": 2, "in_channels": in_channels,
+            "out_channels": classes}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ModelDescription:
-    """What a model predicts from and to: its class names (in label order), input channels and image size."""
+    """What a model is: its class names (in label order), input channels, image size, network (``network_def`` as
+    data) and the two layers the bundle reads in it; beside a model file as ``network_data_format.json`` and
+    ``network.json``."""
 
     classes: tuple
     in_channels: int = 1
     image_size: tuple = (64, 64)
+    network_def: dict | None = None
+    feature_layer: str = "class_layers.out"
+    gradcam_layer: str = "features.transition2.relu"
 
     def __post_init__(self):
         object.__setattr__(self, "classes", tuple(self.classes))
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
-
-    def to_json(self) -> dict:
-        """The ``network_data_format`` of MONAI's ``metadata.json`` for this model."""
-        with open(os.path.join(CONFIGS, "metadata.json")) as f:
-            described = json.load(f)["network_data_format"]
-        image, pred = described["inputs"]["image"], described["outputs"]["pred"]
-        image.update(num_channels=self.in_channels, spatial_shape=list(self.image_size))
-        image["channel_def"] = {"0": "image"} if self.in_channels == 1 else {"0": "R", "1": "G", "2": "B"}
-        pred.update(num_channels=len(self.classes), spatial_shape=[len(self.classes)])
-        pred["channel_def"] = {str(i): name for i, name in enumerate(self.classes)}
-        return described
-
-    def metadata(self) -> dict:
-        """configs/metadata.json describing this model: its ``network_data_format``, and for classes other than
-        the bundle's, its task, classes and inputs in words."""
-        with open(os.path.join(CONFIGS, "metadata.json")) as f:
-            metadata = json.load(f)
-        if ModelDescription.from_json(metadata["network_data_format"], "configs/metadata.json") != self:
-            names = ", ".join(self.classes)
-            colour = "three channels (RGB)" if self.in_channels == 3 else "one channel (gray)"
-            size = "x".join(str(s) for s in self.image_size)
-            metadata.update(
-                task=f"Classification of 2D images into {len(self.classes)} classes ({names})",
-                description=f"A DenseNet121 trained with this bundle that classifies {size} images as {names}.",
-                image_classes=f"{colour} image, intensity scaled to [0, 1], {size} pixels",
-                label_classes=", ".join(f"{i}: {name}" for i, name in enumerate(self.classes)),
-                pred_classes=f"{len(self.classes)} class probabilities in the order of label_classes",
-                data_source="the images this model was trained on (not MedNIST)",
-            )
-        metadata["network_data_format"] = self.to_json()
-        return metadata
+        if self.network_def is None:
+            object.__setattr__(self, "network_def", densenet121(len(self.classes), self.in_channels))
 
     @classmethod
-    def from_json(cls, described, source: str) -> ModelDescription:
-        """The description in a ``network_data_format``, checked: 2+ class names, 1 or 3 channels, two sizes in
-        [32, 4096]."""
+    def trained(cls, classes, in_channels, image_size, network, recipe, gradcam_layer=None) -> ModelDescription:
+        """The description of the model a training makes: ``network`` (network_def) as data (``recipe``, a
+        :class:`~scripts.networks.NetworkRecipe`), rebuilt from that data to find its layers: a ``BundleError``,
+        before training, for a network the bundle cannot describe, rebuild or read."""
+        definition, size = recipe.definition(network), [int(s) for s in image_size]
+        rebuilt = networks.build(definition, "network_def")
+        found = networks.layers(rebuilt, int(in_channels), size, len(classes), gradcam_layer)
+        return cls(tuple(classes), int(in_channels), tuple(size), definition, **found)
+
+    def network(self, device="cpu") -> torch.nn.Module:
+        """The untrained network of ``network_def``, on ``device``, in eval mode."""
+        return networks.build(self.network_def, NETWORK_FILE, device)
+
+    def write(self, folder: str) -> None:
+        """``network.json``, then ``network_data_format.json``, in ``folder`` (atomically)."""
+        network = {"network_def": self.network_def, "feature_layer": self.feature_layer}
+        network["gradcam_layer"] = self.gradcam_layer
+        described = network_data_format(self.classes, self.in_channels, self.image_size)
+        for name, content in ((NETWORK_FILE, network), (FORMAT_FILE, described)):
+            atomic_write(os.path.join(folder, name), lambda f, content=content: json.dump(content, f, indent=4))
+
+    @classmethod
+    def from_json(cls, described, source: str, network: dict | None = None) -> ModelDescription:
+        """The description in a ``network_data_format`` (and a ``network.json``'s content), checked: 2+ class
+        names, 1 or 3 channels, two integer sizes in [32, 4096]."""
         try:
             image, pred = described["inputs"]["image"], described["outputs"]["pred"]
             channels, size = image["num_channels"], list(image["spatial_shape"])
@@ -90,24 +107,25 @@ class ModelDescription:
         except (KeyError, TypeError, AttributeError) as e:
             raise BundleError(
                 f"{source} is not a network_data_format the bundle writes (it lacks {e}).",
-                "train the model with this bundle, or delete the file to use configs/metadata.json's.",
+                "train the model with this bundle, or delete the file to use MedNIST's.",
             ) from e
         names = check_class_names(names, source)
-        if channels not in (1, 3) or isinstance(channels, bool):
+        if type(channels) is not int or channels not in (1, 3):
             raise BundleError(f"{source} gives {channels!r} input channels.", "a model of this bundle has 1 or 3.")
-        if len(size) != 2 or not all(isinstance(s, int) and 32 <= s <= 4096 for s in size):
+        if len(size) != 2 or not all(type(s) is int and 32 <= s <= 4096 for s in size):
             raise BundleError(
-                f"{source} gives the image size {size!r}.", "a model of this bundle has two in [32, 4096]."
+                f"{source} gives the image size {size!r}.", "a model of this bundle has two integers in [32, 4096]."
             )
-        return cls(tuple(names), channels, tuple(size))
+        layers = {k: network[k] for k in ("network_def", "feature_layer", "gradcam_layer")} if network else {}
+        return cls(tuple(names), channels, tuple(size), **layers)
 
     @classmethod
     def beside(cls, model_path: str | None) -> ModelDescription:
-        """The description in ``network_data_format.json`` beside ``model_path``, else configs/metadata.json's."""
-        path = os.path.join(os.path.dirname(os.path.abspath(str(model_path or "."))), FORMAT_FILE)
+        """The description beside ``model_path`` (without ``network.json``: DenseNet121), else MedNIST's."""
+        folder = os.path.dirname(os.path.abspath(str(model_path or ".")))
+        path, network = os.path.join(folder, FORMAT_FILE), os.path.join(folder, NETWORK_FILE)
         if not model_path or not os.path.isfile(path):
-            with open(os.path.join(CONFIGS, "metadata.json")) as f:
-                return cls.from_json(json.load(f)["network_data_format"], "configs/metadata.json")
+            return cls(MEDNIST)
         try:
             with open(path, "rb") as f:
                 data = f.read(MAX_FORMAT_BYTES + 1)
@@ -116,7 +134,7 @@ class ModelDescription:
             described = json.loads(data)
         except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
             raise BundleError(f"{path} is not readable JSON ({e}).", "train again, or delete it.") from e
-        return cls.from_json(described, path)
+        return cls.from_json(described, path, networks.read_network(network) if os.path.isfile(network) else None)
 
     def describes(self, other: ModelDescription) -> str:
         """What differs between two descriptions, in words, or ``""``."""
@@ -127,17 +145,34 @@ class ModelDescription:
             problems.append(f"{self.in_channels} against {other.in_channels} input channels")
         if tuple(self.image_size) != tuple(other.image_size):
             problems.append(f"size {list(self.image_size)} against {list(other.image_size)}")
+        if self.network_def != other.network_def:
+            problems.append(f"network {self.network_def} against {other.network_def}")
         return "; ".join(problems)
 
 
-def network_for(description: ModelDescription) -> torch.nn.Module:
-    """configs/inference.json's ``network_def`` (untrained) for ``description``'s channels and classes."""
-    parser = bundle_parser("inference", in_channels=description.in_channels, num_classes=len(description.classes))
-    return parser.get_parsed_content("network_def")
+def model_metadata(metadata: dict, description: ModelDescription) -> dict:
+    """The bundle's ``metadata`` (configs/metadata.json's content) describing ``description``'s model: its
+    network_data_format and, for another model than MedNIST's DenseNet121, its task, network and inputs in words."""
+    metadata = {**metadata, "network_data_format": network_data_format(*astuple(description)[:3])}
+    if description != ModelDescription(MEDNIST):
+        names, size = ", ".join(description.classes), "x".join(str(s) for s in description.image_size)
+        colour = "three channels (RGB)" if description.in_channels == 3 else "one channel (gray)"
+        network = description.network_def["_target_"].rpartition(".")[2]
+        metadata.update(
+            task=f"Classification of 2D images into {len(description.classes)} classes ({names})",
+            description=f"A {network} trained with this bundle that classifies {size} images as {names}.",
+            image_classes=f"{colour} image, intensity scaled to [0, 1], {size} pixels",
+            label_classes=", ".join(f"{i}: {name}" for i, name in enumerate(description.classes)),
+            pred_classes=f"{len(description.classes)} class probabilities in the order of label_classes",
+        )
+        if description.classes != MEDNIST:
+            metadata["data_source"] = "the images this model was trained on (not MedNIST)"
+    return metadata
 
 
-def read_model_file(path: str) -> bytes:
-    """The bytes of ``path``, read once, or a ``BundleError`` naming what is wrong with it."""
+def read_model_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of ``path`` (its size checked before it is read), read once, or a ``BundleError`` naming what is
+    wrong with it."""
     suffix = os.path.splitext(str(path))[1].lower()
     if suffix not in SUFFIXES:
         raise BundleError(f"model file {path} is not a .pt, .ts, .pt2 or .onnx file.", "pass a model of this bundle.")
@@ -146,10 +181,12 @@ def read_model_file(path: str) -> bytes:
             f"model file {path} does not exist.",
             "train first (it writes models/model.pt), export one (see README), or fix the path.",
         )
+    if os.path.getsize(path) > limit:
+        raise BundleError(f"model file {path} is over {limit:,} bytes.", programs.TRUSTED)
     with open(path, "rb") as f:
-        data = f.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
-        raise BundleError(f"model file {path} is over {MAX_FILE_BYTES >> 20} MiB.", programs.TRUSTED)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BundleError(f"model file {path} is over {limit:,} bytes.", programs.TRUSTED)
     return data
 
 
@@ -215,19 +252,32 @@ def pickle_problem(pickled: bytes) -> str | None:
     return None
 
 
-def load_weights(data: bytes, network: torch.nn.Module, path: str, checkpoint: bool = False) -> None:
-    """Load the state dict ``data`` (a ``model.pt``, or a training checkpoint's ``model``) into ``network``, every
-    key and shape the network's."""
-    check_checkpoint_archive(data, path, (4 if checkpoint else 1) * weights_bytes(network) + (4 << 20))
+def unpickled(data: bytes, path: str, budget: int):
+    """``torch.load(weights_only=True)`` of ``data`` once it has ``torch.save``'s layout within ``budget`` bytes."""
+    check_checkpoint_archive(data, path, budget)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise BundleError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first}).", TRAIN_FIRST) from e
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a full training checkpoint
+
+
+def read_checkpoint(path: str, weights: int) -> dict:
+    """A training checkpoint (``checkpoint_epoch=N.pt``) of a network of ``weights`` bytes, read as a model.pt is:
+    at most four times those bytes (the weights and Adam's two moments), ``torch.save``'s layout and pickle."""
+    budget = 4 * weights + (4 << 20)
+    state = unpickled(read_model_file(path, budget), path, budget)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise BundleError(f"checkpoint {path} is not a training checkpoint of this bundle.", TRAIN_FIRST)
+    return state
+
+
+def load_weights(data: bytes, network: torch.nn.Module, path: str) -> None:
+    """Load the state dict ``data`` (a ``model.pt``, or a training checkpoint's ``model``) into ``network``, every
+    key and shape the network's."""
+    state = unpickled(data, path, weights_bytes(network) + (4 << 20))
     expected = network.state_dict()
     if not isinstance(state, dict) or set(state) != set(expected):
         raise BundleError(f"checkpoint {path} does not hold the weights of this bundle's network.", TRAIN_FIRST)
@@ -272,7 +322,7 @@ def load_model(path: str, device="cpu", network: torch.nn.Module | None = None, 
     description = description or ModelDescription.beside(path)
     data = read_model_file(path)
     suffix = os.path.splitext(path)[1].lower()
-    network = network if network is not None else network_for(description)
+    network = network if network is not None else description.network()
     if suffix == ".pt":
         load_weights(data, network, path)
         return network.to(device).eval()

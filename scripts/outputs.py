@@ -1,25 +1,23 @@
 """What an engine predicts, collected once for calibration, evaluation and inference: logits, labels, the batch and
-the pooled features the out-of-distribution score reads."""
+the features the out-of-distribution score reads (the input of the network's classifier layer)."""
 
 from __future__ import annotations
 
 import torch
 from ignite.engine import Engine, Events
 
-FEATURE_LAYER = "class_layers.flatten"  # DenseNet121's pooled features, the classifier's inputs
-
 
 class FeatureHook:
-    """The pooled features of a network's last forward pass (a hook on ``FEATURE_LAYER``; None for an export)."""
+    """The input of ``network``'s layer ``name`` (its classifier) in its last forward pass; None for an export."""
 
-    def __init__(self, network):
+    def __init__(self, network, name: str):
         self.features, self.handle = None, None
-        layer = dict(network.named_modules()).get(FEATURE_LAYER) if isinstance(network, torch.nn.Module) else None
+        layer = dict(network.named_modules()).get(name) if isinstance(network, torch.nn.Module) else None
         if layer is not None and not isinstance(layer, torch.jit.ScriptModule):  # TorchScript takes no hooks
-            self.handle = layer.register_forward_hook(self.keep)
+            self.handle = layer.register_forward_pre_hook(self.keep)
 
-    def keep(self, module, inputs, output) -> None:
-        self.features = output.detach().float().cpu()
+    def keep(self, module, inputs) -> None:
+        self.features = inputs[0].detach().float().cpu()
 
     def take(self) -> torch.Tensor | None:
         features, self.features = self.features, None
@@ -28,11 +26,11 @@ class FeatureHook:
 
 class Outputs:
     """The one collector of what an engine predicts, read by calibration, evaluation and inference: after each
-    iteration ``last`` holds the batch's ``logits``, ``features``, ``labels`` (or None) and ``batch``; with
-    ``keep``, :meth:`gathered` joins every iteration's."""
+    iteration ``last`` holds the batch's ``logits``, ``features`` (the input of ``feature_layer``), ``labels`` (or
+    None) and ``batch``; with ``keep``, :meth:`gathered` joins every iteration's."""
 
-    def __init__(self, network, keep: bool = False):
-        self.hook, self.keep, self.last, self.kept = FeatureHook(network), keep, None, []
+    def __init__(self, network, feature_layer: str, keep: bool = False):
+        self.hook, self.keep, self.last, self.kept = FeatureHook(network, feature_layer), keep, None, []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda _: self.kept.clear())

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from monai.inferers import SimpleInferer
 
+from .checks import as_bool
+
 logger = logging.getLogger(__name__)
 BF16_MIN_SPEEDUP = 1.15  # the probe's threshold: below it, fp32
 MARGIN = 1.1  # the probe decides when its pairs clear the threshold by this factor, either way
@@ -157,6 +159,7 @@ class CpuPrecision:
     :meth:`decide` is the step, logged with its evidence."""
 
     def __init__(self, setting="auto", device="cpu"):
+        setting = "auto" if str(setting).strip().lower() == "auto" else as_bool(setting, "cpu_bf16")
         self.setting, self.on_cpu, self.bf16 = setting, torch.device(device).type == "cpu", None
         self.evidence = ""  # why, once decided
 
@@ -189,12 +192,12 @@ class CpuPrecision:
 
 
 class AutocastInferer(SimpleInferer):
-    """``SimpleInferer`` under CPU bf16 autocast when ``precision`` (:class:`CpuPrecision`) has decided so (at the
-    first call if its step has not run); returns float32 logits."""
+    """``SimpleInferer`` under CPU bf16 autocast when :class:`CpuPrecision` (``setting``, ``device``) decides so, at
+    its first call (logged with the evidence); returns float32 logits."""
 
-    def __init__(self, precision: CpuPrecision):
+    def __init__(self, setting="auto", device="cpu"):
         super().__init__()
-        self.precision = precision
+        self.precision = CpuPrecision(setting, device)
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
         if not self.precision.decide():

@@ -51,22 +51,6 @@ class LossProgressBar(ProgressBar):
         super().attach(engine, *args, **kwargs)
 
 
-class PhaseLine:
-    """A line saying what an engine is about to do and over how much (``"validating 5306 images"``), when it
-    starts: for the phases whose progress bar alone would not say it."""
-
-    def __init__(self, what: str):
-        self.what = what
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self.started)
-
-    def started(self, engine: Engine) -> None:
-        loader = engine.data_loader
-        count = len(loader.dataset) if hasattr(loader, "dataset") else None
-        logger.info(f"{self.what}{f' {count} images' if count is not None else ''}")
-
-
 class TrainingSummary:
     """The last lines of a training (:meth:`log`, its last step): the best validation accuracy and where the model,
     its calibration, history and data report are, and the command that evaluates the test split."""

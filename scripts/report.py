@@ -70,6 +70,15 @@ def scalars(report: dict) -> dict[str, float]:
     return {k: v for k, v in flat.items() if isinstance(v, float) and not math.isnan(v)}
 
 
+def number(value) -> bool:
+    """Whether a metric's value is one number (a Python number or a one-element tensor)."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        or (isinstance(value, torch.Tensor) and value.numel() == 1)
+    )
+
+
 def report_table(metrics: dict) -> str:
     """The classification report as a text table (like scikit-learn's)."""
     lines = [f"{'':>14}{'precision':>11}{'recall':>9}{'f1':>9}{'roc_auc':>9}{'support':>9}"]
@@ -119,7 +128,9 @@ def _json_safe(obj):
 class ClassificationReport:
     """At the end of an evaluation (``EPOCH_COMPLETED``, before MONAI's trackers log) the report of the evaluator's
     metrics and ``outputs`` under the ``model``'s calibration (ECE and NLL before and after, the share flagged out
-    of distribution), for its classes; ``state.metrics`` then become its scalars."""
+    of distribution), for its classes, with every number the config's metrics give (``metrics``); in
+    ``state.metrics`` what is not a number (ignite's report and confusion matrix) gives way to the report's
+    scalars."""
 
     def __init__(self, output_dir: str, outputs, model):
         self.output_dir, self.outputs, self.model = str(output_dir), outputs, model
@@ -142,6 +153,7 @@ class ClassificationReport:
         scores, threshold, kind = calibration.ood_score(logits, gathered["features"])
         flagged = None if threshold is None else float((~(scores <= threshold)).double().mean())
         metrics.update(out_of_distribution_flagged=flagged, ood_score_kind=kind)
+        metrics["metrics"] = {k: float(v) for k, v in engine.state.metrics.items() if number(v)}
         os.makedirs(self.output_dir, exist_ok=True)
         atomic_write(
             os.path.join(self.output_dir, "metrics.json"), lambda f: json.dump(_json_safe(metrics), f, indent=2)
@@ -151,6 +163,6 @@ class ClassificationReport:
         write_csv(os.path.join(self.output_dir, "confusion_matrix.csv"), ["true/predicted", *classes], rows)
         plot_confusion(cm, classes, os.path.join(self.output_dir, "confusion_matrix.png"))
         engine.state.report = metrics
-        engine.state.metrics = scalars(metrics)
+        engine.state.metrics = {**metrics["metrics"], **scalars(metrics)}
         print(report_table(metrics), flush=True)
         logger.info(f"evaluation of {metrics['num_images']} images written to {self.output_dir}")

@@ -10,12 +10,12 @@ import torch
 from .calibration import Calibration, calibration_for
 from .checks import check_values
 from .errors import BundleError
-from .model_file import ExportedModel, ModelDescription, load_model, network_for
+from .model_file import ExportedModel, ModelDescription, load_model
 
 
 class TrainedModel:
-    """The model file ``path``: its :class:`~scripts.model_file.ModelDescription` (beside it, else the bundle's
-    metadata; checked when built), its ``network`` (for a ``.pt`` the bundle's untrained network, channels-last;
+    """The model file ``path``: its :class:`~scripts.model_file.ModelDescription` (beside it, else MedNIST's;
+    checked when built), its ``network`` (for a ``.pt`` the untrained network it describes, channels-last;
     for an export a stand-in module), and after :meth:`load`, the workflow step that reads the file, its weights
     (or program) on ``device`` and ``calibration``."""
 
@@ -27,7 +27,7 @@ class TrainedModel:
         if self.exported:
             self.network = ExportedModel()
         else:
-            self.network = network_for(self.description).to(memory_format=torch.channels_last)  # on its device at load
+            self.network = self.description.network()  # on its device, channels-last, once loaded
         self.calibration, self.loaded = Calibration(), False
 
     @property
@@ -45,8 +45,8 @@ class TrainedModel:
             self.network.set(exported.program, exported.calibration)
         else:
             load_model(self.path, self.device, network=self.network, description=self.description)
-            self.network.to(self.device).eval()
-        self.calibration = calibration_for(self.path, self.network, len(self.classes))
+            self.network.to(self.device, memory_format=torch.channels_last).eval()  # faster convolutions
+        self.calibration = calibration_for(self.path, self.network, self.description)
         self.loaded = True
         return self
 
@@ -66,6 +66,6 @@ def check_inference(model: TrainedModel, argv=None, **keys) -> dict:
     if layer and model.explainable is not None and layer not in dict(model.network.named_modules()):
         raise BundleError(
             f"--gradcam_layer {layer!r} is not a layer of the network.",
-            "pass a module name of network_def, e.g. features.transition2.relu (the default).",
+            f"pass a module name of the model's network, e.g. {model.description.gradcam_layer} (its own).",
         )
     return values

@@ -44,8 +44,9 @@ def bundle_error(message: str):
 
 
 def config_files(*names: str) -> list[str]:
-    """Paths of configs/<name>.json, in order (train.json first for an override such as evaluate)."""
-    return [os.path.join(CONFIGS, f"{name}.json") for name in names]
+    """Paths of configs/<name>.json (or of a path given), in order (train.json first for an override such as
+    evaluate)."""
+    return [name if name.endswith(".json") else os.path.join(CONFIGS, f"{name}.json") for name in names]
 
 
 def workflow(names, run_id: str, **overrides) -> ConfigWorkflow:
@@ -60,6 +61,11 @@ def workflow(names, run_id: str, **overrides) -> ConfigWorkflow:
     )
     wf.initialize()
     return wf
+
+
+def parser(names, run_id: str = "run", **overrides):
+    """The parser of the bundle's initialized workflow of ``configs/<names>.json``: the objects it builds."""
+    return workflow(names, run_id, **overrides).parser
 
 
 def run_workflow(names, run_id: str, **overrides) -> ConfigWorkflow:

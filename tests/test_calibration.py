@@ -122,7 +122,7 @@ def test_arrays_are_bound_to_their_json(tmp_path, monkeypatch, caplog):
     np.savez(tmp_path / "calibration.npz", means=np.zeros((6, 16), np.float32), precision=np.eye(15, dtype=np.float32))
     saved["arrays_sha256"] = hashlib.sha256((tmp_path / "calibration.npz").read_bytes()).hexdigest()
     (tmp_path / "calibration.json").write_text(json.dumps(saved))
-    with bundle_error("its precision is declared (15, 15) float32, not (16, 16) float32"):
+    with bundle_error("its precision is (15, 15) float32, not (16, 16) float32"):
         Calibration.load(path, 6, 16)
     del saved["arrays_sha256"]  # a calibration written before the binding: its arrays are still used
     (tmp_path / "calibration.json").write_text(json.dumps(saved))
@@ -246,7 +246,7 @@ def test_calibration_goes_with_the_model_and_only_with_its_weights(trained, medn
     torch.save(weights, elsewhere / "model.pt")
     with bundle_error("was fitted for other weights than") as found:
         infer(trained, tmp_path / "other", images, ckpt_path=elsewhere / "model.pt")
-    assert "python -m scripts.calibration" in found[0].fix and not (tmp_path / "other").exists()
+    assert "run calibrating" in found[0].fix and not (tmp_path / "other").exists()
 
     for name in ("calibration.json", "calibration.npz"):
         os.remove(elsewhere / name)
@@ -260,13 +260,17 @@ def read_csv(path) -> list[dict]:
 
 
 def test_calibrate_an_already_trained_model(trained, mednist, tmp_path):
+    """``run calibrating`` fits a trained model's calibration as training's last step does."""
     import shutil
 
-    from scripts.calibration import calibrate
+    from conftest import run_workflow
 
     shutil.copytree(trained / "models", tmp_path / "models", ignore=shutil.ignore_patterns("calibration.*"))
-    path = calibrate(dataset_dir=mednist, output_dir=str(trained / "out"), ckpt_dir=str(tmp_path / "models"))
-    fitted = json.loads(open(path).read())
+    shutil.copytree(trained / "out", tmp_path / "out", ignore=shutil.ignore_patterns("tensorboard", ".*"))
+    run_workflow(
+        ("train",), "calibrating", dataset_dir=mednist, output_dir=tmp_path / "out", ckpt_dir=tmp_path / "models"
+    )
+    fitted = json.loads((tmp_path / "models" / "calibration.json").read_text())
     original = json.loads((trained / "models" / "calibration.json").read_text())
     assert fitted["temperature"] == pytest.approx(original["temperature"], rel=1e-4)  # what training's last step fits
     assert fitted["feature_threshold"] == pytest.approx(original["feature_threshold"], rel=1e-3)
@@ -343,6 +347,6 @@ except MemoryError:
     print("MemoryError")
 """
     proc = subprocess.run([sys.executable, "-c", guarded], capture_output=True, text=True, timeout=120)
-    assert "its precision is compressed (np.savez stores arrays)" in proc.stdout, proc.stderr
+    assert "its arrays are compressed (np.savez stores them)" in proc.stdout, proc.stderr
     proc = subprocess.run([sys.executable, "-c", control], capture_output=True, text=True, timeout=120)
     assert "MemoryError" in proc.stdout + proc.stderr

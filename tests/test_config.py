@@ -101,7 +101,7 @@ algo.finalize()
     accuracy = float(proc.stdout.split("fl accuracy ")[1].split()[0])
     with open(elsewhere / "fl" / "eval" / "metrics.json") as f:  # relative to where it was called from
         assert accuracy == pytest.approx(json.load(f)["accuracy"]) and accuracy > 0.5  # the weights it was sent
-    assert "'model.pt', 'network_data_format.json'] fl_weight_diff" in proc.stdout  # what FLARE's server gets
+    assert "'model.pt', 'network.json', 'network_data_format.json'] fl_weight_diff" in proc.stdout  # the server's
 
 
 def test_metadata_has_mandatory_keys():
@@ -205,7 +205,7 @@ MAIN = os.path.join("site-packages", "monai", "bundle", "__main__.py")
     "args, message",
     [
         (["--config_file", TRAIN, "--epoch", "1"], "did you mean --epochs?"),
-        (["--config_file", TRAIN, "--train#trainr#max_epochs", "1"], "The keys are those of the config files"),
+        (["--config_file", TRAIN, "--ouptut_dir", "x"], "did you mean --output_dir?"),
         ([f"--config_file={INFERENCE}", "--bach_size=4"], "did you mean --batch_size?"),
         (["--config_file", f"['{TRAIN}','{os.path.join(CONFIGS, 'evaluate.json')}']", "--eval_dri", "x"], "--eval_dir"),
     ],
@@ -213,19 +213,29 @@ MAIN = os.path.join("site-packages", "monai", "bundle", "__main__.py")
 def test_unknown_command_line_key_is_refused_with_the_closest(args, message):
     from scripts.checks import check_command_line
 
-    with bundle_error("is not a key of") as found:
-        check_command_line([MAIN, "run", "training", *args])
+    with bundle_error("is not a key of this workflow") as found:
+        check_command_line([MAIN, "run", "training", *args], checked_keys(args))
     assert message in found[0].fix
+
+
+def checked_keys(args) -> set[str]:
+    """The keys the workflow of the ``--config_file`` in ``args`` gives its ``check``: those of each file's
+    ``check`` and ``check#key``."""
+    given = next(a.partition("=")[2] or args[i + 1] for i, a in enumerate(args) if a.startswith("--config_file"))
+    keys = set()
+    for path in given.strip("[]").split(","):
+        config = json.load(open(path.strip("'")))
+        keys |= {k for k in config.get("check", {}) if k[0] != "_"} | {k[6:] for k in config if k[:6] == "check#"}
+    return keys
 
 
 def test_known_command_line_keys_pass():
     from scripts.checks import check_command_line
 
     nested = ["--epoch_length", "2", "--tracking", "configs/mlflow.json", "--tracking_uri", "sqlite:///m.db"]
-    check_command_line(
-        [MAIN, "run", "training", "--config_file", TRAIN, "--epochs", "1", "--bundle_root", ".", *nested]
-    )
-    check_command_line(["pytest", "--epoch", "1"])  # not monai.bundle's command line: nothing to check
+    args = ["--config_file", TRAIN, "--epochs", "1", "--bundle_root", ".", "--train#trainer#max_epochs", "1"]
+    check_command_line([MAIN, "run", "training", *args, *nested], checked_keys(args))
+    check_command_line(["pytest", "--epoch", "1"], set())  # not monai.bundle's command line: nothing to check
 
 
 def test_monai_builtin_tracking_is_refused_naming_the_bundle_settings():
@@ -234,22 +244,19 @@ def test_monai_builtin_tracking_is_refused_naming_the_bundle_settings():
     from scripts.checks import check_command_line
 
     with bundle_error("--tracking mlflow: MONAI's built-in tracking settings") as found:
-        check_command_line([MAIN, "run", "training", "--config_file", TRAIN, "--tracking", "mlflow"])
+        check_command_line([MAIN, "run", "training", "--config_file", TRAIN, "--tracking", "mlflow"], set())
     assert "configs/mlflow.json" in found[0].fix
 
 
-PATHS = {"bundle_root", "dataset_dir", "output_dir", "ckpt_dir", "ckpt_path", "split_file", "tensorboard_dir"}
-
-
 def test_every_hyper_parameter_is_checked_and_tracked():
-    """Each value train.json declares above ``check`` (its hyper-parameters, bar the paths, which their users
-    check, and the download source) goes through ``check`` by a rule in ``scripts.checks.RULES``, so a new key
-    cannot go unchecked, and configs/mlflow.json tracks what ``check`` returns."""
+    """Each value train.json declares above ``check`` (its paths and hyper-parameters) goes through ``check`` by a
+    rule in ``scripts.checks.RULES``, so a new key cannot go unchecked (nor its command-line override refused),
+    and configs/mlflow.json tracks what ``check`` returns."""
     from scripts.checks import RULES
 
     config = json.load(open(TRAIN))
     header = list(config)[1 : list(config).index("check")]  # after "imports"
-    declared = set(header) - PATHS - {"download_url", "download_md5", "on_cuda"}
+    declared = set(header) - {"on_cuda"}
     checked = {key for key, value in config["check"].items() if value == f"@{key}"}
     assert declared - checked == set() and checked <= set(RULES)
     assert "$@check" in json.dumps(json.load(open(os.path.join(CONFIGS, "mlflow.json"))))

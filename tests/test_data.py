@@ -184,12 +184,13 @@ def test_dataset_dir_may_be_the_class_folders_parent(mednist, tmp_path):
 
 def _preload(mednist, workers: int, **kwargs):
     """Every synthetic image through the bundle's preprocessing, preloaded by ``workers`` processes."""
+    from conftest import parser
     from scripts.cache import Cache
-    from scripts.config import preprocessing
 
     files = sorted(glob.glob(os.path.join(mednist, "MedNIST", "*", "*.jpeg")))
     data = [{"image": f, "label": i % 6} for i, f in enumerate(files)]
-    return data, Cache({"all": data}, preprocessing((64, 64), 1), workers, **kwargs).build()["all"]
+    preprocessing = parser(("train",)).get_parsed_content("preprocessing")
+    return data, Cache({"all": data}, preprocessing, workers, **kwargs).build()["all"]
 
 
 def test_preload_in_processes_equals_in_process(mednist):

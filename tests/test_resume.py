@@ -46,6 +46,7 @@ def test_kill_at_a_save_loses_nothing_and_resume_finishes(mednist, tmp_path, whe
         *CALIBRATION,
         "checkpoint_epoch=3.pt",
         "model.pt",
+        "network.json",
         "network_data_format.json",
     ]  # no leftovers
     assert loads_as_densenet(models / "model.pt")
@@ -72,6 +73,7 @@ def test_kill_after_a_rename_then_resume_keeps_the_newest(mednist, tmp_path):
         *CALIBRATION,
         "checkpoint_epoch=3.pt",
         "model.pt",
+        "network.json",
         FORMAT_FILE,
     ]
     with open(out / "history.csv") as f:

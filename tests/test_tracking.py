@@ -29,7 +29,7 @@ def test_mlflow_records_training_and_evaluation(mednist, tmp_path):
     params = trained.data.params
     assert (params["epochs"], params["batch_size"], params["learning_rate"]) == ("2", "16", "0.001")
     assert params["dataset_dir"] == str(mednist) and params["zoom_range"] == "[0.9, 1.1]"
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_lr"):
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr group_0"):
         assert [m.step for m in client.get_metric_history(trained.info.run_id, key)] == [1, 2], key
     with open(tmp_path / "out" / "history.csv") as f:
         last = f.read().splitlines()[-1].split(",")

@@ -51,11 +51,11 @@ import time
 
 import fire
 
-from scripts.config import BUNDLE_ROOT as BUNDLE
-from scripts.config import bundle_parser
 from scripts.data import ImageData, images_by_class
 from scripts.errors import BundleError
 from scripts.files import remove_stale
+from tools.bundle import BUNDLE_ROOT as BUNDLE
+from tools.bundle import workflow
 
 TARGETS = {"training_of_bare": 0.95, "inference_of_bare": 0.80}
 BENCHMARK, DECISIONS = "outputs/benchmark.json", "outputs/decisions.json"
@@ -72,9 +72,11 @@ def cpu_name() -> str:
 
 
 def _parser(names: list[str], work: str, dataset_dir: str, num_images: int, overrides: dict):
+    """The parser of the bundle's training workflow (initialized, checked) on a subset of ``num_images``."""
     stride = f"max(1, len(@split['training']) // {num_images})"
-    parser = bundle_parser(
+    flow = workflow(
         *(name.removesuffix(".json") for name in names),
+        run_id="training",
         dataset_dir=dataset_dir,
         output_dir=os.path.join(work, "out"),
         ckpt_dir=os.path.join(work, "models"),
@@ -83,9 +85,8 @@ def _parser(names: list[str], work: str, dataset_dir: str, num_images: int, over
         bench_val=f"$@split['validation'][::{stride}][:{max(1, num_images // 4)}]",
         **overrides,
     )
-    parser.get_parsed_content("initialize")  # seeding, as the bundle's run does
-    parser.get_parsed_content("check")  # the checks of the bundle's run
-    return parser
+    flow.parser.get_parsed_content("check")  # the checks of the bundle's run
+    return flow.parser
 
 
 def training_step(parser):
@@ -191,11 +192,11 @@ def _measure(dataset_dir: str, num_images: int, overrides: dict) -> dict:
     from scripts.precision import bf16_speedup
 
     work = _scratch()
-    parser = _parser(["train.json"], work, dataset_dir, num_images, overrides)
-    parser.update({"cache#data#training": "@bench_train", "cache#data#validation": "@bench_val"})
+    subset = {"cache#data#training": "@bench_train", "cache#data#validation": "@bench_val"}
+    parser = _parser(["train.json"], work, dataset_dir, num_images, {**overrides, **subset})
     batch = parser.get_parsed_content("batch_size")
     result = {"bf16_speedup": round(bf16_speedup(), 2), "batch": batch, "threads": torch.get_num_threads()}
-    precision = parser.get_parsed_content("precision")
+    precision = parser.get_parsed_content("train#inferer").precision
     result["precision"] = "bf16" if precision.decide() else "fp32"
     result["precision_evidence"] = precision.evidence
     bare_step = training_step(_parser(["train.json"], work, dataset_dir, num_images, overrides))
@@ -214,9 +215,10 @@ def _measure(dataset_dir: str, num_images: int, overrides: dict) -> dict:
     with open(os.path.join(work, "out", "split.json")) as f:  # image files, read from disk by inference
         training = json.load(f)["training"]
     files = [os.path.join(root, d["image"]) for d in training[:: max(1, len(training) // num_images)]]
-    inference = bundle_parser("inference", input=files[:num_images], output_dir=os.path.join(work, "inference"))
-    inference.update({"ckpt_dir": os.path.join(work, "models"), "batch_size": batch})
-    network, size = inference.get_parsed_content("network"), inference.get_parsed_content("image_size")
+    inference = workflow("inference", run_id="inference", input=files[:num_images], batch_size=batch,
+                         output_dir=os.path.join(work, "inference"), ckpt_dir=os.path.join(work, "models")).parser  # fmt: skip
+    inference.get_parsed_content("model").load()
+    network, size = inference.get_parsed_content("network_def"), inference.get_parsed_content("image_size")
     pairs = _interleaved(inference.get_parsed_content("evaluator"), forward_step(network, batch, size))
     inference.get_parsed_content("inference")
     result["inference_images"] = len(files[:num_images])
@@ -237,8 +239,8 @@ def _measure_choices(dataset_dir: str, num_images: int, overrides: dict) -> dict
     bare_training(_parser(["train.json"], work, dataset_dir, num_images, overrides), 2)  # the process warms up
     for bf16 in ("false", "true"):
         for channels_last in ("true", "false"):
-            parser = _parser(["train.json"], work, dataset_dir, num_images, {**overrides, "cpu_bf16": bf16})
-            parser["channels_last"] = channels_last
+            choice = {**overrides, "cpu_bf16": bf16, "channels_last": channels_last}
+            parser = _parser(["train.json"], work, dataset_dir, num_images, choice)
             name = f"{'bf16' if bf16 == 'true' else 'fp32'}, {'channels-last' if channels_last == 'true' else 'NCHW'}"
             rates[name] = round(bare_training(parser, CHOICE_IMAGES // parser.get_parsed_content("batch_size")), 1)
     for batch in (32, 128):
@@ -257,8 +259,8 @@ def _measure_choices(dataset_dir: str, num_images: int, overrides: dict) -> dict
 def _measure_per_sample(dataset_dir: str, num_images: int) -> dict:
     """One epoch of configs/per_sample.json over the same training images."""
     work = _scratch()
-    parser = _parser(["train.json", "per_sample.json"], work, dataset_dir, num_images, {})
-    parser.update({"train#dataset#data": "@bench_train", "validate#dataset#data": "@bench_val"})
+    subset = {"train#dataset#data": "@bench_train", "validate#dataset#data": "@bench_val"}
+    parser = _parser(["train.json", "per_sample.json"], work, dataset_dir, num_images, subset)
     times = timed(parser.get_parsed_content("train#trainer"))
     parser.get_parsed_content("training")
     batch = parser.get_parsed_content("batch_size")
@@ -371,7 +373,7 @@ def benchmark(
         return count_decisions(decisions, str(probe_only).lower() in ("true", "1"), load, out or DECISIONS)
     if not dataset_dir:
         sys.exit("ERROR: --dataset_dir is missing. Fix: point it at the folder holding MedNIST (or its images).")
-    config = bundle_parser("train")
+    config = workflow("train").parser
     unknown = [key for key in overrides if key not in config]
     if unknown:  # checked once here, before any round starts a process
         sys.exit(f"ERROR: no key {', '.join(unknown)} in configs/train.json. Fix: override keys that train.json has.")

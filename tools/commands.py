@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 
-from scripts.config import BUNDLE_ROOT
+from tools.bundle import BUNDLE_ROOT
 
 
 def run_bundle(*args: str, log: str | None = None, env: dict | None = None) -> dict:

@@ -27,8 +27,8 @@ import fire
 import numpy as np
 from PIL import Image
 
-from scripts.config import BUNDLE_ROOT
 from scripts.data import ImageData
+from tools.bundle import BUNDLE_ROOT
 from tools.commands import inference, run_bundle
 from tools.dicom import write_dicom
 

@@ -23,8 +23,8 @@ import time
 import fire
 import torch
 
-from scripts.config import bundle_parser
 from tools.benchmark import bare_forward, rate, steps_rate, timed
+from tools.bundle import workflow
 
 
 def _warm_rate(step, batch: int, steps: int) -> float:
@@ -35,8 +35,8 @@ def _warm_rate(step, batch: int, steps: int) -> float:
 
 def _inference_rate(files: list, ckpt_dir: str, work: str, num_workers: int) -> float:
     """The bundle's inference speed on ``files`` from its third batch, as ``tools.benchmark`` times it."""
-    parser = bundle_parser("inference", input=files, ckpt_dir=ckpt_dir, output_dir=f"{work}/nw{num_workers}")
-    parser["dataloader"]["num_workers"] = num_workers
+    output = {"output_dir": f"{work}/nw{num_workers}", "dataloader#num_workers": num_workers}
+    parser = workflow("inference", run_id="inference", input=files, ckpt_dir=ckpt_dir, **output).parser
     times = timed(parser.get_parsed_content("evaluator"))
     parser.get_parsed_content("inference")
     parser.get_parsed_content("finalize")
@@ -65,7 +65,7 @@ def levers(images: str, ckpt_dir: str = "models", num_images: int = 2048) -> Non
         onnx = load_model(export("onnx", os.path.join(ckpt_dir, "model.pt"), os.path.join(work, "model.onnx")))
         out["onnxruntime_forward_img_per_s"] = round(bare_forward(onnx, 64, (64, 64), 10), 1)
 
-        train = bundle_parser("train")
+        train = workflow("train").parser
         model, optimizer = train.get_parsed_content("network"), train.get_parsed_content("optimizer")
         loss, inferer = train.get_parsed_content("loss"), train.get_parsed_content("train#inferer")
         labels = torch.randint(0, 6, (64,))

@@ -7,7 +7,6 @@ reproducible (sorted entries, fixed time and mode): configs, docs, scripts, LICE
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -16,22 +15,15 @@ import fire
 import yaml
 
 from scripts.calibration import calibration_for
-from scripts.config import BUNDLE_ROOT
+from scripts.data import file_hash
 from scripts.errors import BundleError
 from scripts.files import atomic_write
-from scripts.model_file import FORMAT_FILE, ModelDescription, load_model
+from scripts.model_file import DESCRIPTION_FILES, ModelDescription, load_model, model_metadata
+from tools.bundle import BUNDLE_ROOT
 
 NAME = "mednist_classification"
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
-MODELS = ("model.pt", FORMAT_FILE, "calibration.json", "calibration.npz", "model.ts", "model.pt2", "model.onnx")
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+MODELS = ("model.pt", *DESCRIPTION_FILES, "calibration.json", "calibration.npz", "model.ts", "model.pt2", "model.onnx")
 
 
 def published_sha256() -> str | None:
@@ -60,8 +52,8 @@ def release_files(ckpt_dir: str) -> dict[str, str]:
         path = os.path.join(ckpt_dir, name)
         if os.path.isfile(path):
             if name.startswith("calibration"):
-                calibration_for(model, network, len(description.classes))  # readable, for these weights
-            elif name != FORMAT_FILE:
+                calibration_for(model, network, description)  # readable, for these weights
+            elif name not in DESCRIPTION_FILES:
                 load_model(path, description=description)  # the bundle's, loadable without running code
             files[f"models/{name}"] = path
     return files
@@ -72,8 +64,9 @@ def release(ckpt_dir: str = "models", out_dir: str = "dist") -> None:
     than the published one (large_files.yml) is a local build: ``<version>+local.<sha256[:8]>``, and a model
     card whose first line says its figures are the published model's."""
     files = sorted(release_files(ckpt_dir).items())  # first: no empty out_dir is left behind when a model is missing
-    metadata = ModelDescription.beside(os.path.join(ckpt_dir, "model.pt")).metadata()
-    model = sha256(os.path.join(ckpt_dir, "model.pt"))
+    with open(os.path.join(BUNDLE_ROOT, "configs", "metadata.json")) as f:
+        metadata = model_metadata(json.load(f), ModelDescription.beside(os.path.join(ckpt_dir, "model.pt")))
+    model = file_hash(os.path.join(ckpt_dir, "model.pt"))
     replaced = {"configs/metadata.json": (json.dumps(metadata, indent=4) + "\n").encode()}
     if model != published_sha256():
         published = metadata["version"]
@@ -101,7 +94,7 @@ def release(ckpt_dir: str = "models", out_dir: str = "dist") -> None:
                 zf.writestr(info, replaced[arcname], compresslevel=9)
 
     atomic_write(out, write_zip, mode="wb")
-    print(f"{out}  {os.path.getsize(out)} bytes  sha256 {sha256(out)}")
+    print(f"{out}  {os.path.getsize(out)} bytes  sha256 {file_hash(out)}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 import fire
 import torch
 
-from scripts.config import BUNDLE_ROOT as BUNDLE
+from tools.bundle import BUNDLE_ROOT as BUNDLE
 from tools.commands import run_bundle
 
 

@@ -25,9 +25,9 @@ import time
 import fire
 import numpy as np
 
-from scripts.config import bundle_parser
 from scripts.errors import BundleError
 from tools import commands
+from tools.bundle import workflow
 
 LAYERS = "features.transition2.relu,features.transition1.relu,class_layers.relu"
 METHODS = "gradcampp,gradcam"
@@ -122,7 +122,7 @@ def gradcam_figures(test: list[dict], ckpt_dir: str, layers: list[str], methods:
 
     from scripts.pictures import PredictionPicture, gradcam_maps
 
-    parser = bundle_parser("inference", input=[d["image"] for d in test[:1]], ckpt_dir=ckpt_dir)
+    parser = workflow("inference", input=[d["image"] for d in test[:1]], ckpt_dir=ckpt_dir).parser
     model = parser.get_parsed_content("model").load()
     net, classes = model.network, model.classes
     preprocessing = parser.get_parsed_content("preprocessing")
@@ -167,7 +167,7 @@ def trust(
     if not os.path.isfile(split_file) or not os.path.isfile(os.path.join(ckpt_dir, "calibration.json")):
         raise BundleError(f"need {split_file} and {ckpt_dir}/calibration.json.", "train first (it writes both).")
     os.makedirs(work_dir, exist_ok=True)
-    train = bundle_parser("train", dataset_dir=dataset_dir, output_dir=output_dir, ckpt_dir=ckpt_dir, download=False)
+    train = workflow("train", dataset_dir=dataset_dir, output_dir=output_dir, ckpt_dir=ckpt_dir, download=False).parser
     test = train.get_parsed_content("split")["test"]
     test_dir, other_dir = held_out or os.path.join(work_dir, "test"), os.path.join(work_dir, "not_mednist")
     if not held_out:
