@@ -9,7 +9,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 
 import nibabel as nib
 import numpy as np

@@ -12,7 +12,6 @@ import pickle
 import struct
 import subprocess
 import sys
-import time
 import warnings
 import zipfile
 from collections import Counter
