@@ -1,6 +1,6 @@
-"""The preprocessed training and validation images held in memory: built once, before training, in worker
-processes (the transforms hold Python's lock, so threads would not run them in parallel), with what the data report
-needs of each image (its file's kind and size, whether it is constant); and batches sliced from it on the device."""
+"""Preprocessed images held in memory: a dataset built once, at its first use, in worker processes (the transforms
+hold Python's lock, so threads would not run them in parallel), with what the data report needs of each image (its
+file's kind and size, whether it is constant); and batches sliced from it on the device."""
 
 from __future__ import annotations
 
@@ -74,61 +74,54 @@ def _preprocess(transform, items: list[dict]) -> tuple:
     return (np.stack(images) if images else None), rest, failed, seen
 
 
-class Cache:
-    """``data`` (``{"training": [...], "validation": [...]}``) through ``transform`` (the deterministic
-    preprocessing), in memory under the same names after :meth:`build` (the step that does it), each item
-    ``{"image": float32 tensor, "path": its file, ...}`` for a plain ``monai.data.Dataset``. Chunks go to
-    ``num_workers`` forked processes (Linux; else this process) that die with it. Unreadable images are named
-    together at the end, or with ``skip_unreadable`` left out and counted."""
+class CachedDataset(torch.utils.data.Dataset):
+    """A dataset of ``data`` through ``transform`` (the deterministic preprocessing), held in memory: built once, at
+    first use, each item ``{"image": float32 tensor, "path": its file, ...}``. Chunks go to ``num_workers`` forked
+    processes (Linux; else this process) that die with it. Unreadable images are named together, or with
+    ``skip_unreadable`` left out and counted (``failed``); ``seen``: each image's file kind and size, the constant
+    ones, for the data report."""
 
     def __init__(self, data, transform, num_workers: int = 1, skip_unreadable=False, chunk_size: int = 256):
         self.data, self.transform, self.workers = data, transform, max(1, int(num_workers))
         self.skip_unreadable, self.chunk_size = as_bool(skip_unreadable, "skip_unreadable"), chunk_size
-        self.items: dict[str, list[dict]] | None = None
+        self.items: list[dict] | None = None
         self.failed: list[tuple] = []
         self.seen = {"modes": Counter(), "sizes": Counter(), "constant": []}
 
-    def __getitem__(self, name: str) -> list[dict]:
-        if self.items is None:
-            self.build()  # a client that builds the trainer before the workflow's steps (check_properties, MonaiAlgo)
-        return self.items[name]
+    def __len__(self) -> int:
+        return len(self.build())
 
-    def build(self) -> dict[str, list[dict]]:
+    def __getitem__(self, index: int) -> dict:
+        return self.build()[index]
+
+    def build(self) -> list[dict]:
         if self.items is not None:
             return self.items
-        data = {name: list(items) for name, items in self.data.items()}
-        total = sum(map(len, data.values()))
+        listed = list(self.data)
         workers = self.workers if self.workers > 1 and sys.platform.startswith("linux") else 1  # fork: Linux only
-        logger.info(f"preprocessing {total} images into memory ({', '.join(f'{len(v)} {k}' for k, v in data.items())})")
-        bar = tqdm(total=total, desc="Loading dataset") if has_tqdm else None
-        items, pool = {}, None
+        chunks = [listed[i : i + self.chunk_size] for i in range(0, len(listed), self.chunk_size)]
+        bar = tqdm(total=len(listed), desc="Loading dataset") if has_tqdm else None
+        items, pool, start = [], None, time.perf_counter()
         try:
             if workers > 1:
                 fork = multiprocessing.get_context("fork")
                 init = (self.transform, os.getpid())
                 pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_start_worker, initargs=init)
-            for name, listed in data.items():
-                start, items[name] = time.perf_counter(), []
-                chunks = [listed[i : i + self.chunk_size] for i in range(0, len(listed), self.chunk_size)]
-                results = (
-                    pool.map(_preprocess_in_worker, chunks)
-                    if pool
-                    else map(partial(_preprocess, self.transform), chunks)
-                )
-                for stacked, rest, bad, seen in results:
-                    self.failed += bad
-                    if stacked is not None:
-                        tensor = torch.from_numpy(stacked)
-                        items[name] += [{"image": tensor[i], **other} for i, other in enumerate(rest)]
-                    for (mode, size, constant), other in zip(seen, rest):
-                        self.seen["modes"][mode] += 1
-                        self.seen["sizes"][size] += 1
-                        if constant:
-                            self.seen["constant"].append(other["path"])
-                    if bar is not None:
-                        bar.update(len(rest) + len(bad))
-                took = time.perf_counter() - start
-                logger.info(f"cached {len(items[name])} items in {took:.1f} s ({workers} process(es)): {name}")
+            results = (
+                pool.map(_preprocess_in_worker, chunks) if pool else map(partial(_preprocess, self.transform), chunks)
+            )
+            for stacked, rest, bad, seen in results:
+                self.failed += bad
+                if stacked is not None:
+                    tensor = torch.from_numpy(stacked)
+                    items += [{"image": tensor[i], **other} for i, other in enumerate(rest)]
+                for (mode, size, constant), other in zip(seen, rest):
+                    self.seen["modes"][mode] += 1
+                    self.seen["sizes"][size] += 1
+                    if constant:
+                        self.seen["constant"].append(other["path"])
+                if bar is not None:
+                    bar.update(len(rest) + len(bad))
         except BrokenProcessPool as e:  # a worker was killed, e.g. by the out-of-memory killer
             raise BundleError(
                 f"a process preprocessing the images died ({e}).",
@@ -139,6 +132,7 @@ class Cache:
                 pool.shutdown(wait=True, cancel_futures=True)
             if bar is not None:
                 bar.close()
+        logger.info(f"cached {len(items)} images in {time.perf_counter() - start:.1f} s ({workers} process(es))")
         if self.failed:
             listed = "\n".join(f"    {path}: {reason}" for path, reason in self.failed)
             if not self.skip_unreadable:

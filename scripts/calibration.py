@@ -346,7 +346,7 @@ class CalibrationFit:
             return None
         description = ModelDescription.beside(self.model_path)
         network = load_model(self.model_path, self.device, description=description)
-        subset = statistics_subset(self.training)
+        subset = statistics_subset(list(self.training))
         logger.info(
             f"fitting the calibration of {self.model_path}: features of {len(subset)} training images, logits and "
             f"features of {len(self.validation.dataset)} validation images"

@@ -409,13 +409,14 @@ def eval_datalist(eval_dir, data: ImageData, classes) -> list[dict]:
 
 class DataReport:
     """A trainer handler writing, when training starts, ``output_dir/data_report.json`` and its summary in the
-    log: from the prepared ``data`` (:class:`ImageData`) and the built ``cache`` (:class:`~scripts.cache.Cache`),
-    images per class and split, identical images (within a part, and across parts: a leak), unreadable files,
-    constant images, the files' kinds and sizes, the class imbalance."""
+    log: from the prepared ``data`` (:class:`ImageData`) and its ``datasets`` (the built
+    :class:`~scripts.cache.CachedDataset` of training and validation), images per class and split, identical images
+    (within a part, and across parts: a leak), unreadable files, constant images, the files' kinds and sizes, the
+    class imbalance."""
 
-    def __init__(self, output_dir: str, data, cache):
+    def __init__(self, output_dir: str, data, datasets: list):
         self.path = os.path.join(str(output_dir), "data_report.json")
-        self.data, self.cache = data, cache
+        self.data, self.datasets = data, datasets
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -426,7 +427,11 @@ class DataReport:
         report = dict(self.data.report)
         counts = report.get("images", {})
         training = {c: n["training"] for c, n in counts.items()}
-        seen = self.cache.seen
+        seen, failed = {"modes": Counter(), "sizes": Counter(), "constant": []}, []
+        for dataset in self.datasets:  # what a per-sample pipeline's datasets do not record stays empty
+            for key, value in getattr(dataset, "seen", {}).items():
+                seen[key] += value
+            failed += getattr(dataset, "failed", [])
         preprocessed = sum(seen["modes"].values())
         report["imbalance"] = {
             "training_images_per_class": training,
@@ -435,7 +440,7 @@ class DataReport:
             ),
         }
         report["preprocessed_images"] = preprocessed
-        report["unreadable"] = [{"path": p, "reason": r} for p, r in self.cache.failed]
+        report["unreadable"] = [{"path": p, "reason": r} for p, r in failed]
         report["constant_images"] = {"count": len(seen["constant"]), "examples": seen["constant"][:10]}
         report["kinds"] = dict(seen["modes"].most_common())
         report["sizes"] = {f"{w}x{h}": n for (w, h), n in seen["sizes"].most_common(20)}

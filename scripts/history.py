@@ -1,5 +1,5 @@
-"""A training's history (``history.csv`` and its plot, every epoch) and its early stop (on a plateau of the
-validation loss, or at a target accuracy)."""
+"""A training's history (``history.csv`` and its plot, every epoch), its early stop (on a plateau of the validation
+loss, or at a target accuracy) and its summary (where its results are)."""
 
 from __future__ import annotations
 
@@ -125,3 +125,31 @@ class EarlyStop:
 
     def load_state_dict(self, state: dict) -> None:
         self.plateau.load_state_dict(state)
+
+
+class TrainingSummary:
+    """The last lines of a training (:meth:`log`, its last step): the best validation accuracy and where the model,
+    its calibration, history and data report are, and the command that evaluates the test split."""
+
+    def __init__(self, trainer: Engine, evaluator: Engine, model_path: str, output_dir: str, calibration_fit):
+        self.trainer, self.evaluator, self.calibration_fit = trainer, evaluator, calibration_fit
+        self.model_path, self.output_dir = str(model_path), str(output_dir)
+
+    def log(self) -> str:
+        best, epoch = self.evaluator.state.best_metric, self.evaluator.state.best_metric_epoch
+        accuracy = (
+            f"best validation accuracy {best:.4f} (epoch {epoch})"
+            if best is not None and best >= 0
+            else "no validation"
+        )
+        calibration = self.calibration_fit.path
+        lines = [
+            f"training done: {self.trainer.state.epoch} epoch(s), {accuracy}",
+            f"  model: {self.model_path}; calibration: {calibration or 'none (no model.pt, or not the main process)'}",
+            f"  history: {self.output_dir}/history.csv and training_history.png; data: {self.output_dir}/data_report.json",
+            "  test accuracy: python -m monai.bundle run evaluating --config_file "
+            "\"['configs/train.json','configs/evaluate.json']\" with this run's --output_dir and --ckpt_dir",
+        ]
+        for line in lines:
+            logger.info(line)
+        return "\n".join(lines)

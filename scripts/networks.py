@@ -76,23 +76,20 @@ def same(calls: list, arguments: dict) -> bool:
 
 
 class NetworkRecipe:
-    """How ``network_def`` is built, as data: :meth:`listen` (an ``initialize`` step) has torch's
+    """How ``network_def`` is built, as data: made by the workflow's ``initialize``, it has torch's
     module-registration hook keep the arguments of each call of ``target`` (network_def's ``_target_``) while a
     network is built (MONAI hands a component its built object, not its arguments); :meth:`definition` returns
     the call's that rebuilds the trained network, those equal to the defaults left out."""
 
     def __init__(self, target):
         self.target, self.code, self.calls = target, None, []
-
-    def listen(self) -> NetworkRecipe:
-        name = str(self.target).removeprefix("monai.networks.nets.")
-        if self.code is None and name in CLASSIFIERS:  # else definition() refuses it
+        name = str(target).removeprefix("monai.networks.nets.")
+        if name in CLASSIFIERS:  # else definition() refuses it
             built = getattr(nets, name)
             self.code = (built.__init__ if inspect.isclass(built) else built).__code__
             LISTENING.append(self)
             if not HOOKED:
                 HOOKED.append(register_module_module_registration_hook(registered))
-        return self
 
     def definition(self, network: torch.nn.Module) -> dict:
         """network_def as data: ``{"_target_": "monai.networks.nets.X", **arguments}``; a ``BundleError`` if the

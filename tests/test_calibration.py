@@ -267,9 +267,8 @@ def test_calibrate_an_already_trained_model(trained, mednist, tmp_path):
 
     shutil.copytree(trained / "models", tmp_path / "models", ignore=shutil.ignore_patterns("calibration.*"))
     shutil.copytree(trained / "out", tmp_path / "out", ignore=shutil.ignore_patterns("tensorboard", ".*"))
-    run_workflow(
-        ("train",), "calibrating", dataset_dir=mednist, output_dir=tmp_path / "out", ckpt_dir=tmp_path / "models"
-    )
+    folders = {"output_dir": tmp_path / "out", "ckpt_dir": tmp_path / "models"}
+    run_workflow(("train", "calibrate"), "calibrating", dataset_dir=mednist, **folders)
     fitted = json.loads((tmp_path / "models" / "calibration.json").read_text())
     original = json.loads((trained / "models" / "calibration.json").read_text())
     assert fitted["temperature"] == pytest.approx(original["temperature"], rel=1e-4)  # what training's last step fits

@@ -52,7 +52,7 @@ def test_cli_from_another_folder_without_pythonpath(elsewhere, mednist, trained)
     short = {"epochs": 1, "epoch_length": 2, **FAST}
     proc = run_bundle("run", "training", "--config_file", TRAIN, cwd=elsewhere, bundle_root=BUNDLE,
                       dataset_dir=mednist, **folders, **short)  # fmt: skip
-    assert "val_acc" in proc.stdout and "device: cpu" in proc.stdout and "cached 96 items" in proc.stdout
+    assert "val_acc" in proc.stdout and "device: cpu" in proc.stdout and "cached 96 images" in proc.stdout
     image = os.path.join(mednist, "MedNIST", "Hand", "000000.jpeg")
     run_bundle("run", "inference", "--config_file", INFERENCE, cwd=elsewhere, bundle_root=BUNDLE, input=image,
                output_dir=elsewhere / "inf", ckpt_dir=trained / "models")  # fmt: skip

@@ -185,12 +185,12 @@ def test_dataset_dir_may_be_the_class_folders_parent(mednist, tmp_path):
 def _preload(mednist, workers: int, **kwargs):
     """Every synthetic image through the bundle's preprocessing, preloaded by ``workers`` processes."""
     from conftest import parser
-    from scripts.cache import Cache
+    from scripts.cache import CachedDataset
 
     files = sorted(glob.glob(os.path.join(mednist, "MedNIST", "*", "*.jpeg")))
     data = [{"image": f, "label": i % 6} for i, f in enumerate(files)]
-    preprocessing = parser(("train",)).get_parsed_content("preprocessing")
-    return data, Cache({"all": data}, preprocessing, workers, **kwargs).build()["all"]
+    preprocessing = parser(("train",)).get_parsed_content("train#preprocessing")
+    return data, CachedDataset(data, preprocessing, workers, **kwargs).build()
 
 
 def test_preload_in_processes_equals_in_process(mednist):
@@ -226,19 +226,19 @@ def test_every_unreadable_image_is_named_then_skipped_on_request(workers, mednis
     assert os.listdir(tmp_path / "models") == [".mednist.lock"]  # no model or checkpoint written
 
     wf = train(data, tmp_path, cache_num_workers=workers, skip_unreadable=True, **FAST)
-    cached = wf.parser.get_parsed_content("cache").items
-    assert sum(map(len, cached.values())) == len(kept) - 3
-    assert not {str(data / "MedNIST" / n) for n in bad} & {d["path"] for v in cached.values() for d in v}
+    cached = [list(wf.parser.get_parsed_content(f"{part}#dataset")) for part in ("train", "validate")]
+    assert sum(map(len, cached)) == len(kept) - 3
+    assert not {str(data / "MedNIST" / n) for n in bad} & {d["path"] for v in cached for d in v}
 
 
 def test_dead_worker_is_reported():
     from monai.transforms import Lambdad
 
-    from scripts.cache import Cache
+    from scripts.cache import CachedDataset
 
     data = [{"image": i} for i in range(40)]
     with bundle_error("a process preprocessing the images died") as found:
-        Cache({"all": data}, Lambdad("image", lambda x: os._exit(9)), num_workers=2, chunk_size=4).build()
+        CachedDataset(data, Lambdad("image", lambda x: os._exit(9)), num_workers=2, chunk_size=4).build()
     assert "--cache_num_workers" in found[0].fix
 
 
@@ -283,13 +283,13 @@ def test_cache_workers_die_with_their_parent(tmp_path):
     script = f"""
 import os, sys, time
 sys.path.insert(0, {BUNDLE!r})
-from scripts.cache import Cache
+from scripts.cache import CachedDataset
 
 def block(item):  # each worker reports its process id, then works forever
     open(os.path.join({str(tmp_path)!r}, str(os.getpid())), "w").close()
     time.sleep(600)
 
-Cache({{"x": [{{"image": i}} for i in range(8)]}}, block, num_workers=2, chunk_size=1).build()
+CachedDataset([{{"image": i}} for i in range(8)], block, num_workers=2, chunk_size=1).build()
 """
     parent = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.monotonic() + 120

@@ -246,8 +246,8 @@ def test_preprocessing_of_an_extreme_shape_is_by_area(tmp_path):
 
     path = str(tmp_path / "wide.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (1, 2_000_000), dtype=np.uint8)).save(path)
-    for names in (("train",), ("inference",)):
-        transforms = parser(names, input=path).get_parsed_content("preprocessing").transforms
+    for names, key in ((("train",), "train#preprocessing"), (("inference",), "preprocessing")):
+        transforms = parser(names, input=path).get_parsed_content(key).transforms
         (resize,) = [t for t in transforms if isinstance(t, Resized)]
         assert resize.resizer.mode == "area" and not resize.resizer.anti_aliasing
     item = parser(("inference",), input=path).get_parsed_content("dataset")[0]
@@ -279,7 +279,7 @@ from scripts.inputs import reason
 errors = []
 for f in {files!r}:
     errors.append(parser(("inference",), input=f).get_parsed_content("dataset")[0]["error"])
-preprocessing = parser(("train",)).get_parsed_content("preprocessing")
+preprocessing = parser(("train",)).get_parsed_content("train#preprocessing")
 for f in {files!r}:
     try:
         preprocessing({{"image": f}})

@@ -70,7 +70,7 @@ def test_two_processes_train_one_model_and_stop_early_together(mednist, tmp_path
         "network_data_format.json",
     ]
     # each rank preprocessed its own half of the 96 training and 12 validation images
-    assert all(re.findall(r"cached (\d+) items", log) == ["48", "6"] for log in logs)
+    assert all(re.findall(r"cached (\d+) images", log) == ["48", "6"] for log in logs)
     net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=6, norm="instance")
     net.load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))  # no "module." prefix
     events = [f for f in os.listdir(tmp_path / "out") if f.startswith("events.out.tfevents")]

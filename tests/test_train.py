@@ -101,7 +101,7 @@ def test_split_is_disjoint_stratified_and_reused(trained, mednist, tmp_path):
     # a second run with the same output_dir reuses exactly that split
     wf = train(mednist, tmp_path, epochs=1, output_dir=trained / "out", **FAST, **{"epoch_length": 1})
     assert split_file.read_bytes() == before
-    assert [d["path"] for d in wf.parser.get_parsed_content("cache")["training"]] == [
+    assert [d["path"] for d in wf.parser.get_parsed_content("train#dataset")] == [
         os.path.join(mednist, "MedNIST", d["image"]) for d in split["training"]
     ]
     # a different fraction with the same output_dir is refused rather than silently re-split

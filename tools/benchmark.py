@@ -192,7 +192,7 @@ def _measure(dataset_dir: str, num_images: int, overrides: dict) -> dict:
     from scripts.precision import bf16_speedup
 
     work = _scratch()
-    subset = {"cache#data#training": "@bench_train", "cache#data#validation": "@bench_val"}
+    subset = {"train#dataset#data": "@bench_train", "validate#dataset#data": "@bench_val"}
     parser = _parser(["train.json"], work, dataset_dir, num_images, {**overrides, **subset})
     batch = parser.get_parsed_content("batch_size")
     result = {"bf16_speedup": round(bf16_speedup(), 2), "batch": batch, "threads": torch.get_num_threads()}

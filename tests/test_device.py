@@ -1,4 +1,4 @@
-"""The CPU thread governor (scripts/threads.py): every core while it is the faster, half while a busy neighbour
+"""The CPU thread governor (scripts/device.py): every core while it is the faster, half while a busy neighbour
 makes every core slower, back when the neighbour stops; driven by an Ignite engine whose steps take the time a
 thread count is given (a clock injected, no timing luck)."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-import scripts.threads
-from scripts.threads import MARGIN, ThreadGovernor, choose
+import scripts.device
+from scripts.device import MARGIN, Device, choose
 
 
 @pytest.fixture
@@ -29,17 +29,17 @@ def test_half_the_threads_only_when_clearly_faster():
 
 
 def run_governed(monkeypatch, costs_at, iterations: int, **kwargs) -> list[int]:
-    """An engine of ``iterations`` steps under a ThreadGovernor, each step taking ``costs_at(iteration)[threads]``
+    """An engine of ``iterations`` steps under a Device, each step taking ``costs_at(iteration)[threads]``
     seconds of an injected clock: the thread count of each step."""
     clock, used = {"now": 0.0}, []
-    monkeypatch.setattr(scripts.threads.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(scripts.device.time, "perf_counter", lambda: clock["now"])
 
     def step(engine, batch):
         used.append(torch.get_num_threads())
         clock["now"] += costs_at(engine.state.iteration)[used[-1]]
 
     engine = Engine(step)
-    ThreadGovernor("cpu", threads=0, **kwargs).attach(engine)
+    Device("cpu", threads=0, **kwargs).attach(engine)
     engine.run(range(iterations), max_epochs=1)
     return used
 
@@ -48,7 +48,7 @@ BUSY, QUIET = {2: 3.0, 1: 1.2}, {2: 1.0, 1: 1.7}  # seconds a step takes at 2 an
 
 
 def test_the_governor_follows_a_neighbour_that_starts_and_stops(two_threads, monkeypatch, caplog):
-    with caplog.at_level(logging.INFO, logger="scripts.threads"):
+    with caplog.at_level(logging.INFO, logger="scripts.device"):
         used = run_governed(monkeypatch, lambda i: BUSY if 11 <= i <= 30 else QUIET, 50, period=10, trial=2, first=2)
     # used[i - 1]: iteration i. The first trial (2-5) keeps every core; steps at 11-13 slow down: a trial at 14-17
     # changes to half; at half, a trial every 10 iterations: 28-31 (still busy), 42-45 (quiet again: every core)
@@ -69,10 +69,10 @@ def test_a_quiet_machine_runs_one_trial_in_all(two_threads, monkeypatch):
 
 def test_a_fixed_count_and_other_devices(two_threads, caplog):
     engine = Engine(lambda e, b: None)
-    with caplog.at_level(logging.INFO, logger="scripts.threads"):
-        ThreadGovernor("cpu", threads=1).attach(engine)
+    with caplog.at_level(logging.INFO, logger="scripts.device"):
+        Device("cpu", threads=1).attach(engine)
     assert torch.get_num_threads() == 1 and "CPU threads: 1 (--cpu_threads" in caplog.text
     torch.set_num_threads(2)
-    governor = ThreadGovernor("cuda", threads=1)
+    governor = Device("cuda", threads=1)
     governor.attach(engine)  # not the CPU's business
     assert torch.get_num_threads() == 2 and not engine.has_event_handler(governor.started)

@@ -1,8 +1,9 @@
-"""CPU threads that hold up when another process is busy on the same cores.
+"""The training's compute device: logged when training starts (GPU, CUDA, memory; or CPU threads) and ends (its
+time, peak GPU memory), and on a CPU, threads that hold up when another process is busy on the same cores.
 
 With every core's thread in use, OpenMP's threads meet at a barrier after each operation: when another process
 holds one core, the thread waiting on it stalls the others, and a training step slows several-fold, not by the
-share of the CPU it lost (the model card measures it). :class:`ThreadGovernor` keeps torch's default (every core)
+share of the CPU it lost (the model card measures it). :class:`Device` keeps torch's default (every core)
 while it is the faster and half the threads while they are, by trials: a few iterations timed with each count,
 the faster kept (every core unless half is ``MARGIN`` faster). A trial runs once early in the run, whenever steps
 at every core become ``SLOWER`` than their best (a neighbour started), and every ``period`` iterations while at
@@ -32,13 +33,15 @@ def choose(full: list[float], half: list[float], threads: tuple[int, int]) -> tu
     return (threads[1] if ratio >= MARGIN else threads[0]), ratio
 
 
-class ThreadGovernor:
-    """Ignite handler of the training engine on a CPU: ``threads`` 0 adapts (see the module), N fixes N threads.
-    A trial times ``trial`` iterations at every core, then ``trial`` at half; the first starts at iteration
-    ``first``; a change is logged."""
+class Device:
+    """Ignite handler of the training engine: logs the device at the start and the run's time (and peak GPU
+    memory) at the end; on a CPU, ``threads`` 0 adapts (see the module), N fixes N threads. A trial times
+    ``trial`` iterations at every core, then ``trial`` at half; the first starts at iteration ``first``; a
+    change is logged."""
 
     def __init__(self, device, threads: int = 0, period: int = 200, trial: int = 3, first: int = 4):
-        self.on_cpu = torch.device(device).type == "cpu"
+        self.device = torch.device(device)
+        self.on_cpu = self.device.type == "cpu"
         self.setting, self.period, self.trial, self.first = int(threads), int(period), int(trial), int(first)
         self.full = torch.get_num_threads()
         self.threads = (self.full, max(1, self.full // 2))
@@ -48,6 +51,8 @@ class ThreadGovernor:
         self.times: dict[int, list[float]] = {}
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.log_device)
+        engine.add_event_handler(Events.COMPLETED, self.log_time)
         if not self.on_cpu:
             return
         if self.setting:
@@ -57,6 +62,24 @@ class ThreadGovernor:
         if self.full > 1:
             engine.add_event_handler(Events.ITERATION_STARTED, self.started)
             engine.add_event_handler(Events.ITERATION_COMPLETED, self.completed)
+
+    def log_device(self, engine: Engine) -> None:
+        self.t0 = time.perf_counter()
+        if torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            logger.info(f"rank {rank} of {world} ({torch.distributed.get_backend()})")
+        if self.device.type == "cuda":
+            p = torch.cuda.get_device_properties(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            about = f"{p.name}, CUDA {torch.version.cuda}, {p.total_memory / 2**30:.1f} GiB"
+        else:
+            about = f"({torch.get_num_threads()} threads)"
+        logger.info(f"device: {self.device} {about}, torch {torch.__version__}")
+
+    def log_time(self, engine: Engine) -> None:
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        memory = f", peak GPU memory {peak:.2f} GiB" if peak is not None else ""
+        logger.info(f"run finished in {time.perf_counter() - self.t0:.1f} s{memory}")
 
     def phase(self, iteration: int) -> int | None:
         """The thread count ``iteration`` is timed at in a trial, or None outside one."""
