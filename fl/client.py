@@ -22,9 +22,10 @@ from nvflare.app_common.abstract.fl_model import ParamsType
 from nvflare.client.tracking import SummaryWriter
 
 
-def site_algo(bundle_root: str, site_dir: str, local_epochs: int, overrides: dict) -> MonaiAlgo:
-    """``MonaiAlgo`` on the bundle's own configs, with the site's folders (and ``overrides``) for training and
-    for evaluating the global weights on the site's test split."""
+def site_algo(bundle_root: str, site_dir: str, local_epochs: int, overrides: dict, network: str = "") -> MonaiAlgo:
+    """``MonaiAlgo`` on the bundle's own configs (and ``network``, a JSON holding another ``network_def``), with the
+    site's folders (and ``overrides``) for training and for evaluating the global weights on the site's test split,
+    with the network the site's model folder describes."""
     folders = {"dataset_dir": os.path.join(site_dir, "images"), "output_dir": os.path.join(site_dir, "out")}
     folders["download"] = False  # the site's class folders in images/, its runs' files beside them
     folders["ckpt_dir"] = os.path.join(site_dir, "models")
@@ -32,7 +33,7 @@ def site_algo(bundle_root: str, site_dir: str, local_epochs: int, overrides: dic
     return MonaiAlgo(
         bundle_root=bundle_root,
         local_epochs=local_epochs,
-        config_train_filename="configs/train.json",
+        config_train_filename=["configs/train.json", *([network] if network else [])],
         train_kwargs=dict(common),
         config_evaluate_filename=["configs/train.json", "configs/evaluate.json"],
         eval_kwargs={
@@ -53,13 +54,14 @@ def main() -> None:
     parser.add_argument("--val_frac", type=float, default=0.1)
     parser.add_argument("--test_frac", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=0, help="torch threads of this site (0: torch's default)")
+    parser.add_argument("--network", default="", help="a JSON holding another network_def")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     flare.init()
     site = flare.get_site_name()
     overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "val_frac", "test_frac")}
-    algo = site_algo(args.bundle_root, os.path.join(args.sites_dir, site), args.local_epochs, overrides)
+    algo = site_algo(args.bundle_root, os.path.join(args.sites_dir, site), args.local_epochs, overrides, args.network)
     algo.initialize(extra={"CLIENT_NAME": site})
     writer = SummaryWriter()
     while flare.is_running():

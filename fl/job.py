@@ -4,6 +4,7 @@
     pip install -r requirements-fl.txt
     python fl/job.py --dataset_dir /path/holding/MedNIST --work_dir /tmp/fl [--sites 3] [--shards iid|skewed]
                      [--images 9600] [--rounds 3] [--local_epochs 1] [--test_frac 0.01] [--central true]
+                     [--network resnet18.json]
 
 From the repository root. The development images are split as the bundle splits them (seed 0): the test split
 is held aside, the rest (``--images`` of it, stratified) is sharded over the sites: ``iid`` (each class evenly)
@@ -63,7 +64,7 @@ def prepare_site(site_dir: str, val_frac: float, test_frac: float, seed: int) ->
     MONAI FL's ``MonaiAlgo`` then reads; the site's classes."""
     out = os.path.join(site_dir, "out")
     images, models = os.path.join(site_dir, "images"), os.path.join(site_dir, "models")
-    flow = workflow("train", run_id="preparing", dataset_dir=images, output_dir=out, ckpt_dir=models,
+    flow = workflow("train", "prepare", run_id="preparing", dataset_dir=images, output_dir=out, ckpt_dir=models,
                     val_frac=val_frac, test_frac=test_frac, seed=seed, download=False)  # fmt: skip
     flow.run()
     flow.finalize()
@@ -128,8 +129,10 @@ def federated(
     test_frac: float = 0.01,
     central: bool = False,
     seed: int = 0,
+    network: str = "",
 ) -> None:
-    """Shard, train with FedAvg in FLARE's simulator, evaluate the global model (and a central one)."""
+    """Shard, train with FedAvg in FLARE's simulator, evaluate the global model (and a central one); ``network``: a
+    JSON holding another ``network_def`` (README: Use another network) for every site and the central run."""
     from nvflare.apis.dxo import DataKind
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.recipe import SimEnv, add_experiment_tracking
@@ -146,12 +149,17 @@ def federated(
         if site_classes != report["data"]["classes"]:
             sys.exit(f"ERROR: {site} has the classes {site_classes}, not {report['data']['classes']}. "
                      "Fix: give every site images of every class (more --images).")  # fmt: skip
+    configs = ["train", os.path.abspath(network)] if network else ["train"]
     args = f"--bundle_root {BUNDLE_ROOT} --sites_dir {os.path.join(work, 'sites')} --local_epochs {local_epochs}"
     args += f" --epochs {rounds * local_epochs} --batch_size {batch_size} --test_frac {test_frac}"
     args += f" --threads {max(1, (os.cpu_count() or 1) // sites)}"  # the sites share this machine's cores
-    # the network as FLARE's server builds it: network_def as data (the bundle's description), for the data's classes
-    flow = workflow("train", dataset_dir=os.path.join(work, "pool"), download=False)
+    args += f" --network {configs[-1]}" if network else ""
+    # the network as FLARE's server builds it: network_def as data (the bundle's description), for the data's
+    # classes; each site's model folder holds it, so that the global model is evaluated before a site trains
+    flow = workflow(*configs, dataset_dir=os.path.join(work, "pool"), download=False)
     description = flow.parser.get_parsed_content("description")
+    for site in report["data"]["sites"]:
+        description.write(os.path.join(work, "sites", site, "models"))
     arguments = {k: v for k, v in description.network_def.items() if k != "_target_"}
     recipe = FedAvgRecipe(
         name="mednist_fedavg",
@@ -179,7 +187,7 @@ def federated(
     if str(central).lower() in ("true", "1"):
         out, models = os.path.join(work, "central", "out"), os.path.join(work, "central", "models")
         start = time.perf_counter()
-        run(["train"], "training", dataset_dir=os.path.join(work, "pool"), output_dir=out, ckpt_dir=models,
+        run(configs, "training", dataset_dir=os.path.join(work, "pool"), output_dir=out, ckpt_dir=models,
             epochs=rounds * local_epochs, batch_size=batch_size, val_frac=0.1, test_frac=test_frac, seed=seed)  # fmt: skip
         report["central_wall_s"] = round(time.perf_counter() - start, 1)
         report["central_test_accuracy"] = evaluate(work, models, "central")

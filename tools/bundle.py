@@ -9,11 +9,11 @@ BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def workflow(*names: str, run_id: str = "run", **overrides):
-    """The initialized ``ConfigWorkflow`` of ``configs/<names>.json`` (merged in order) with ``overrides``; its
-    ``parser`` gives the objects it builds."""
+    """The initialized ``ConfigWorkflow`` of ``configs/<names>.json`` (or of a path given; merged in order) with
+    ``overrides``; its ``parser`` gives the objects it builds."""
     from monai.bundle import ConfigWorkflow
 
-    configs = [os.path.join(BUNDLE_ROOT, "configs", f"{name}.json") for name in names]
+    configs = [n if n.endswith(".json") else os.path.join(BUNDLE_ROOT, "configs", f"{n}.json") for n in names]
     flow = ConfigWorkflow(config_file=configs, meta_file=os.path.join(BUNDLE_ROOT, "configs", "metadata.json"),
                           run_id=run_id, workflow_type=None, bundle_root=BUNDLE_ROOT, **overrides)  # fmt: skip
     flow.initialize()
