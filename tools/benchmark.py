@@ -2,7 +2,7 @@
 
     python -m tools.benchmark --dataset_dir /path/holding/MedNIST [--num_images 2048] [--repeats 3]
                                 [--per_sample false] [--choices false] [--load 0] [--out outputs/benchmark.json]
-                                [--train_json_key value]
+                                [--network resnet18.json] [--train_json_key value]
     python -m tools.benchmark --decisions 20 [--load 1] [--probe_only false] [--out outputs/decisions.json]
 
 Developer tooling, run from the repository root (not part of the bundle's release). Each round runs in a fresh
@@ -72,10 +72,14 @@ def cpu_name() -> str:
 
 
 def _parser(names: list[str], work: str, dataset_dir: str, num_images: int, overrides: dict):
-    """The parser of the bundle's training workflow (initialized, checked) on a subset of ``num_images``."""
+    """The parser of the bundle's training workflow (initialized, checked) on a subset of ``num_images``; an
+    override ``network`` is a JSON holding another network_def."""
     stride = f"max(1, len(@split['training']) // {num_images})"
+    overrides = dict(overrides)
+    network = [os.path.abspath(overrides.pop("network"))] if overrides.get("network") else []
     flow = workflow(
         *(name.removesuffix(".json") for name in names),
+        *network,
         run_id="training",
         dataset_dir=dataset_dir,
         output_dir=os.path.join(work, "out"),
@@ -374,7 +378,7 @@ def benchmark(
     if not dataset_dir:
         sys.exit("ERROR: --dataset_dir is missing. Fix: point it at the folder holding MedNIST (or its images).")
     config = workflow("train").parser
-    unknown = [key for key in overrides if key not in config]
+    unknown = [key for key in overrides if key not in config and key != "network"]
     if unknown:  # checked once here, before any round starts a process
         sys.exit(f"ERROR: no key {', '.join(unknown)} in configs/train.json. Fix: override keys that train.json has.")
     try:

@@ -33,13 +33,13 @@ from tools.commands import run_bundle
 def time_to_accuracy(
     work_dir: str, dataset_dir: str = "", target: float = 0.995, stop: bool = False, configs: str = "", **overrides
 ) -> None:
-    """Train with the defaults (plus the override files ``configs``, comma-separated names in configs/, and
-    ``overrides``), evaluate on the test split, print and save the timings."""
+    """Train with the defaults (plus the override files ``configs``, comma-separated names in configs/ or paths to
+    JSON files, and ``overrides``), evaluate on the test split, print and save the timings."""
     if not 0 < float(target) <= 1:
         sys.exit(f"ERROR: --target must be an accuracy in (0, 1], got {target!r}.")
     train = os.path.join(BUNDLE, "configs", "train.json")
     names = [name.strip() for name in str(configs).split(",") if name.strip()]
-    files = [train] + [os.path.join(BUNDLE, "configs", f"{name}.json") for name in names]
+    files = [train] + [os.path.abspath(n) if n.endswith(".json") else os.path.join(BUNDLE, "configs", f"{n}.json") for n in names]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         sys.exit(f"ERROR: no config file {missing[0]}. Fix: --configs takes names of files in configs/, e.g. quick.")
