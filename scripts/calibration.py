@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from monai.metrics import calibration_binning
 
 from .errors import BundleError
-from .files import atomic_write, is_main_process
+from .files import atomic_write, is_main_process, read_json, read_limited
 from .model_file import load_model
 from .outputs import Outputs
 
@@ -187,22 +188,24 @@ class Calibration:
             value = saved.get(key)
             if value is None:
                 return None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{key} {value!r} is not a finite number")
+            try:  # an integer of 400 digits overflows a float
+                ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            except OverflowError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{key} {repr(value)[:40]} is not a finite number")
             return float(value)
 
         try:
-            if not isinstance(saved, dict) or not isinstance(saved.get("weights_sha256"), str):
+            if not isinstance(saved, dict) or not re.fullmatch(r"[0-9a-f]{64}|", str(saved.get("weights_sha256"))):
                 raise ValueError("it names no weights_sha256")
             temperature = finite("temperature")
             if temperature is None or not TEMPERATURES[0] <= temperature <= TEMPERATURES[1]:
-                raise ValueError(f"temperature {saved.get('temperature')!r} is not in {list(TEMPERATURES)}")
+                raise ValueError(f"temperature {repr(saved.get('temperature'))[:40]} is not in {list(TEMPERATURES)}")
             threshold, features = finite("energy_threshold"), finite("feature_threshold")
+            counts = {k: finite(k) for k in saved if k.endswith("_images") or k == "shrinkage"}
         except ValueError as e:
             raise BundleError(f"{source} is not a calibration this bundle wrote ({e}).", REFIT) from e
-        counts = {
-            k: v for k, v in saved.items() if (k.endswith("_images") or k == "shrinkage") and finite(k) is not None
-        }
         calibration = cls(temperature, threshold, saved["weights_sha256"], counts)
         calibration.feature_threshold = features
         return calibration
@@ -223,33 +226,27 @@ class Calibration:
         """The calibration saved at ``path`` and its arrays beside it (``classes`` x ``features`` means, a
         ``features``-square precision matrix; not read for a network without features), or a ``BundleError``
         naming the file."""
-        try:
-            with open(path, "rb") as f:
-                data = f.read(1 << 20)
-            saved = json.loads(data)
-        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
-            raise BundleError(f"{path} is not readable JSON ({e}).", REFIT) from e
+        saved = read_json(path, "calibration", REFIT)
         calibration = cls.from_json(saved, path)
         arrays = arrays_path(path)
         if calibration.feature_threshold is None or features is None:
             return calibration
-        if not os.path.isfile(arrays):
+        if not os.path.lexists(arrays):
             logger.warning(f"no {arrays} beside {path}: ood_score is the energy (copy it with calibration.json)")
             calibration.feature_threshold = None
             return calibration
         expected = {"means": (classes, features), "precision": (features, features)}
         try:
-            with open(arrays, "rb") as f:
-                data = f.read(sum(4 * math.prod(s) for s in expected.values()) + (1 << 16) + 1)
+            data = read_limited(arrays, sum(4 * math.prod(s) for s in expected.values()) + (1 << 16))
             if "arrays_sha256" not in saved:  # written before calibration.json named them: kept working
                 logger.warning(f"{path} names no SHA-256 of {arrays}: fit the calibration again to bind them")
-            elif hashlib.sha256(data).hexdigest() != saved["arrays_sha256"]:
+            elif hashlib.sha256(data).hexdigest() != str(saved["arrays_sha256"]):
                 raise ValueError(f"its SHA-256 is not the one {os.path.basename(path)} names")
             loaded = npz_arrays(data, expected)
         except (OSError, ValueError) as e:
             raise BundleError(
                 f"{arrays} cannot be used with {path}: {e}.",
-                "fit the calibration again: python -m scripts.calibration (see README), or delete both files.",
+                f"delete both files, or {REFIT}",
             ) from e
         calibration.means, calibration.precision = (torch.from_numpy(loaded[k]) for k in ("means", "precision"))
         return calibration
@@ -299,7 +296,7 @@ def calibration_for(model_path: str | None, network: torch.nn.Module, descriptio
     if carried:
         return Calibration.from_json(json.loads(carried), model_path)
     path = calibration_path(model_path)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         logger.warning(f"no calibration beside {model_path}: probabilities are not calibrated, rows flagged")
         return Calibration()
     features = feature_size(network, description.feature_layer)

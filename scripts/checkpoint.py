@@ -16,7 +16,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from .errors import BundleError
 from .files import atomic_write, fsync_folder, is_main_process
 from .model_file import FORMAT_FILE, ModelDescription, read_checkpoint
-from .networks import size_of
+from .networks import shapes_of, size_of
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +120,75 @@ class TrainingCheckpoint:
 
     def resume(self, trainer: Engine, to_load: dict) -> None:
         weights = sum(t.numel() * t.element_size() for t in self.state["model"].state_dict().values())
+        state = read_checkpoint(self.resume_from, weights)
+        unknown = sorted(set(state) - set(to_load))[:1] or [k for k in to_load if k not in state][:1]
+        if unknown:
+            raise BundleError(f"the checkpoint {self.resume_from} has no {unknown[0]!r} of this run, or another.", FIX)
+        for key, live in to_load.items():
+            problem = state_problem(state[key], live, key)
+            if problem:
+                raise BundleError(f"the checkpoint {self.resume_from} is not this run's: its {problem}.", FIX)
         max_epochs = trainer.state.max_epochs  # this run's --epochs, not the checkpoint's (as MONAI's loader)
-        Checkpoint.load_objects(to_load=to_load, checkpoint=read_checkpoint(self.resume_from, weights))
+        Checkpoint.load_objects(to_load=to_load, checkpoint=state)
         trainer.state.max_epochs = max_epochs
         for old in checkpoints(self.dirname):  # a kill after saving can leave two
             if checkpoint_epoch(old) < checkpoint_epoch(self.resume_from) and is_main_process():
                 os.remove(old)
                 logger.info(f"removed {old}, older than {self.resume_from}")
+
+
+FIX = "delete it to resume from an older one, or train without --resume."
+
+
+def state_problem(found, live, where: str) -> str | None:
+    """What in a checkpoint entry ``found`` is unlike what this run's ``live`` object writes (``state_dict``): the
+    same keys, tensors of the same shape and dtype, numbers (an optimizer's per-parameter tensors: a scalar or
+    its parameter's shape), strings under 4 KiB; else None."""
+    expected = live.state_dict()
+    if isinstance(live, torch.optim.Optimizer):  # its per-parameter state exists only once it has stepped
+        shapes = dict(enumerate(p.shape for group in live.param_groups for p in group["params"]))
+        moments = found.get("state") if isinstance(found, dict) else None
+        if not isinstance(moments, dict) or set(found) != set(expected):
+            return f"{where} is not an optimizer's state"
+        for index, tensors in moments.items():
+            ok = index in shapes and isinstance(tensors, dict) and len(tensors) <= 8
+            if not ok or not all(torch.is_tensor(t) and t.shape in ((), shapes[index]) for t in tensors.values()):
+                return f"{where}'s state of parameter {str(index)[:20]} is not of its shape"
+        found, expected = found["param_groups"], expected["param_groups"]
+        where = f"{where}'s param_groups"
+    return form_problem(found, expected, where)
+
+
+def form_problem(found, expected, where: str) -> str | None:
+    """Where ``found`` is not of ``expected``'s form (see :func:`state_problem`), else None."""
+    number = (int, float)
+    if torch.is_tensor(expected):
+        same = torch.is_tensor(found) and found.shape == expected.shape and found.dtype == expected.dtype
+        return None if same else f"{where} is not a {expected.dtype} tensor of {tuple(expected.shape)}"
+    if isinstance(expected, bool) or expected is None and isinstance(found, bool):
+        return None if isinstance(found, bool) else f"{where} is not true or false"
+    if expected is None or isinstance(expected, number):  # a best score is None until there is one
+        plain = found is None or isinstance(found, number) and not isinstance(found, bool)
+        return None if plain and (found is None or abs(found) < 2**63) else f"{where} is not a number"
+    if isinstance(expected, str):
+        return None if isinstance(found, str) and len(found) < 4096 else f"{where} is not a short text"
+    if isinstance(expected, dict):
+        if not isinstance(found, dict) or set(found) != set(expected):
+            return f"{where} has other keys than this run's"
+        return next((p for k in expected if (p := form_problem(found[k], expected[k], f"{where}.{k}"))), None)
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(found, (list, tuple)) or len(found) > max(len(expected), 64):
+            return f"{where} is not a list of this run's length"
+        if not expected:  # a checkpoint record's saved files: pairs of a number and a file name
+            pairs = all(isinstance(x, (list, tuple)) and len(x) == 2 for x in found)
+            ok = pairs and not any(form_problem(x[0], 0, where) or form_problem(x[1], "", where) for x in found)
+            return None if ok else f"{where} is not a list of (score, file name)"
+        if len(found) != len(expected):
+            return f"{where} has {len(found)} items, not {len(expected)}"
+        return next(
+            (p for i, (a, b) in enumerate(zip(found, expected)) if (p := form_problem(a, b, f"{where}[{i}]"))), None
+        )
+    return f"{where} is {type(found).__name__}"
 
 
 def checkpoint_epoch(path: str) -> int:
@@ -161,15 +223,30 @@ def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path
             f"--resume true, but {ckpt_dir} holds no checkpoint_epoch=N.pt to resume from.",
             "train without --resume, or pass the --ckpt_dir of the run to continue.",
         )
-    path = found[-1]
-    fix = "delete it to resume from an older one, or train without --resume."
+    path, fix = found[-1], FIX
     ckpt = read_checkpoint(path, size_of(description.network_def))
     try:
         trainer, saved = ckpt["trainer"], ckpt["settings"]
         done = int(trainer["epoch"]) if "epoch" in trainer else trainer["iteration"] // trainer["epoch_length"]
         saved = {"batch_size": int(saved["batch_size"]), "processes": int(saved["processes"])}
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-        raise BundleError(f"the checkpoint {path} lacks {e} (made by an older version?).", fix) from e
+        if not 0 <= done < 2**31:
+            raise ValueError(f"epoch {done}")
+    except KeyError as e:
+        raise BundleError(f"the checkpoint {path} lacks {str(e)[:80]} (made by an older version?).", fix) from e
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        raise BundleError(
+            f"the checkpoint {path} holds a trainer state the bundle does not write ({str(e)[:80]}).", fix
+        ) from e
+    found_shapes = {k: tuple(v.shape) for k, v in ckpt["model"].items() if torch.is_tensor(v)}
+    shapes = shapes_of(description.network_def)
+    if found_shapes != shapes:
+        raise BundleError(f"the checkpoint {path} does not hold the weights of {ckpt_dir}'s network.", fix)
+    moments = ckpt.get("optimizer", {}).get("state", {}) if isinstance(ckpt.get("optimizer"), dict) else None
+    tensors = (
+        [t for v in moments.values() if isinstance(v, dict) for t in v.values()] if isinstance(moments, dict) else [1]
+    )
+    if not all(torch.is_tensor(t) and tuple(t.shape) in {(), *shapes.values()} for t in tensors):
+        raise BundleError(f"the checkpoint {path} holds optimizer state of another shape than its weights.", fix)
     if epochs < done:
         raise BundleError(
             f"--epochs {epochs} is less than the {done} epochs {path} has already trained.",

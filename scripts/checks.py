@@ -274,11 +274,20 @@ def check_class_names(classes, source: str) -> list[str]:
     names = list(classes) if isinstance(classes, (list, tuple)) else None
     if names is None or not 2 <= len(names) <= MAX_CLASSES:
         raise BundleError(f"{source} names {len(names or ())} classes.", "a classifier needs 2 to 1000 classes.")
+    from .predictions import AFTER, BEFORE
+
     bad = [n for n in names if not isinstance(n, str) or not CLASS_NAME.fullmatch(n)]
     if bad:
         raise BundleError(
             f"{source} has the class name {str(bad[0])[:70]!r}.",
             "name classes with letters, digits, spaces and . + - _ (a letter or digit first, 64 at most).",
+        )
+    owned = {n.lower() for n in (*BEFORE, *AFTER, "macro_avg", "weighted_avg")}  # predictions.csv's, metrics'
+    taken = [n for n in names if n.lower() in owned]
+    if taken:
+        raise BundleError(
+            f"{source} has the class name {taken[0]!r}, a column of predictions.csv (or a name of metrics.json).",
+            f"rename it (e.g. {taken[0]}_class): the outputs own the names {', '.join(sorted(owned))}.",
         )
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import urllib.request
 from collections import Counter, defaultdict
@@ -21,8 +23,8 @@ from monai.utils import optional_import
 
 from .checks import as_bool, check_class_names
 from .errors import BundleError
-from .files import atomic_write, is_main_process, remove_stale
-from .images import image_suffix
+from .files import atomic_write, is_main_process, open_regular, read_json, read_text, remove_stale
+from .images import MAX_FILE_BYTES, image_suffix
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 logger = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 MEDNIST = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
 SPLITS = ("training", "validation", "test")
 DOWNLOAD_PREFIX, EXTRACT_PREFIX = ".MedNIST-download-", ".MedNIST-extract-"
+MAX_LIST_BYTES, MAX_CELL = 64 << 20, 4096  # a CSV of a million rows; a path
 LAYOUT = "a folder with one subfolder of images per class (or MedNIST/ inside it), or --datalist FILE.csv"
 
 
@@ -62,12 +65,30 @@ def images_by_class(root: str, classes, key: str) -> dict[str, list[str]]:
     return found
 
 
+def check_files(paths: list[str], source: str) -> None:
+    """Refuse, before any is hashed or opened, a listed image that is not a regular file of 1 byte to
+    :data:`~scripts.images.MAX_FILE_BYTES` (a device, a folder, a /proc file, which tells no size; a sparse file
+    of any size)."""
+    for path in paths:
+        info = os.stat(path)
+        problem = "is not a regular file" if not stat.S_ISREG(info.st_mode) else None
+        if problem is None and not 0 < info.st_size <= MAX_FILE_BYTES:
+            problem = f"is {info.st_size:,} bytes, not an image of 1 to {MAX_FILE_BYTES:,}"
+        if problem:
+            raise BundleError(f"{source} names {path}, which {problem}.", "remove it from the data, or replace it.")
+
+
 def file_hash(path: str) -> str:
-    """The SHA-256 of a file's bytes (identical images share it; releases name their files by it)."""
+    """The SHA-256 of a file's bytes (identical images share it; releases name their files by it); a file that
+    fails to read (a /proc file) is refused in one line."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open_regular(path) as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise BundleError(f"cannot read {path} ({reason}).", "remove it from the data, or replace it.") from e
     return digest.hexdigest()
 
 
@@ -143,12 +164,20 @@ class ImageData:
     def read_datalist(self) -> list[dict]:
         """The rows of the CSV ``datalist``: ``image`` and ``label``, and ``split`` if it has the column; every row
         checked (empty or unknown values), one message for the first bad row."""
-        if not os.path.isfile(self.datalist):
+        if not os.path.lexists(self.datalist):
             raise BundleError(f"--datalist {self.datalist} does not exist.", "pass a CSV file of image,label rows.")
-        with open(self.datalist, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+        fix = "pass a CSV file of image,label rows in UTF-8 (a spreadsheet's 'CSV UTF-8')."
+        text = read_text(self.datalist, "--datalist", MAX_LIST_BYTES, fix)
+        try:
+            reader = csv.DictReader(io.StringIO(text, newline=""))
             columns = [c.strip() for c in reader.fieldnames or []]
-            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if isinstance(k, str)} for r in reader]
+        except csv.Error as e:  # e.g. a field over csv's limit of 131,072 characters
+            raise BundleError(f"--datalist {self.datalist} is not a CSV file ({e}).", fix) from e
+        long = next((n for n, r in enumerate(rows, 2) for v in r.values() if len(v) > MAX_CELL), None)
+        if long or any(len(c) > MAX_CELL for c in columns):
+            raise BundleError(f"--datalist {self.datalist}, line {long or 1}: a cell of over {MAX_CELL:,} characters.",
+                              "give each row a path and a label of at most 4,096 characters.")  # fmt: skip
         missing = [c for c in ("image", "label") if c not in columns]
         if missing:
             raise BundleError(
@@ -168,12 +197,13 @@ class ImageData:
         if not rows:
             raise BundleError(f"--datalist {self.datalist} lists no images.", "add rows of image,label.")
         folder = os.path.dirname(os.path.abspath(self.datalist))
-        missing = [r["image"] for r in rows if not os.path.isfile(os.path.join(folder, r["image"]))]
+        missing = [r["image"] for r in rows if not os.path.exists(os.path.join(folder, r["image"]))]
         if missing:
             raise BundleError(
                 f"--datalist {self.datalist} names {len(missing)} file(s) that do not exist, e.g. {missing[0]}.",
                 "fix the paths (relative to the CSV's folder, or absolute) or delete their rows.",
             )
+        check_files([os.path.join(folder, r["image"]) for r in rows], f"--datalist {self.datalist}")
         return rows
 
     def csv_items(self) -> tuple[list[dict], list[str] | None]:
@@ -198,6 +228,7 @@ class ImageData:
         else:
             found = images_by_class(self.root, classes, "dataset_dir")
             items, given = [{"image": f, "label": i} for i, c in enumerate(classes) for f in found[c]], None
+            check_files([os.path.join(self.root, d["image"]) for d in items], f"--dataset_dir {self.root}")
         hashes = [file_hash(os.path.join(self.root, d["image"])) for d in items]
         saved = self.saved_split(classes)
         if saved is None:
@@ -219,10 +250,17 @@ class ImageData:
 
     def saved_split(self, classes) -> dict | None:
         """The split saved in ``split_file`` if there is one, refused if made with other settings or classes."""
-        if not os.path.isfile(self.split_file):
+        if not os.path.lexists(self.split_file):
             return None
-        with open(self.split_file) as f:
-            saved = json.load(f)
+        fix = "delete it (or choose another --output_dir) to make a new split."
+        saved = read_json(self.split_file, "the split", fix, MAX_LIST_BYTES)
+        parts = [saved.get(name) for name in SPLITS] if isinstance(saved, dict) else [None]
+        items = [d for part in parts if isinstance(part, list) for d in part]
+        ok = all(isinstance(p, list) for p in parts) and all(
+            isinstance(d, dict) and isinstance(d.get("image"), str) and type(d.get("label")) is int for d in items
+        )
+        if not ok or not all(0 <= d["label"] < len(classes) and len(d["image"]) <= MAX_CELL for d in items):
+            raise BundleError(f"{self.split_file} is not a split this bundle writes.", fix)
         old = {k: saved.get(k) for k in self.params}
         if not saved.get("given") and old != self.params:
             raise BundleError(
@@ -230,10 +268,11 @@ class ImageData:
                 "pass the same seed/val_frac/test_frac, or choose another --output_dir (or delete that file) "
                 "to make a new split.",
             )
-        if saved.get("classes", list(MEDNIST)) != list(classes):
+        made_for = saved.get("classes", list(MEDNIST))
+        if made_for != list(classes):
+            listed = ", ".join(map(str, made_for)) if isinstance(made_for, list) else repr(made_for)
             raise BundleError(
-                f"{self.split_file} was made for the classes {', '.join(saved.get('classes', MEDNIST))}, "
-                f"not this data's {', '.join(classes)}.",
+                f"{self.split_file} was made for the classes {listed[:300]}, not this data's {', '.join(classes)}.",
                 "choose another --output_dir for a new split, or pass the data it was made from.",
             )
         logger.info(f"reusing the data split in {self.split_file}")
@@ -397,7 +436,7 @@ def eval_datalist(eval_dir, data: ImageData, classes) -> list[dict]:
     ``data`` (made by training, for the same classes as the model's)."""
     if eval_dir:
         return folder_datalist(str(eval_dir), classes)
-    if not os.path.isfile(data.split_file):
+    if not os.path.lexists(data.split_file):
         raise BundleError(
             f"no data split at {data.split_file}.",
             "run training first (it writes the split to <output_dir>/split.json), pass the same --output_dir, "

@@ -17,6 +17,12 @@ class BundleError(ValueError):
         return f"ERROR: {self.problem}\n  Fix: {self.fix}"
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """``error`` as ``Type: first line of its message``, at most ``limit`` characters: for a one-line refusal."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:limit]
+
+
 def root_cause(error: BaseException) -> BaseException:
     """The first exception of ``error``'s chain of causes (MONAI wraps a reader's error in "applying transform")."""
     while error.__cause__ is not None:

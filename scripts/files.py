@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 
 import torch
@@ -19,6 +21,50 @@ from .errors import BundleError
 logger = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"  # + "<pid>-": a temporary file of the process <pid>
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet evaluate a cell
+
+
+def open_regular(path: str):
+    """``path`` opened for reading if it is a regular file (a pipe or device would block or never end), else a
+    ``ValueError``; opened without blocking, so a pipe is refused rather than waited on."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("is not a regular file (a pipe, socket or device)")
+    return os.fdopen(fd, "rb")
+
+
+def read_limited(path: str, limit: int) -> bytes:
+    """The bytes of the regular file ``path``, its size checked before a byte is read (a sparse file of any
+    size costs nothing), or a ``ValueError`` saying why not (``OSError`` too: a /proc file may fail to read)."""
+    with open_regular(path) as f:
+        if os.fstat(f.fileno()).st_size > limit:
+            raise ValueError(f"is over {limit:,} bytes")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # a file that reports no size (/proc)
+        raise ValueError(f"is over {limit:,} bytes")
+    return data
+
+
+def read_text(path: str, what: str, limit: int, fix: str) -> str:
+    """The UTF-8 text of ``path`` (at most ``limit`` bytes), or one ``BundleError`` naming ``what`` and ``fix``."""
+    try:
+        return read_limited(path, limit).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{what} {path} is not UTF-8 text (byte {e.start:,}).", fix) from e
+    except OSError as e:
+        raise BundleError(f"{what} {path} cannot be read ({e.strerror or e}).", fix) from e
+    except ValueError as e:
+        raise BundleError(f"{what} {path} {e}.", fix) from e
+
+
+def read_json(path: str, what: str, fix: str, limit: int = 1 << 20):
+    """The JSON value of the file ``path`` (UTF-8, at most ``limit`` bytes, nested within Python's recursion
+    limit, numbers of at most 4,300 digits), or one ``BundleError`` naming ``what`` and ``fix``."""
+    text = read_text(path, what, limit, fix)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
+        raise BundleError(f"{what} {path} is not readable JSON ({str(e)[:120]}).", fix) from e
 
 
 def is_main_process() -> bool:

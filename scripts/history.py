@@ -4,6 +4,7 @@ loss, or at a target accuracy) and its summary (where its results are)."""
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import time
@@ -12,7 +13,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
 
-from .files import is_main_process, pyplot, save_figure, write_csv
+from .errors import BundleError
+from .files import is_main_process, pyplot, read_text, save_figure, write_csv
 
 logger = logging.getLogger(__name__)
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "elapsed_s")
@@ -62,13 +64,24 @@ class HistoryWriter:
         if self.rows is None:  # the first epoch of this process: a resumed checkpoint is loaded by now
             self.rows = []
             if engine.state.epoch > 1 and os.path.isfile(self.csv_path):  # keep the earlier epochs' rows
-                with open(self.csv_path) as f:
-                    self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < engine.state.epoch]
-                for r in self.rows:
-                    r.update({k: float(v) if v not in ("", None) else "" for k, v in r.items()}, epoch=int(r["epoch"]))
+                self.rows = self.earlier_rows(engine.state.epoch)
             self.offset = float(self.rows[-1]["elapsed_s"]) if self.rows else 0.0
         self.lr = self.optimizer.param_groups[0]["lr"]
         self.epoch_t0 = time.perf_counter()
+
+    def earlier_rows(self, epoch: int) -> list[dict]:
+        """The rows of ``history.csv`` before ``epoch`` (a resumed run's), numbers as it writes them; none, with a
+        warning, if the file is not the one it writes."""
+        try:
+            rows = list(csv.DictReader(io.StringIO(read_text(self.csv_path, "history", 1 << 24, ""))))
+            rows = [{k: float(v) if v else "" for k, v in r.items() if k in COLUMNS} for r in rows]
+            rows = [{**r, "epoch": int(r["epoch"])} for r in rows if r["epoch"] < epoch]
+            if any(set(r) != set(COLUMNS) for r in rows):
+                raise ValueError("its columns are not the bundle's")
+        except (BundleError, ValueError, KeyError, TypeError, OverflowError, csv.Error) as e:
+            logger.warning(f"{self.csv_path} is not the history this bundle writes ({str(e)[:120]}): started anew")
+            return []
+        return rows
 
     def validated(self, evaluator: Engine) -> None:
         self.val = {k: evaluator.state.metrics.get(k) for k in ("val_loss", "val_acc")}

@@ -13,13 +13,14 @@ import gzip
 import io
 import math
 import os
-import stat
 import struct
 import zlib
 
 import numpy as np
 from monai.data import ImageReader
 from monai.utils import ensure_tuple
+
+from .files import open_regular, read_limited
 
 IMAGE_SUFFIXES = (".png", ".jpeg", ".jpg", ".nii", ".nii.gz", ".dcm", ".dicom")
 MAX_FILE_BYTES = 512 << 20  # far above a 25-megapixel image in any of the formats
@@ -30,23 +31,18 @@ GRAY_MODES = ("L", "I;16", "I;16B", "I;16L", "I", "F")
 NIFTI_TYPES = {2: np.uint8, 4: np.int16, 8: np.int32, 16: np.float32, 64: np.float64, 256: np.int8}
 NIFTI_TYPES |= {512: np.uint16, 768: np.uint32}
 DICOM_DECODERS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
-DEFLATED = "1.2.840.10008.1.2.1.99"
+DEFLATED, IMPLICIT, BIG_ENDIAN = "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
+PIXEL_DATA = 0x7FE00010
+MAX_ELEMENTS, MAX_HEADER_BYTES = 10_000, 1 << 20  # a DICOM header's, before the pixel data (a CT's: ~300, 10 KB)
+MAX_DECODED_BYTES = 512 << 20  # a DICOM image's decoded pixels, LUT outputs and float32 copy
+DECLARED = (0x00280010, 0x00280011, 0x00280002, 0x00280100)  # Rows, Columns, SamplesPerPixel, BitsAllocated
+LUTS = ((0x00281053, 0x00281052, 0x00283000), (0x00281050, 0x00283010))  # rescale or modality LUT; window or VOI
 
 
 def image_suffix(path: str) -> bool:
     """Whether ``path`` is named like an image the bundle reads (DICOM files may have no suffix)."""
     name = os.path.basename(str(path)).lower()
     return name.endswith(IMAGE_SUFFIXES) or ("." not in name and is_dicom(path))
-
-
-def open_regular(path: str):
-    """``path`` opened for reading if it is a regular file (a pipe or device would block or never end), else a
-    ``ValueError``; opened without blocking, so a pipe is refused rather than waited on."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ValueError("is not a regular file (a pipe, socket or device)")
-    return os.fdopen(fd, "rb")
 
 
 def is_dicom(path: str) -> bool:
@@ -64,12 +60,12 @@ def read_bytes(path: str) -> bytes:
         raise ValueError("file does not exist")
     if os.path.isdir(path):
         raise ValueError("is a directory, not an image file")
-    with open_regular(path) as f:
-        data = f.read(MAX_FILE_BYTES + 1)
+    try:
+        data = read_limited(path, MAX_FILE_BYTES)
+    except OSError as e:  # a /proc file that fails to read
+        raise ValueError(f"cannot read the file ({e.strerror or e})") from e
     if not data:
         raise ValueError("file is empty")
-    if len(data) > MAX_FILE_BYTES:
-        raise ValueError(f"file is over {MAX_FILE_BYTES >> 20} MiB")
     return data
 
 
@@ -167,23 +163,21 @@ def decode_pillow(data: bytes, kind: str, channels: int, max_pixels: int):
     return np.swapaxes(array, 0, 1), mode
 
 
-def nifti_header(head: bytes) -> dict:
-    """The fields of a single-file NIfTI-1 or NIfTI-2 header the bundle needs, or a ``ValueError``."""
-    for order in "<>":
-        if struct.unpack(order + "i", head[:4])[0] == 348 and len(head) >= 352:
-            if head[344:348] != b"n+1\0":
+def nifti_header(head: bytes):
+    """The header of a single-file NIfTI-1 or NIfTI-2 image, read by nibabel from its first 348 or 540 bytes
+    (nothing more: nibabel would read every extension it declares), or a ``ValueError``."""
+    import nibabel as nib
+
+    for kind in (nib.Nifti1Header, nib.Nifti2Header):
+        size = kind.template_dtype.itemsize
+        if len(head) >= size + 4 and size in (struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]):
+            try:
+                header = kind(binaryblock=head[:size], check=False)
+            except Exception as e:
+                raise ValueError(f"cannot read image: a corrupt NIfTI header ({type(e).__name__})") from e
+            if header["magic"] not in (b"n+1", b"n+2"):
                 raise ValueError("cannot read image: a NIfTI header of a .hdr/.img pair, not a .nii file")
-            dims = struct.unpack(order + "8h", head[40:56])
-            code, bits = struct.unpack(order + "hh", head[70:74])
-            offset = struct.unpack(order + "f", head[108:112])[0]
-            return dict(version=1, order=order, dims=dims, code=code, bits=bits, offset=offset, size=348)
-        if struct.unpack(order + "i", head[:4])[0] == 540 and len(head) >= 544:
-            if head[4:8] != b"n+2\0":
-                raise ValueError("cannot read image: a NIfTI-2 header of a .hdr/.img pair, not a .nii file")
-            code, bits = struct.unpack(order + "hh", head[12:16])
-            dims = struct.unpack(order + "8q", head[16:80])
-            offset = struct.unpack(order + "q", head[168:176])[0]
-            return dict(version=2, order=order, dims=dims, code=code, bits=bits, offset=offset, size=540)
+            return header
     raise ValueError("cannot read image: its content is not a NIfTI header")
 
 
@@ -196,20 +190,20 @@ def decode_nifti(data: bytes, name: str, max_pixels: int):
     try:
         head = stream.read(544)
         header = nifti_header(head)
-        ndim, dims = header["dims"][0], header["dims"][1:]
+        ndim = int(header["dim"][0])
         if not 1 <= ndim <= 7:
             raise ValueError(f"cannot read image: a NIfTI header declaring {ndim} dimensions")
-        shape = tuple(int(d) for d in dims[:ndim])
+        shape = tuple(int(d) for d in header["dim"][1 : ndim + 1])
         if any(d < 1 for d in shape):
             raise ValueError(f"image of shape {shape} has no pixels")
         if sum(d > 1 for d in shape) > 2:
             raise ValueError(f"image of shape {shape} is not a 2D image (3D volume?): pass one 2D slice")
         plane = [d for d in shape if d > 1] + [1, 1]
         check_size(plane[0], plane[1], max_pixels)
-        dtype = NIFTI_TYPES.get(header["code"])
-        if dtype is None or np.dtype(dtype).itemsize * 8 != header["bits"]:
-            raise ValueError(f"cannot read image: NIfTI data type {header['code']} is not a supported gray type")
-        start, offset = header["size"] + 4, header["offset"]
+        dtype = NIFTI_TYPES.get(int(header["datatype"]))
+        if dtype is None or np.dtype(dtype).itemsize * 8 != int(header["bitpix"]):
+            raise ValueError(f"cannot read image: NIfTI data type {header['datatype']} is not a supported gray type")
+        start, offset = header.sizeof_hdr + 4, float(header["vox_offset"])
         if not (math.isfinite(offset) and start <= offset <= start + MAX_NIFTI_EXTENSIONS):
             raise ValueError(f"cannot read image: a NIfTI header with pixels at offset {offset}")
         offset = int(offset)
@@ -220,8 +214,8 @@ def decode_nifti(data: bytes, name: str, max_pixels: int):
     body = (head + rest)[offset : offset + pixels]
     if len(body) != pixels:
         raise ValueError("cannot read image: a NIfTI file shorter than its header says")
-    clean = head[: header["size"]] + bytes(4 + offset - start) + body  # extension flag 0: nibabel reads none
-    kind = nib.Nifti1Image if header["version"] == 1 else nib.Nifti2Image
+    clean = head[: header.sizeof_hdr] + bytes(4 + offset - start) + body  # extension flag 0: nibabel reads none
+    kind = nib.Nifti1Image if header.sizeof_hdr == 348 else nib.Nifti2Image
     try:
         array = np.asanyarray(kind.from_bytes(clean).dataobj, dtype=np.float32)
     except Exception as e:
@@ -232,7 +226,7 @@ def decode_nifti(data: bytes, name: str, max_pixels: int):
 VRS = frozenset(
     b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
 )
-NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", DEFLATED}
+NATIVE_SYNTAXES = {IMPLICIT, "1.2.840.10008.1.2.1", BIG_ENDIAN, DEFLATED}
 RLE_SYNTAX = "1.2.840.10008.1.2.5"
 JPEG_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81)}  # JPEG and JPEG-LS
 JPEG2000_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
@@ -281,11 +275,11 @@ def check_dicom_pixels(ds, syntax: str, rows: int, columns: int) -> None:
     count; compressed: the frame's own size, from its JPEG or JPEG 2000 markers or its RLE runs)."""
     from pydicom.encaps import generate_frames
     from pydicom.pixels import get_decoder
+    from pydicom.pixels.utils import get_expected_length
     from pydicom.uid import UID
 
-    samples, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.get("BitsAllocated", 0))
     if syntax in NATIVE_SYNTAXES:
-        expected = math.ceil(rows * columns * samples * bits / 8)
+        expected = get_expected_length(ds, unit="bytes")
         if len(ds.PixelData) not in (expected, expected + 1):  # one byte of padding to an even length
             raise ValueError(f"pixel data of {len(ds.PixelData):,} bytes, not the {expected:,} its header declares")
         return
@@ -316,22 +310,60 @@ def check_dicom_pixels(ds, syntax: str, rows: int, columns: int) -> None:
         raise ValueError(f"a compressed frame of {size[0]}x{size[1]} pixels in a {columns}x{rows} DICOM image")
 
 
+def check_dicom_header(header: bytes, syntax: str) -> None:
+    """Before pydicom builds a dataset: its elements before the pixel data, read by pydicom's element generator
+    from at most :data:`MAX_HEADER_BYTES` (larger values skipped), are at most :data:`MAX_ELEMENTS` and end at
+    the pixel data (millions of empty elements take gigabytes as a dataset), and decoding the image they
+    declare takes at most :data:`MAX_DECODED_BYTES`: its pixels at their bit depth, the float64 outputs of the
+    rescale and window pydicom applies, the bundle's float32 copy."""
+    from pydicom.filereader import data_element_generator
+
+    seen, values = [], {}
+
+    def stop(tag, vr, length) -> bool:
+        seen.append(tag)
+        return tag == PIXEL_DATA or len(seen) > MAX_ELEMENTS
+
+    order = "big" if syntax == BIG_ENDIAN else "little"
+    try:
+        for element in data_element_generator(io.BytesIO(header), syntax == IMPLICIT, order == "little", stop, 64):
+            values[int(element.tag)] = element.value
+    except Exception:  # the header cut at its bound, or corrupt: judged by what was seen
+        pass
+    if len(seen) > MAX_ELEMENTS:
+        raise ValueError(f"a DICOM header of over {MAX_ELEMENTS:,} elements (a bomb?)")
+    if (not seen or seen[-1] != PIXEL_DATA) and len(header) >= MAX_HEADER_BYTES:  # shorter: a dataset without pixels
+        raise ValueError(f"a DICOM header of over {MAX_HEADER_BYTES >> 20} MiB before its pixel data (a bomb?)")
+    rows, columns, samples, bits = (int.from_bytes((values.get(t) or b"")[:2], order) for t in DECLARED)
+    luts = sum(any(t in values for t in lut) for lut in LUTS)  # each gives pydicom's float64 output
+    decoded = rows * columns * max(samples, 1) * (bits / 8 + 4 + 8 * luts * (samples < 2))
+    if decoded > MAX_DECODED_BYTES:
+        raise ValueError(f"decoding its {columns}x{rows} pixels of {bits} bits would take {decoded / 2**20:,.0f} "
+                         f"MiB, over the {MAX_DECODED_BYTES >> 20} MiB an image may")  # fmt: skip
+
+
 def decode_dicom(data: bytes, channels: int, max_pixels: int):
     """A single-frame DICOM image as a viewer shows it, as (W, H) (or (W, H, 3) of RGB), and its kind."""
-    import pydicom
+    from pydicom.filereader import read_partial
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     syntax, end = dicom_meta(data)
-    if syntax == DEFLATED:  # pydicom inflates the whole dataset at once: bound it first
+    header = data[end : end + MAX_HEADER_BYTES]
+    if syntax == DEFLATED:  # pydicom inflates the whole dataset at once: its size counted first, a MiB at a time
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
-            inflater.decompress(data[end:], MAX_FILE_BYTES)
+            header = inflater.decompress(data[end:], MAX_HEADER_BYTES)
+            size, out = len(header), header
+            while out and size <= MAX_FILE_BYTES:
+                out = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
+                size += len(out)
         except zlib.error as e:
             raise ValueError(f"cannot read image: a corrupt deflated DICOM ({e})") from e
-        if inflater.unconsumed_tail:
+        if size > MAX_FILE_BYTES:
             raise ValueError(f"a deflated DICOM inflating to over {MAX_FILE_BYTES >> 20} MiB (a bomb?)")
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+    check_dicom_header(header, syntax)
+    try:  # the elements after the pixel data are never read
+        ds = read_partial(io.BytesIO(data), stop_when=lambda tag, vr, length: tag > PIXEL_DATA)
     except Exception as e:
         raise ValueError(f"cannot read image: not a readable DICOM file ({type(e).__name__}: {e})") from e
     if str(ds.file_meta.get("TransferSyntaxUID", "")) != syntax:

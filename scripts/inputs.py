@@ -13,8 +13,10 @@ import torch
 from monai.data import get_track_meta, set_track_meta
 
 from .errors import BundleError, root_cause
+from .files import read_text
 from .images import IMAGE_SUFFIXES, dicom_uid, image_suffix
 
+MAX_LIST_BYTES, MAX_CELL = 64 << 20, 4096  # a list of a million paths; a path
 ACCEPTED = "images of the accepted kinds (.png, .jpeg, .jpg, .nii, .nii.gz, .dcm, or DICOM files without a suffix)"
 
 
@@ -81,11 +83,14 @@ def glob_files(pattern: str) -> list[str]:
 def read_input_list(path: str) -> list[str]:
     """The paths listed in the text file ``path``, one a line (relative ones to its folder); blank lines and lines
     starting with ``#`` left out. Values here are never evaluated, whatever they start with."""
-    if not os.path.isfile(path):
-        raise BundleError(f"--input_list {path} does not exist.", "pass a text file with one image path a line.")
+    fix = "pass a UTF-8 text file with one image path a line."
+    if not os.path.lexists(path):
+        raise BundleError(f"--input_list {path} does not exist.", fix)
     folder = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        lines = [line.rstrip("\r\n") for line in f]
+    lines = read_text(path, "--input_list", MAX_LIST_BYTES, fix).splitlines()
+    long = next((n for n, line in enumerate(lines, 1) if len(line) > MAX_CELL), None)
+    if long:
+        raise BundleError(f"--input_list {path}, line {long}: over {MAX_CELL:,} characters.", fix)
     return [os.path.join(folder, line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 

@@ -25,7 +25,7 @@ from . import networks, programs
 from .checks import check_class_names
 from .data import MEDNIST
 from .errors import BundleError
-from .files import atomic_write
+from .files import atomic_write, read_json, read_limited
 from .networks import NETWORK_FILE
 
 SUFFIXES = (".pt", ".ts", ".pt2", ".onnx")
@@ -33,6 +33,7 @@ MAX_FILE_BYTES = programs.MAX_ARCHIVE_BYTES
 FORMAT_FILE = "network_data_format.json"
 DESCRIPTION_FILES = (FORMAT_FILE, NETWORK_FILE)  # what travels with a model file
 MAX_FORMAT_BYTES = 1 << 20
+INFERENCE_MEMORY = 2 << 30  # bytes of layer outputs a batch of inference may take (README: Reliability)
 CHECKPOINT_ENTRY = re.compile(
     r"data\.pkl|\.format_version|\.storage_alignment|byteorder|version|\.data/version|\.data/serialization_id|data/\d+"
 )
@@ -82,7 +83,23 @@ class ModelDescription:
         definition, size = recipe.definition(network), [int(s) for s in image_size]
         rebuilt = networks.build(definition, "network_def")
         found = networks.layers(rebuilt, int(in_channels), size, len(classes), gradcam_layer)
-        return cls(tuple(classes), int(in_channels), tuple(size), definition, **found)
+        described = cls(tuple(classes), int(in_channels), tuple(size), definition, **found)
+        described.batch_limit("--image_size")  # a model inference could not hold is not trained
+        return described
+
+    def batch_limit(self, source: str = "the model") -> int:
+        """How many images inference runs at once within :data:`INFERENCE_MEMORY` (every layer's output counted),
+        or a ``BundleError`` naming ``source`` if one image takes more: the size a model declares is bounded by
+        what inference holds."""
+        per_image = networks.activation_bytes(self.network_def, self.in_channels, self.image_size, NETWORK_FILE)
+        if per_image > INFERENCE_MEMORY:
+            network = self.network_def["_target_"].rpartition(".")[2]
+            raise BundleError(
+                f"{source} is a {network} of {list(self.image_size)} images, which takes {per_image / 2**30:.1f} "
+                f"GiB for one, over the {INFERENCE_MEMORY >> 30} GiB inference holds.",
+                "train it on smaller images (--image_size), or use a model of this bundle trained so.",
+            )
+        return max(1, INFERENCE_MEMORY // per_image)
 
     def network(self, device="cpu") -> torch.nn.Module:
         """The untrained network of ``network_def``, on ``device``, in eval mode."""
@@ -124,17 +141,10 @@ class ModelDescription:
         """The description beside ``model_path`` (without ``network.json``: DenseNet121), else MedNIST's."""
         folder = os.path.dirname(os.path.abspath(str(model_path or ".")))
         path, network = os.path.join(folder, FORMAT_FILE), os.path.join(folder, NETWORK_FILE)
-        if not model_path or not os.path.isfile(path):
+        if not model_path or not os.path.lexists(path):  # a device or a link there is refused, not ignored
             return cls(MEDNIST)
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_FORMAT_BYTES + 1)
-            if len(data) > MAX_FORMAT_BYTES:
-                raise ValueError(f"over {MAX_FORMAT_BYTES:,} bytes")
-            described = json.loads(data)
-        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
-            raise BundleError(f"{path} is not readable JSON ({e}).", "train again, or delete it.") from e
-        return cls.from_json(described, path, networks.read_network(network) if os.path.isfile(network) else None)
+        described = read_json(path, "the model's description", "train again, or delete it.", MAX_FORMAT_BYTES)
+        return cls.from_json(described, path, networks.read_network(network) if os.path.lexists(network) else None)
 
     def describes(self, other: ModelDescription) -> str:
         """What differs between two descriptions, in words, or ``""``."""
@@ -176,18 +186,17 @@ def read_model_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
     suffix = os.path.splitext(str(path))[1].lower()
     if suffix not in SUFFIXES:
         raise BundleError(f"model file {path} is not a .pt, .ts, .pt2 or .onnx file.", "pass a model of this bundle.")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise BundleError(
             f"model file {path} does not exist.",
             "train first (it writes models/model.pt), export one (see README), or fix the path.",
         )
-    if os.path.getsize(path) > limit:
-        raise BundleError(f"model file {path} is over {limit:,} bytes.", programs.TRUSTED)
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise BundleError(f"model file {path} is over {limit:,} bytes.", programs.TRUSTED)
-    return data
+    try:
+        return read_limited(str(path), limit)
+    except OSError as e:
+        raise BundleError(f"model file {path} cannot be read ({e.strerror or e}).", programs.TRUSTED) from e
+    except ValueError as e:
+        raise BundleError(f"model file {path} {e}.", programs.TRUSTED) from e
 
 
 # the operations of torch.save's state-dict and checkpoint pickles (protocol 2)
@@ -218,7 +227,7 @@ def check_checkpoint_archive(data: bytes, path: str, budget: int) -> None:
         problem = "bytes before its zip archive (torch would read them, not the archive)"
     for info in infos if problem is None else ():
         top, _, name = info.filename.partition("/")
-        if not CHECKPOINT_ENTRY.fullmatch(name) or not re.fullmatch(r"[\w.-]{1,200}", top):
+        if not CHECKPOINT_ENTRY.fullmatch(name) or not re.fullmatch(r"[\w.=-]{1,200}", top):
             problem = f"an unexpected entry {info.filename[:80]!r}"
         elif info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
             problem = f"a compressed entry {info.filename!r} (torch.save stores them)"

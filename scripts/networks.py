@@ -6,14 +6,14 @@ command rebuilds the network from that file alone, never evaluating anything in 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 
 import monai.networks.nets as nets
 import torch
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from .errors import BundleError
+from .errors import BundleError, first_line
+from .files import read_json
 
 logger = logging.getLogger(__name__)
 NETWORK_FILE = "network.json"
@@ -112,13 +112,41 @@ class NetworkRecipe:
 def size_of(definition: dict, source: str = "network_def") -> int:
     """How many bytes of weights the network of ``definition`` has, counted on torch's meta device (nothing is
     allocated)."""
+    return sum(t.numel() * t.element_size() for t in meta_state(definition, source).values())
+
+
+def shapes_of(definition: dict, source: str = "network_def") -> dict:
+    """The shape of each weight of the network of ``definition`` (on torch's meta device)."""
+    return {k: tuple(t.shape) for k, t in meta_state(definition, source).items()}
+
+
+def meta_state(definition: dict, source: str) -> dict:
+    """The state dict of the network of ``definition``, built on torch's meta device: shapes, no memory."""
     target, args = checked(definition, source)
     try:
         with torch.device("meta"):
-            return sum(t.numel() * t.element_size() for t in target(**args).state_dict().values())
-    except (TypeError, ValueError, KeyError, AttributeError, AssertionError, RuntimeError) as e:
-        raise BundleError(f"{source}'s network_def does not build ({type(e).__name__}: {e}).",
+            return target(**args).state_dict()
+    except Exception as e:  # the data drives a constructor: whatever it raises is the data's fault
+        raise BundleError(f"{source}'s network_def does not build ({first_line(e)}).",
                           "give it arguments its _target_ takes (see MONAI's documentation).") from e  # fmt: skip
+
+
+def activation_bytes(definition: dict, in_channels: int, image_size, source: str = "network_def") -> int:
+    """An upper bound of the memory one image's forward pass takes: the bytes of every layer's output, counted on
+    torch's meta device (nothing is computed or allocated)."""
+    target, args = checked(definition, source)
+    total = []
+    try:
+        with torch.device("meta"), torch.no_grad():
+            network = target(**args).eval()
+            for module in network.modules():
+                if not any(module.children()):
+                    module.register_forward_hook(lambda m, i, o: total.append(o.nbytes if torch.is_tensor(o) else 0))
+            network(torch.zeros(1, int(in_channels), *[int(s) for s in image_size]))
+    except Exception as e:  # the data drives a constructor and a forward pass: the data's fault
+        raise BundleError(f"{source}'s network does not run on {list(image_size)} images ({type(e).__name__}).",
+                          "train the model with this bundle.") from e  # fmt: skip
+    return sum(total)
 
 
 def checked(definition, source: str) -> tuple:
@@ -143,8 +171,8 @@ def build(definition: dict, source: str, device="cpu") -> torch.nn.Module:
     target, args = checked(definition, source)
     try:
         network = target(**args)
-    except (TypeError, ValueError, KeyError, AttributeError, AssertionError, RuntimeError) as e:
-        raise BundleError(f"{source}'s network_def does not build ({type(e).__name__}: {e}).",
+    except Exception as e:  # the data drives a constructor: whatever it raises is the data's fault
+        raise BundleError(f"{source}'s network_def does not build ({first_line(e)}).",
                           "give it arguments its _target_ takes (see MONAI's documentation).") from e  # fmt: skip
     return network.to(device).eval()
 
@@ -188,18 +216,10 @@ def layers(network: torch.nn.Module, in_channels: int, image_size, classes: int,
     return {"feature_layer": linear[-1], "gradcam_layer": found}
 
 
-def read_network(path: str, max_bytes: int = 1 << 16) -> dict:
+def read_network(path: str) -> dict:
     """The ``network.json`` at ``path`` as data: a network_def and two layer names, or a ``BundleError``."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise ValueError(f"over {max_bytes:,} bytes")
-        saved = json.loads(data.decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
-        raise BundleError(f"{path} is not readable JSON ({e}).", "train again, or delete it.") from e
-    if not isinstance(saved, dict) or not all(
-        isinstance(saved.get(k), str) for k in ("feature_layer", "gradcam_layer")
-    ):
+    saved = read_json(path, "the model's network", "train again, or delete it.", 1 << 16)
+    layers = [saved.get(k) for k in ("feature_layer", "gradcam_layer")] if isinstance(saved, dict) else [None]
+    if not all(isinstance(name, str) and len(name) < 1000 for name in layers):
         raise BundleError(f"{path} is not a network description this bundle writes.", "train again, or delete it.")
     return saved

@@ -15,23 +15,18 @@ from ignite.engine import Engine, Events
 
 from .checks import as_bool
 from .errors import BundleError
-from .files import FORMULA_START, csv_cell, write_csv
+from .files import FORMULA_START, csv_cell, read_text, write_csv
 
 logger = logging.getLogger(__name__)
 MIN_SIDE = 32  # pixels: smaller images are flagged (MedNIST's are 64 x 64)
-TEXT = (
-    "path",
-    "true_label",
-    "label",
-    "flag",
-    "error",
-    "sop_instance_uid",
-)  # cells of text, escaped; the others are numbers
+MAX_PREDICTIONS = 1 << 30  # bytes of an earlier predictions.csv a resumed run reads (millions of rows)
+BEFORE, AFTER = ("path", "true_label", "label", "confidence"), ("ood_score", "ood_score_kind", "flag", "error")
+AFTER += ("sop_instance_uid",)  # the columns around the classes' (their names may not be these)
+TEXT = ("path", "true_label", "label", "flag", "error", "sop_instance_uid")  # cells of text, escaped; others numbers
 
 
 def columns(classes) -> tuple:
-    return ("path", "true_label", "label", "confidence", *classes, "ood_score", "ood_score_kind", "flag", "error",
-            "sop_instance_uid")  # fmt: skip
+    return (*BEFORE, *classes, *AFTER)
 
 
 def flag(probs: np.ndarray, score: float, threshold, constant: bool, min_side: int, low_confidence: float) -> str:
@@ -80,23 +75,31 @@ def unescaped(cell: str) -> str:
     return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_START) else cell
 
 
-def read_predictions(path: str) -> list[dict]:
-    """The complete rows of a ``predictions.csv`` (a last line cut short by a kill is left out)."""
-    if not os.path.isfile(path):
+def read_predictions(path: str, classes) -> list[dict]:
+    """The complete rows of a ``predictions.csv`` of a model of ``classes`` (a last line cut short by a kill is
+    left out), or a ``BundleError`` if it is not one."""
+    if not os.path.lexists(path):
         return []
-    with open(path, newline="") as f:
-        lines = f.readlines()
+    fix = "run without --resume to predict every input again, or move it away."
+    lines = read_text(path, "the earlier predictions", MAX_PREDICTIONS, fix).splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]
-    rows = list(csv.DictReader(lines))
+    try:
+        reader = csv.DictReader(lines)
+        if reader.fieldnames != [csv_cell(c) for c in columns(classes)]:
+            raise csv.Error("its columns are not those of predictions of this model")
+        rows = list(reader)
+    except csv.Error as e:
+        raise BundleError(f"{path} is not the predictions.csv the bundle writes ({e}).", fix) from e
     return [r for r in rows if None not in r and None not in r.values()]  # every column, no extra field
 
 
-def skip_done(data: list[dict], output_dir: str, resume=False) -> list[dict]:
-    """``data`` without, with ``resume``, the inputs ``output_dir/predictions.csv`` already has rows for."""
-    if not resume:
+def skip_done(data: list[dict], output_dir: str, classes, resume=False) -> list[dict]:
+    """``data`` without, with ``resume``, the inputs ``output_dir/predictions.csv`` (of ``classes``) already has
+    rows for."""
+    if not as_bool(resume, "resume"):
         return data
-    done = {unescaped(r["path"]) for r in read_predictions(os.path.join(output_dir, "predictions.csv"))}
+    done = {unescaped(r["path"]) for r in read_predictions(os.path.join(output_dir, "predictions.csv"), classes)}
     todo = [d for d in data if d["path"] not in done]
     logger.info(f"resuming: {len(data) - len(todo)} of {len(data)} input(s) already predicted")
     return todo
@@ -123,7 +126,7 @@ class PredictionWriter:
 
     def open(self, engine: Engine | None = None) -> None:
         self.columns = columns(self.model.classes)
-        kept = read_predictions(self.path) if self.resume else []
+        kept = read_predictions(self.path, self.model.classes) if self.resume else []
         write_csv(self.path, self.columns, kept)
         if self.pictures is not None:
             self.pictures.drawn = sum(not r["error"] for r in kept)

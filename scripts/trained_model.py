@@ -15,14 +15,14 @@ from .model_file import ExportedModel, ModelDescription, load_model
 
 class TrainedModel:
     """The model file ``path``: its :class:`~scripts.model_file.ModelDescription` (beside it, else MedNIST's;
-    checked when built), its ``network`` (for a ``.pt`` the untrained network it describes, channels-last;
-    for an export a stand-in module), and after :meth:`load`, the workflow step that reads the file, its weights
-    (or program) on ``device`` and ``calibration``."""
+    checked when built), how many images a batch may hold (``batch_limit``), its ``network`` (for a ``.pt`` the
+    untrained network it describes; for an export a stand-in module), and after :meth:`load`, the workflow step
+    that reads the file, its weights (or program) on ``device`` and ``calibration``."""
 
     def __init__(self, path, device="cpu"):
         self.path, self.device = str(path), device
         self.description = ModelDescription.beside(self.path)
-        self.classes = list(self.description.classes)
+        self.classes, self.batch_limit = list(self.description.classes), self.description.batch_limit(self.path)
         self.exported = os.path.splitext(self.path)[1].lower() != ".pt"
         if self.exported:
             self.network = ExportedModel()

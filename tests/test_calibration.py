@@ -74,7 +74,7 @@ def gaussian_classes(n: int, dims: int, seed: int, shift: float = 0.0):
 
 def test_thresholds_pass_97_percent_of_validation_and_round_trip_without_pickle(tmp_path):
     training, validation = gaussian_classes(3000, 16, seed=1), gaussian_classes(3000, 16, seed=2)
-    calibration = Calibration.fit(validation, training, weights="w" * 64)
+    calibration = Calibration.fit(validation, training, weights="ab" * 32)
     z = validation["logits"]
     passed = (energy(z, calibration.temperature) <= calibration.energy_threshold).double().mean()
     assert passed == pytest.approx(0.97, abs=0.002)
@@ -86,7 +86,7 @@ def test_thresholds_pass_97_percent_of_validation_and_round_trip_without_pickle(
     assert energy(torch.zeros(1, 6)) > energy(torch.tensor([[20.0, 0, 0, 0, 0, 0]]))  # flat logits: less familiar
     calibration.save(str(tmp_path / "calibration.json"))
     saved = json.loads((tmp_path / "calibration.json").read_text())  # plain JSON, and arrays: nothing to unpickle
-    assert (saved["statistics_images"], saved["threshold_images"], saved["weights_sha256"]) == (3000, 3000, "w" * 64)
+    assert (saved["statistics_images"], saved["threshold_images"], saved["weights_sha256"]) == (3000, 3000, "ab" * 32)
     loaded = Calibration.load(str(tmp_path / "calibration.json"), 6, 16)
     assert (loaded.temperature, loaded.energy_threshold) == (saved["temperature"], saved["energy_threshold"])
     assert loaded.feature_threshold == saved["feature_threshold"]
@@ -102,7 +102,7 @@ def test_arrays_are_bound_to_their_json(tmp_path, monkeypatch, caplog):
     refused too; without arrays, the score is the energy."""
     training, validation = gaussian_classes(600, 16, seed=1), gaussian_classes(600, 16, seed=2)
     path = str(tmp_path / "calibration.json")
-    Calibration.fit(validation, training, weights="w" * 64).save(path)
+    Calibration.fit(validation, training, weights="ab" * 32).save(path)
     assert Calibration.load(path, 6, 16).ood_score(validation["logits"], validation["features"])[2] == "mahalanobis"
     replace = os.replace
 
@@ -113,7 +113,7 @@ def test_arrays_are_bound_to_their_json(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(os, "replace", killed_at_json)
     with pytest.raises(KeyboardInterrupt):
-        Calibration.fit(validation, gaussian_classes(600, 16, seed=3), weights="w" * 64).save(path)
+        Calibration.fit(validation, gaussian_classes(600, 16, seed=3), weights="ab" * 32).save(path)
     monkeypatch.undo()
     with bundle_error(f"{tmp_path / 'calibration.npz'} cannot be used with {path}: its SHA-256 is not the one"):
         Calibration.load(path, 6, 16)
@@ -290,7 +290,7 @@ def test_calibration_values_that_make_no_sense_are_refused(change, message, tmp_
     each value is checked for sense when read, in one message."""
     training, validation = gaussian_classes(300, 16, seed=1), gaussian_classes(300, 16, seed=2)
     path = tmp_path / "calibration.json"
-    Calibration.fit(validation, training, weights="w" * 64).save(str(path))
+    Calibration.fit(validation, training, weights="ab" * 32).save(str(path))
     saved = json.loads(path.read_text())
     saved.update(change)
     path.write_text(json.dumps(saved))
@@ -314,7 +314,7 @@ def test_calibration_arrays_declaring_more_are_refused_from_their_headers(tmp_pa
 
     training, validation = gaussian_classes(300, 16, seed=1), gaussian_classes(300, 16, seed=2)
     path = tmp_path / "calibration.json"
-    Calibration.fit(validation, training, weights="w" * 64).save(str(path))
+    Calibration.fit(validation, training, weights="ab" * 32).save(str(path))
     side, header, means = 16384, io.BytesIO(), io.BytesIO()
     npy.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (side, side)})
     with zipfile.ZipFile(tmp_path / "calibration.npz", "w", zipfile.ZIP_DEFLATED, compresslevel=4) as zf:

@@ -122,14 +122,15 @@ def progressive_jpeg_with_scans(scans: int) -> bytes:
 
 def read_in_fresh_process(folder, names, timeout: int) -> dict:
     """Each of ``names`` in ``folder`` read by the bundle's reader in a fresh process: per name its refusal
-    (``"read"`` if accepted), and the process's peak memory (VmHWM, which exec resets)."""
+    (``"read"`` if accepted), the process's peak memory (VmHWM, which exec resets) and that peak before any file
+    was read (``base_mib``: the imports)."""
     import json
 
     code = f"""
 import json, sys
 sys.path.insert(0, {BUNDLE!r})
 from scripts.images import read_image
-out = {{}}
+out = {{"base_mib": next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024}}
 for name in {list(names)!r}:
     try:
         read_image({str(folder)!r} + "/" + name)
@@ -335,3 +336,55 @@ def test_hostile_dicom_and_special_files_are_refused_before_decoding(tmp_path):
     assert all("\n" not in out[n] for n in names) and out["peak_mib"] < 1024, out
     inflated = pydicom.dcmread(tmp_path / "implicit-bomb.dcm")  # the control: pydicom inflates it all
     assert len(inflated.PixelData) == 4000 * 5000
+
+
+def with_private_elements(data: bytes, count: int) -> bytes:
+    """A DICOM file's bytes with ``count`` empty private elements (explicit VR, 8 bytes each) inserted at the
+    start of its dataset."""
+    from scripts.images import dicom_meta
+
+    _, end = dicom_meta(data)
+    tags = [(group, element) for group in range(0x0009, 0x0100, 2) for element in range(0x1000, 0x10000)][:count]
+    return data[:end] + b"".join(struct.pack("<HH2sH", g, e, b"LO", 0) for g, e in tags) + data[end:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak memory read from /proc")
+def test_dicom_headers_and_decoding_are_bounded(tmp_path):
+    """A header of 1,000,000 empty private elements before the pixels (8 MB stored, and deflated to 1.5 MB), a
+    5000 x 5000 32-bit image deflated to under 1 MB whose rescale and window pydicom would apply in float64:
+    each refused in one line, in a fresh process whose peak memory grows by under 64 MiB past its imports'; the
+    control: pydicom's dcmread of the header bomb takes over 200 MiB more than pydicom's import."""
+    import zlib
+
+    from scripts.images import DEFLATED, dicom_meta
+
+    write_dicom(tmp_path / "genuine.dcm", np.zeros((64, 64), np.uint8))
+    genuine = (tmp_path / "genuine.dcm").read_bytes()
+    (tmp_path / "elements.dcm").write_bytes(with_private_elements(genuine, 1_000_000))
+    write_dicom(tmp_path / "deflated.dcm", np.zeros((64, 64), np.uint8), syntax=DEFLATED)
+    deflated = (tmp_path / "deflated.dcm").read_bytes()
+    _, end = dicom_meta(deflated)
+    plain = with_private_elements(genuine, 1_000_000)[dicom_meta(genuine)[1] :]
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    (tmp_path / "elements-deflated.dcm").write_bytes(deflated[:end] + packer.compress(plain) + packer.flush())
+    lut = {"RescaleSlope": "2", "RescaleIntercept": "-1", "WindowCenter": "100", "WindowWidth": "50"}
+    write_dicom(tmp_path / "lut.dcm", np.zeros((5000, 5000), np.uint32), syntax=DEFLATED, **lut)
+    names = ["elements.dcm", "elements-deflated.dcm", "lut.dcm"]
+    assert (
+        os.path.getsize(tmp_path / "elements-deflated.dcm") < 2 << 20
+        and os.path.getsize(tmp_path / "lut.dcm") < 1 << 20
+    )
+    out = read_in_fresh_process(tmp_path, names, timeout=300)
+    assert "a DICOM header of over 10,000 elements" in out["elements.dcm"] == out["elements-deflated.dcm"]
+    assert "5000x5000 pixels of 32 bits would take" in out["lut.dcm"] and "over the 512 MiB" in out["lut.dcm"]
+    assert all("\n" not in out[n] for n in names), out
+    assert out["peak_mib"] - out["base_mib"] < 64, out
+    control = f"""
+import pydicom
+peak = lambda: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+base = peak()
+pydicom.dcmread({str(tmp_path / 'elements.dcm')!r})
+print(peak() - base)
+"""
+    proc = subprocess.run([sys.executable, "-c", control], capture_output=True, text=True, timeout=300)
+    assert float(proc.stdout.split()[-1]) > 200, proc.stderr[-2000:]

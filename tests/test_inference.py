@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import bundle_error, evaluate, infer, killed_at_rename, parser
+from conftest import CLASSES, bundle_error, evaluate, infer, killed_at_rename, parser
 from scripts.inputs import find_inputs
 from scripts.predictions import read_predictions
 
@@ -175,7 +175,7 @@ def test_killed_inference_keeps_its_rows_and_resumes(trained, mednist, tmp_path)
     # that rewrite's rename, it has lost nothing
     for when in ("before", "after"):
         assert killed_at_rename([*args, "--resume", "true"], when, "predictions.csv").returncode == -9
-        assert read_predictions(str(tmp_path / "predictions.csv")) == kept[:24], when
+        assert read_predictions(str(tmp_path / "predictions.csv"), CLASSES) == kept[:24], when
     infer(trained, tmp_path, images, resume="true", batch_size=8)
     rows = read_rows(tmp_path / "predictions.csv")
     assert [r["path"] for r in rows[:24]] == [r["path"] for r in kept[:24]]  # kept, not predicted again
@@ -300,3 +300,28 @@ print(json.dumps(os.path.exists({str(marker)!r})))
     assert training == ["cannot read image: its content is not PNG, JPEG, NIfTI or DICOM"] * 3
     assert guarded["ran"] is False
     assert control is True  # plain MONAI/Pillow ran the stand-in Ghostscript
+
+
+def test_a_list_or_a_model_description_inference_cannot_hold_is_refused_before_any_work(trained, tmp_path):
+    """A --input_list of 1.2 GB (sparse: refused by its size, never read) and a model whose description declares
+    4096 x 4096 images beside its genuine weights (a batch of them would take hundreds of GiB): refused in one line
+    before the model is loaded or a file written; at 512 x 512, inference runs batches of what fits its 2 GiB."""
+    from scripts.model_file import ModelDescription
+
+    with open(tmp_path / "list.txt", "wb") as f:
+        f.truncate(1_200_000_000)
+    with bundle_error("--input_list") as found:
+        infer(trained, tmp_path / "out", None, input_list=tmp_path / "list.txt")
+    assert "is over 67,108,864 bytes" in found[0].problem and not (tmp_path / "out").exists()
+    models = tmp_path / "models"
+    shutil.copytree(trained / "models", models, ignore=shutil.ignore_patterns("checkpoint*", ".*"))
+    described = json.loads((models / "network_data_format.json").read_text())
+    for size, limit in ((4096, None), (512, 2)):
+        described["inputs"]["image"]["spatial_shape"] = [size, size]
+        (models / "network_data_format.json").write_text(json.dumps(described))
+        if limit is None:
+            with bundle_error("takes 48.1 GiB for one, over the 2 GiB inference holds"):
+                infer(trained, tmp_path / "big", str(tmp_path / "list.txt"), ckpt_dir=models)
+            assert not (tmp_path / "big").exists()
+        else:
+            assert ModelDescription.beside(str(models / "model.pt")).batch_limit() == limit

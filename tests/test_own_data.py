@@ -135,10 +135,17 @@ def test_a_csv_list_with_its_own_split(tmp_path):
         ([("images/CT/000.png", "CT"), ("images/CT/001.png", "")], "an empty label"),
         ([("images/CT/000.png", "CT"), ("images/CT/001.png", "=cmd")], "has the class name '=cmd'"),
         ([("images/CT/000.png", "CT"), ("images/CT/001.png", "CT")], "names 1 classes"),
+        ([("images/CT/000.png", "CT"), ("/proc/self/mem", "MRI")], "/proc/self/mem, which is 0 bytes, not an image"),
+        ([("images/CT/000.png", "CT"), ("sparse.png", "MRI")], "sparse.png, which is 68,719,476,736 bytes"),
+        ([("images/CT/000.png", "path"), ("images/CT/001.png", "error")], "has the class name 'error', a column"),
     ],
 )
 def test_a_csv_that_cannot_work_is_refused_in_one_line_before_any_file(rows, message, tmp_path):
+    """Each bad row, a listed /proc file (its size unknown, 0) or a sparse file of 64 GiB (never read), class names
+    that are columns of predictions.csv: refused in one line, before any file is written."""
     write_own(tmp_path / "images", {"CT": 2})
+    with open(tmp_path / "sparse.png", "wb") as f:
+        f.truncate(64 << 30)
     header = ("image", "label", "split") if len(rows[0]) == 3 else ("image", "label")
     with open(tmp_path / "list.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
@@ -150,11 +157,16 @@ def test_a_csv_that_cannot_work_is_refused_in_one_line_before_any_file(rows, mes
 
 
 def test_folders_that_cannot_train_are_refused_before_any_file(tmp_path):
-    """One class: refused before any file; a class too small for the split: before the split is written."""
+    """One class, classes named like columns of predictions.csv (which would overwrite them): refused before any
+    file; a class too small for the split: before the split is written."""
     data = write_own(tmp_path / "one", {"CT": 6})
     with bundle_error("has 1 class folder(s): CT"):
         run_workflow(("train",), "training", dataset_dir=data, output_dir=tmp_path / "out", ckpt_dir=tmp_path / "m")
     assert not (tmp_path / "m").exists() and not (tmp_path / "out").exists()
+    data = write_own(tmp_path / "columns", {"error": 10, "path": 10})
+    with bundle_error("has the class name 'error', a column of predictions.csv") as found:
+        run_workflow(("train",), "training", dataset_dir=data, output_dir=tmp_path / "out", ckpt_dir=tmp_path / "m")
+    assert "error_class" in found[0].fix and not (tmp_path / "out").exists()
     data = write_own(tmp_path / "small", {"CT": 20, "MRI": 2})
     with bundle_error("class MRI has 2 image(s): the test set would have none of it") as found:
         run_workflow(("train",), "training", dataset_dir=data, output_dir=tmp_path / "out", ckpt_dir=tmp_path / "m")

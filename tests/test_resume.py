@@ -3,11 +3,14 @@ run owns its folders."""
 
 from __future__ import annotations
 
+import copy
 import csv
+import io
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -202,3 +205,45 @@ def test_the_lock_is_never_taken_through_a_link(tmp_path):
     with open(tmp_path / ".mednist.lock", "a+") as f:  # what the lock did before
         f.truncate(0)
     assert victim.read_text() == ""
+
+
+def test_a_resume_checkpoint_is_read_as_a_model_file(trained, mednist, tmp_path):
+    """--resume reads the newest checkpoint_epoch=N.pt as model.pt is read, before any work: a file of a few hundred
+    bytes whose dict key nests tuples 40 deep (torch.load alone never returns on such a key: the control of
+    tests/test_model_file.py), the genuine checkpoint padded to 1.28 GB (sparse: its size refuses it before a byte
+    is read), one whose optimizer moments are of another shape and one whose trainer's epoch is a text: each
+    refused in one line naming it, nothing written."""
+    from test_model_file import nested_key
+
+    shutil.copytree(trained / "models", tmp_path / "models")
+    shutil.copytree(trained / "out", tmp_path / "out", ignore=shutil.ignore_patterns("tensorboard"))
+    checkpoint = tmp_path / "models" / "checkpoint_epoch=2.pt"
+    genuine = torch.load(checkpoint, weights_only=True)
+    moments, epoch = copy.deepcopy(genuine), copy.deepcopy(genuine)
+    moments["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+    epoch["trainer"]["epoch"] = "two"
+    pickled = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(checkpoint.read_bytes())) as archive:  # the genuine archive, another pickle
+        entries = [(i.filename, archive.read(i)) for i in archive.infolist()]
+    with zipfile.ZipFile(pickled, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in entries:
+            archive.writestr(name, nested_key(39) if name.endswith("/data.pkl") else data)
+    cases = {"nested": pickled.getvalue(), "moments": moments, "epoch": epoch, "padded": checkpoint.read_bytes()}
+    messages = {
+        "nested": "a pickled tuple used twice",
+        "moments": "holds optimizer state of another shape than its weights",
+        "epoch": "holds a trainer state the bundle does not write",
+        "padded": "is over",
+    }
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    for name, content in cases.items():
+        if isinstance(content, dict):
+            torch.save(content, checkpoint)
+        else:
+            checkpoint.write_bytes(content)
+        if name == "padded":
+            os.truncate(checkpoint, 1_280_000_000)
+        with bundle_error(messages[name]) as found:
+            train(mednist, tmp_path, resume="true", epochs=3, **RUN)
+        assert str(checkpoint) in found[0].problem and "\n" not in found[0].problem, name
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before  # nothing written

@@ -39,7 +39,9 @@ def time_to_accuracy(
         sys.exit(f"ERROR: --target must be an accuracy in (0, 1], got {target!r}.")
     train = os.path.join(BUNDLE, "configs", "train.json")
     names = [name.strip() for name in str(configs).split(",") if name.strip()]
-    files = [train] + [os.path.abspath(n) if n.endswith(".json") else os.path.join(BUNDLE, "configs", f"{n}.json") for n in names]
+    files = [train] + [
+        os.path.abspath(n) if n.endswith(".json") else os.path.join(BUNDLE, "configs", f"{n}.json") for n in names
+    ]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         sys.exit(f"ERROR: no config file {missing[0]}. Fix: --configs takes names of files in configs/, e.g. quick.")
