@@ -50,6 +50,7 @@ python - "$bundle" <<'PY'
 import hashlib, json, os, sys, numpy as np, torch, yaml
 from monai.bundle import ConfigParser
 bundle = sys.argv[1]
+sys.path.insert(0, bundle)  # its scripts, as the workflow's initialize step puts them on the path
 parser = ConfigParser()
 parser.read_config(os.path.join(bundle, "configs", "inference.json"))
 parser.read_meta(os.path.join(bundle, "configs", "metadata.json"))

@@ -18,7 +18,7 @@ import unittest
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigWorkflow
 from PIL import Image
 from utils import check_workflow
 
@@ -92,10 +92,9 @@ class TestMedNISTClassification(unittest.TestCase):
     def test_infer_config(self):
         models = os.path.join(self.output_dir, "models")
         os.makedirs(models)
-        parser = ConfigParser()  # weights of the bundle's network, as the Zoo's verify_bundle.py makes them
-        parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
-        parser.read_meta(os.path.join(BUNDLE_ROOT, "configs", "metadata.json"))
-        torch.save(parser.get_parsed_content("network_def").state_dict(), os.path.join(models, "model.pt"))
+        network = self.workflow("infer", ["inference.json"], "inference", {**TEST_CASE_INFER, "ckpt_dir": models})
+        network.initialize()  # weights of the bundle's network, as the Zoo's verify_bundle.py makes them
+        torch.save(network.network_def.state_dict(), os.path.join(models, "model.pt"))
         images = os.path.join(self.dataset_dir, "MedNIST", "Hand")
         override = {**TEST_CASE_INFER, "input": images, "output_dir": self.output_dir, "ckpt_dir": models}
         inferrer = self.workflow("infer", ["inference.json"], "inference", override)
