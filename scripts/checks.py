@@ -114,6 +114,12 @@ def image_size(key, value) -> list[int]:
     return list(value)
 
 
+def port(key, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise BundleError(f"--{key} {value!r} is not a port number in [1, 65535].", f"pass e.g. --{key} 8080.")
+    return value
+
+
 def zoom_range(key, value) -> list[float]:
     ok = isinstance(value, (list, tuple)) and len(value) == 2
     if not ok or not all(isinstance(z, (int, float)) and not isinstance(z, bool) and z > 0 for z in value):
@@ -190,6 +196,15 @@ RULES = {  # every key a workflow's check gives, with its rule
     "pipeline": one_of("batched", "per_sample"),
     "download_md5": text,
     "input": inputs,
+    "host": text,
+    "port": port,
+    "replicas": integer(1),
+    "token_file": path,
+    "insecure": flag,
+    "max_request_bytes": integer(1),
+    "max_file_bytes": integer(1),
+    "batch_wait_s": number(0, 1, closed=True),
+    "max_queued": integer(1),
     "network": lambda key, value: networks.classifier(value) and value,
     **dict.fromkeys(PATHS, path),
 }

@@ -70,7 +70,8 @@ def read_bytes(path: str) -> bytes:
 
 
 def content_kind(path: str, data: bytes) -> str:
-    """``PNG``, ``JPEG``, ``NIfTI`` or ``DICOM`` by the file's content (and, for NIfTI, its name)."""
+    """``PNG``, ``JPEG``, ``NIfTI`` (plain or gzipped) or ``DICOM`` by the file's content alone (a service is sent
+    no file name); an unreadable one is refused naming its suffix."""
     name = os.path.basename(str(path)).lower()
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "PNG"
@@ -78,7 +79,13 @@ def content_kind(path: str, data: bytes) -> str:
         return "JPEG"
     if data[128:132] == b"DICM":
         return "DICOM"
-    if name.endswith((".nii", ".nii.gz")):
+    head = data[:4]
+    if data.startswith(b"\x1f\x8b"):  # gzip: a NIfTI's header inside?
+        try:
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, 4)
+        except zlib.error:
+            head = b""
+    if head and (int.from_bytes(head, "little") in (348, 540) or int.from_bytes(head, "big") in (348, 540)):
         return "NIfTI"
     if not name.endswith(IMAGE_SUFFIXES) and "." in name:
         suffix = os.path.splitext(name)[1]
@@ -181,12 +188,12 @@ def nifti_header(head: bytes):
     raise ValueError("cannot read image: its content is not a NIfTI header")
 
 
-def decode_nifti(data: bytes, name: str, max_pixels: int):
+def decode_nifti(data: bytes, max_pixels: int):
     """A 2D NIfTI image (singleton dimensions dropped) as (W, H), from a copy holding its header, no extensions
     and its pixels: the sizes, data type and offset it declares are checked before anything is decompressed."""
     import nibabel as nib
 
-    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if name.lower().endswith(".gz") else io.BytesIO(data)
+    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if data.startswith(b"\x1f\x8b") else io.BytesIO(data)
     try:
         head = stream.read(544)
         header = nifti_header(head)
@@ -405,16 +412,22 @@ def decode_dicom(data: bytes, channels: int, max_pixels: int):
     return np.swapaxes(array, 0, 1), f"DICOM {photometric} {bits}-bit"
 
 
-def dicom_uid(path: str) -> str:
-    """The SOPInstanceUID of a DICOM file the reader has accepted, else ``""``: what a row names of a DICOM image
-    besides its path (never a patient's name, ID or birth date)."""
+def dicom_uid(source) -> str:
+    """The SOPInstanceUID of a DICOM file (a path, or its bytes) the reader has accepted, else ``""``: what a row
+    names of a DICOM image besides its path (never a patient's name, ID or birth date)."""
     import pydicom
 
-    if not is_dicom(path):
-        return ""
     try:
-        with open_regular(path) as f:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        if isinstance(source, bytes):
+            data = source[:132] if source[128:132] == b"DICM" else b""
+        elif is_dicom(source):
+            data = read_limited(source, MAX_FILE_BYTES)
+        else:
+            data = b""
+        if not data:
+            return ""
+        ds = pydicom.dcmread(io.BytesIO(source if isinstance(source, bytes) else data), stop_before_pixels=True,
+                             specific_tags=["SOPInstanceUID"])  # fmt: skip
         return str(ds.get("SOPInstanceUID", ""))
     except Exception:
         return ""
@@ -423,7 +436,16 @@ def dicom_uid(path: str) -> str:
 def read_image(path: str, channels: int = 1, max_pixels: int = MAX_PIXELS):
     """The image file ``path`` as a float32 array, (W, H) for ``channels`` 1 (colour to luma) or (W, H, 3) for 3
     (gray repeated), and its kind (``PNG L``, ``DICOM MONOCHROME2 16-bit``...); a ``ValueError`` saying why not."""
-    data = read_bytes(path)
+    return decode_image(read_bytes(path), channels, max_pixels, path)
+
+
+def decode_image(data: bytes, channels: int = 1, max_pixels: int = MAX_PIXELS, path: str = ""):
+    """An image file's bytes ``data`` decoded as :func:`read_image` does (its kind told by its content; ``path``
+    only names an unknown suffix in the refusal)."""
+    if not data:
+        raise ValueError("file is empty")
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"file is over {MAX_FILE_BYTES:,} bytes")
     kind = content_kind(path, data)
     if kind in ("PNG", "JPEG"):
         array, mode = decode_pillow(data, kind, channels, max_pixels)
@@ -431,7 +453,7 @@ def read_image(path: str, channels: int = 1, max_pixels: int = MAX_PIXELS):
     elif kind == "DICOM":
         array, mode = decode_dicom(data, channels, max_pixels)
     else:
-        array, mode = decode_nifti(data, path, max_pixels)
+        array, mode = decode_nifti(data, max_pixels)
     array = np.asarray(array, dtype=np.float32)
     if channels == 3 and array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
@@ -462,8 +484,11 @@ class SafeImageReader(ImageReader):
         return all(image_suffix(str(f)) for f in ensure_tuple(filename))
 
     def read(self, data, **kwargs):
-        paths = ensure_tuple(data)
+        """A file's path, or its bytes (a service's input), read to (array, kind), or an :class:`Unreadable`."""
         try:
+            if isinstance(data, bytes):
+                return decode_image(data, self.channels, self.max_pixels)
+            paths = ensure_tuple(data)
             if len(paths) != 1:
                 raise ValueError(f"one file at a time, not {len(paths)}")
             return read_image(str(paths[0]), self.channels, self.max_pixels)

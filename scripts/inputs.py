@@ -137,22 +137,31 @@ class SafeDataset(torch.utils.data.Dataset):
     of ``channels`` x ``image_size`` with the reason under ``error``. ``min_side``: the loaded image's smaller
     side; ``sop_instance_uid``: a DICOM image's (no other tag of the file leaves it)."""
 
-    def __init__(self, data: list[dict], transform, image_size, channels: int = 1):
-        self.data, self.transform = data, transform
+    def __init__(self, data: list[dict], transform, image_size, channels: int = 1, reader=None):
+        self.data, self.transform, self.reader = data, transform, reader
         self.blank = torch.zeros(int(channels), *[int(s) for s in image_size])
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict:
-        item = dict(self.data[index])
-        out = {"path": str(item.get("path", item["image"])), "label": item.get("label", -1)}
+        return self.prepared(self.data[index])
+
+    def prepared(self, item: dict) -> dict:
+        """One input (``{"image": path}``, or ``{"data": bytes}`` read by ``reader`` in the place of the
+        transform's loader), preprocessed as the dataset's items are."""
+        item = dict(item)
+        out = {"path": str(item.get("path", item.get("image"))), "label": item.get("label", -1)}
         if item.get("error"):
             return {**out, "image": self.blank.clone(), "error": item["error"], "min_side": 0, "sop_instance_uid": ""}
         tracking = get_track_meta()
         set_track_meta(False)
         try:
-            loaded = self.transform({"image": item["image"]}, end=1)
+            if "data" in item:  # bytes sent to a service: the same reader, then the rest of the preprocessing
+                array, _ = self.reader.get_data(self.reader.read(item["data"]))
+                loaded = {"image": torch.as_tensor(array)}
+            else:
+                loaded = self.transform({"image": item["image"]}, end=1)
             side = int(min(torch.as_tensor(loaded["image"]).shape[:2]))
             image = self.transform(loaded, start=1)["image"]
             image = torch.as_tensor(image).float()
@@ -164,4 +173,5 @@ class SafeDataset(torch.utils.data.Dataset):
             return {**out, "image": self.blank.clone(), "error": reason(e), "min_side": 0, "sop_instance_uid": ""}
         finally:
             set_track_meta(tracking)
-        return {**out, "image": image, "error": "", "min_side": side, "sop_instance_uid": dicom_uid(out["path"])}
+        uid = dicom_uid(item["data"] if "data" in item else out["path"])
+        return {**out, "image": image, "error": "", "min_side": side, "sop_instance_uid": uid}

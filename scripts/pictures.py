@@ -4,6 +4,7 @@ warning."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -30,6 +31,22 @@ def gradcam_maps(network: torch.nn.Module, images: torch.Tensor, target_layer: s
     cam = (GradCAMpp if plus else GradCAM)(nn_module=network, target_layers=target_layer, postprocessing=unit_range)
     with torch.enable_grad():  # one image at a time: MONAI's CAMs mix classes across a batch
         return [cam(x=x[i : i + 1]).detach().cpu().numpy()[0, 0] for i in range(len(x))]
+
+
+def overlay_png(network: torch.nn.Module, image: torch.Tensor, target_layer: str, scale: int = 4) -> bytes:
+    """A PNG of ``image`` (C x H x W, its first channel) under its Grad-CAM++ heat map (jet, half opaque),
+    ``scale`` times its size: what a service returns for a page to show."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    (cam,) = gradcam_maps(network, image[None], target_layer)
+    gray = image[0].detach().cpu().float().numpy().T  # MONAI's (W, H) as rows of pixels
+    gray = (gray - gray.min()) / max(float(gray.max() - gray.min()), 1e-12)
+    blended = 0.55 * np.repeat(gray[..., None], 3, -1) + 0.45 * colormaps["jet"](cam.T)[..., :3]
+    picture = Image.fromarray((255 * blended).astype(np.uint8)).resize((gray.shape[1] * scale, gray.shape[0] * scale))
+    out = io.BytesIO()
+    picture.save(out, "PNG")
+    return out.getvalue()
 
 
 def unit_range(cams: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow
@@ -135,6 +136,46 @@ def write_mednist(root: str, per_class: int = 20, seed: int = 0, body: bool = Fa
 def mednist(tmp_path_factory) -> str:
     """A dataset_dir holding a synthetic MedNIST (20 images a class)."""
     return write_mednist(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="session")
+def mixed_folder(mednist, tmp_path_factory) -> dict:
+    """Good images in every supported format, and one file of each bad kind; maps file name -> expected error."""
+    d = tmp_path_factory.mktemp("mixed")
+    src = os.path.join(mednist, "MedNIST")
+    shutil.copy(os.path.join(src, "Hand", "000000.jpeg"), d / "hand.jpeg")
+    shutil.copy(os.path.join(src, "CXR", "000000.jpeg"), d / "cxr.jpg")
+    gray = np.asarray(Image.open(os.path.join(src, "BreastMRI", "000000.jpeg")))
+    Image.fromarray(gray).convert("RGB").save(d / "rgb.png")
+    Image.fromarray(gray).convert("RGBA").save(d / "rgba.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(d / "gray16.png")
+    Image.fromarray(gray).resize((300, 200)).save(d / "large.png")
+    os.makedirs(d / "sub")
+    nib.save(nib.Nifti1Image(gray.T.astype(np.float32), np.eye(4)), d / "sub" / "slice.nii.gz")
+    nib.save(nib.Nifti1Image(gray.T[..., None].astype(np.float32), np.eye(4)), d / "sub" / "slice1.nii")
+    bad = {
+        "empty.png": "file is empty",
+        "truncated.jpeg": "cannot read image",
+        "text.png": "cannot read image",
+        "notes.txt": "unsupported file type '.txt'",
+        "volume.nii.gz": "is not a 2D image (3D volume?)",
+        "folder.png": "is a directory",
+        "bomb.png": "over the 25,000,000 limit",
+    }
+    (d / "empty.png").write_bytes(b"")
+    (d / "truncated.jpeg").write_bytes((d / "hand.jpeg").read_bytes()[:200])
+    (d / "text.png").write_text("this is not a PNG")
+    (d / "notes.txt").write_text("hello")
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.float32), np.eye(4)), d / "volume.nii.gz")
+    os.makedirs(d / "folder.png")
+    Image.new("L", (6000, 6000)).save(d / "bomb.png")  # 36 MP, a few kB compressed
+    Image.fromarray(gray).save(d / "camera.jpg", format="MPO", save_all=True, append_images=[Image.fromarray(gray)])
+    Image.new("L", (1, 1), 128).save(d / "dot.png")  # 2D, however small: predicted and flagged
+    Image.fromarray(gray[:1, :40]).save(d / "line.png")
+    write_dicom(d / "scan.dcm", gray)
+    good = ["hand.jpeg", "cxr.jpg", "rgb.png", "rgba.png", "gray16.png", "large.png", "slice.nii.gz", "slice1.nii"]
+    good += ["camera.jpg", "dot.png", "line.png", "scan.dcm"]
+    return {"dir": d, "bad": bad, "good": good}
 
 
 @pytest.fixture(scope="session")
