@@ -154,12 +154,6 @@ class Predictor:
         self.hook = FeatureHook(self.model.network, description.feature_layer)
         self.low_confidence, self.layer = float(low_confidence), gradcam_layer or description.gradcam_layer
 
-    def ready(self) -> list:
-        return list(self.model.classes)
-
-    def predict_one(self, data: bytes, gradcam: bool = False) -> dict:
-        return self.rows([(data, gradcam)])[0]
-
     def rows(self, requests: list[tuple[bytes, bool]]) -> list[dict]:
         """The rows of a batch of (image bytes, with Grad-CAM) requests, as inference writes them."""
         from .pictures import overlay_png
@@ -181,59 +175,51 @@ class Predictor:
 
 def application(settings: dict):
     """The Ray Serve application of plain ``settings`` (the keys of configs/serve.json; ``serve run`` and a Serve
-    config file pass them as its arguments): the ingress bound to ``replicas`` predictors."""
+    config file pass them as its arguments): ``replicas`` copies of one deployment, each answering HTTP and
+    batching its images (one hop from Ray's proxy: on 2 cores a second deployment cost a third of the rate)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from ray import serve
-    from ray.exceptions import ActorUnavailableError, RayActorError
-    from ray.serve.exceptions import BackPressureError
 
     app = FastAPI(title="MedNIST classification", docs_url=None, redoc_url=None)
+    batch, queued = int(settings["max_batch_size"]), int(settings["max_queued"])
+    limit, file_limit, token = int(settings["max_request_bytes"]), int(settings["max_file_bytes"]), settings["token"]
 
-    cpus = float(settings.get("replica_cpus", 1))  # what Ray reserves for each replica on its node
+    def error(status: int, message: str, headers=None):
+        return JSONResponse({"error": message}, status, headers)
 
-    @serve.deployment(max_ongoing_requests=int(settings["max_batch_size"]) * 2, ray_actor_options={"num_cpus": cpus})
-    class BatchedPredictor(Predictor):
-        @serve.batch(
-            max_batch_size=int(settings["max_batch_size"]), batch_wait_timeout_s=float(settings["batch_wait_s"])
-        )
-        async def predict(self, requests: list[tuple[bytes, bool]]) -> list[dict]:
-            return await asyncio.to_thread(self.rows, requests)
-
-    @serve.deployment(max_ongoing_requests=4 * int(settings["max_queued"]), ray_actor_options={"num_cpus": 0})
+    @serve.deployment(
+        max_ongoing_requests=queued + batch,  # the replica counts images itself: 503 past max_queued
+        ray_actor_options={"num_cpus": float(settings.get("replica_cpus", 1))},  # reserved on its node
+        logging_config={"enable_access_log": False},  # a log line a request costs more than batching saves
+    )
     @serve.ingress(app)
-    class Ingress:
-        def __init__(self, predictor, token: str | None):
-            self.predictor, self.token = predictor, token
-            self.classes, self.limit, self.in_flight = None, int(settings["max_request_bytes"]), 0
+    class Service(Predictor):
+        def __init__(self):
+            super().__init__(settings["model_path"], settings["device"], settings["image_reader"],
+                             settings["preprocessing"], settings["low_confidence"], settings.get("gradcam_layer"),
+                             settings["replicas"])  # fmt: skip
+            self.waiting = 0  # images in this replica, not yet answered
+
+        @serve.batch(max_batch_size=batch, batch_wait_timeout_s=float(settings["batch_wait_s"]))
+        async def predict(self, requests: list[tuple[bytes, bool]]) -> list[dict]:
+            return self.rows(requests)  # blocking: what arrives meanwhile waits, and makes the next batch
 
         def refused(self, request: Request):
-            given = request.headers.get("authorization", "")
-            if self.token and not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-                return JSONResponse({"error": "a bearer token is needed"}, 401, {"www-authenticate": "Bearer"})
+            given = request.headers.get("authorization", "").encode()
+            if token and not hmac.compare_digest(given, f"Bearer {token}".encode()):
+                return error(401, "a bearer token is needed", {"www-authenticate": "Bearer"})
             return None
 
         @app.get("/v2/health/live")
-        async def live(self):
-            return {"live": True}
-
         @app.get("/v2/health/ready")
         @app.get("/v2/models/" + MODEL + "/ready")
-        async def ready(self):  # once a replica has loaded the model: Ray Serve health-checks and replaces them
-            if self.classes is None:
-                try:
-                    self.classes = await asyncio.wait_for(self.predictor.ready.remote(), 10)
-                except Exception:
-                    return JSONResponse({"ready": False}, 503)
+        async def ready(self):  # a replica answers once its model is loaded; Ray Serve replaces one that dies
             return {"ready": True}
 
         @app.get("/v2/models/" + MODEL)
         async def model_metadata(self, request: Request):
-            refused = self.refused(request)
-            if refused:
-                return refused
-            self.classes = self.classes or await self.predictor.ready.remote()
-            return metadata(self.classes, settings["version"], int(settings["max_batch_size"]))
+            return self.refused(request) or metadata(self.model.classes, settings["version"], batch)
 
         @app.get("/", response_class=HTMLResponse)
         async def page(self):  # static, and public: a browser cannot send a token to open it; the page asks for one
@@ -242,55 +228,38 @@ def application(settings: dict):
 
         @app.post("/v2/models/" + MODEL + "/infer")
         async def infer(self, request: Request):
-            self.in_flight += 1
-            try:
-                return await self.inferred(request)
-            finally:
-                self.in_flight -= 1
-
-        async def drain(self, quiet_s: float = 0.5, timeout_s: float = 120) -> None:
-            """Return once no request has been in flight for ``quiet_s`` (the proxy has handed over what it had)."""
-            quiet, waited = 0.0, 0.0
-            while quiet < quiet_s and waited < timeout_s:
-                await asyncio.sleep(0.05)
-                quiet, waited = (quiet + 0.05 if self.in_flight == 0 else 0.0), waited + 0.05
-
-        async def inferred(self, request: Request):
             refused = self.refused(request)
             if refused:
                 return refused
             declared = request.headers.get("content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-                return JSONResponse({"error": f"the request is over {self.limit:,} bytes"}, 413)
+            if declared is not None and (not declared.isdigit() or int(declared) > limit):
+                return error(413, f"the request is over {limit:,} bytes")
             body = bytearray()
             async for chunk in request.stream():  # a body without a length is cut off at the limit
                 body += chunk
-                if len(body) > self.limit:
-                    return JSONResponse({"error": f"the request is over {self.limit:,} bytes"}, 413)
+                if len(body) > limit:
+                    return error(413, f"the request is over {limit:,} bytes")
             try:
                 header = request.headers.get("inference-header-content-length")
-                images, outputs = parse_request(bytes(body), header, int(settings["max_batch_size"]))
-                self.classes = self.classes or await self.predictor.ready.remote()
-                rows = await asyncio.gather(*[self.answer(data, "gradcam" in outputs) for data in images])
+                images, outputs = parse_request(bytes(body), header, batch)
             except ProtocolError as e:
-                return JSONResponse({"error": str(e)}, 400)
-            except BackPressureError:
-                return JSONResponse({"error": "the server is busy"}, 503, {"retry-after": "1"})
-            except (RayActorError, ActorUnavailableError):  # a replica stopped: the engine starts another
-                return JSONResponse({"error": "a model replica stopped; try again"}, 503, {"retry-after": "1"})
-            content, headers = response(rows, self.classes, outputs)
+                return error(400, str(e))
+            if self.waiting + len(images) > queued:
+                return error(503, "the server is busy", {"retry-after": "1"})
+            self.waiting += len(images)
+            try:
+                rows = await asyncio.gather(*[self.answer(data, "gradcam" in outputs) for data in images])
+            finally:
+                self.waiting -= len(images)
+            content, headers = response(rows, self.model.classes, outputs)
             return Response(content, headers=headers, media_type=headers.get("content-type"))
 
         async def answer(self, data: bytes, gradcam: bool) -> dict:
-            if len(data) > int(settings["max_file_bytes"]):
-                return {"error": f"the image is over {int(settings['max_file_bytes']):,} bytes"}
-            return await self.predictor.predict.remote((data, gradcam))
+            if len(data) > file_limit:
+                return {"error": f"the image is over {file_limit:,} bytes"}
+            return await self.predict((data, gradcam))
 
-    predictor = BatchedPredictor.options(
-        num_replicas=int(settings["replicas"]), max_queued_requests=int(settings["max_queued"])
-    ).bind(settings["model_path"], settings["device"], settings["image_reader"], settings["preprocessing"],
-           settings["low_confidence"], settings.get("gradcam_layer"), settings["replicas"])  # fmt: skip
-    return Ingress.bind(predictor, settings.get("token"))
+    return Service.options(num_replicas=int(settings["replicas"])).bind()
 
 
 def build(args: dict):
@@ -361,8 +330,7 @@ class Server:
             print(f"SERVING http://{self.host}:{self.port}/", flush=True)
             stop.wait()
             logger.info("stopping: finishing the requests in flight")
-            serve.get_app_handle(MODEL).drain.remote().result(timeout_s=180)
-            serve.delete(MODEL)
+            serve.delete(MODEL)  # each replica finishes its requests in flight, then stops
         finally:
             serve.shutdown()
             ray.shutdown()

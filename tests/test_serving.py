@@ -37,8 +37,8 @@ def free_port() -> int:
 
 
 def replicas() -> list[int]:
-    """The process ids of this machine's predictor replicas (Ray names its worker processes after them)."""
-    found = subprocess.run(["pgrep", "-f", "ServeReplica:" + MODEL + ":BatchedPredictor"], capture_output=True)
+    """The process ids of this machine's replicas (Ray names its worker processes after them)."""
+    found = subprocess.run(["pgrep", "-f", "ServeReplica:" + MODEL + ":Service"], capture_output=True)
     return [int(p) for p in found.stdout.split()]
 
 
@@ -274,7 +274,8 @@ def test_the_page_in_a_browser(server, mixed_folder, expected):
 
 def test_a_killed_replica_loses_no_request(server, mixed_folder, expected):
     """300 requests from 8 clients (which retry a 503 as told); one replica SIGKILLed after the 60th answer: every
-    request ends, with its answer or an error, none hangs; the engine starts a new replica and all answer again."""
+    request ends, those in the killed replica (at most --max_queued) with an error, none hangs; the engine starts
+    a new replica and all answer again."""
     data = (mixed_folder["dir"] / "hand.jpeg").read_bytes()
     before = replicas()
     done, killed = [], []
@@ -294,8 +295,10 @@ def test_a_killed_replica_loses_no_request(server, mixed_folder, expected):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(one, range(300)))  # a hung request raises socket.timeout here
     assert killed and len(answers) == 300
-    assert [a for a in answers if a[0] != 200] == []  # those in the killed replica: 503, retried as told
-    assert {tuple(out["label"]) for _, out in answers} == {(expected["hand.jpeg"]["label"],)}
+    failed = [status for status, _ in answers if status != 200]  # those in the killed replica: an error
+    assert len(failed) <= LIMITS["max_queued"] and set(failed) <= {500, 503}, failed
+    labels = {tuple(out["label"]) for status, out in answers if status == 200}
+    assert labels == {(expected["hand.jpeg"]["label"],)}
     for _ in range(120):  # the engine replaces it
         now = replicas()
         if len(now) == 2 and killed[0] not in now:
