@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import nvflare.client as flare
 import torch
@@ -56,6 +57,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads of this site (0: torch's default)")
     parser.add_argument("--network", default="", help="a JSON holding another network_def")
     args = parser.parse_args()
+    # MonaiAlgo sets the workflow's bundle_root only after initialize() has built the trainer from scripts.*
+    # (MONAI's ConfigWorkflow.run adds it to sys.path, later still): FLARE starts this script elsewhere
+    sys.path.insert(0, os.path.abspath(args.bundle_root))
     if args.threads:
         torch.set_num_threads(args.threads)
     flare.init()

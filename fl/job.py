@@ -59,13 +59,13 @@ def link_folder(folder: str, items: list[dict], root: str) -> None:
         os.symlink(os.path.abspath(os.path.join(root, item["image"])), target)
 
 
-def prepare_site(site_dir: str, val_frac: float, test_frac: float, seed: int) -> list[str]:
+def prepare_site(site_dir: str, val_frac: float, test_frac: float, batch_size: int, seed: int) -> list[str]:
     """A site's data prepared as the bundle's ``preparing`` run does (its split saved in ``site_dir/out``), which
     MONAI FL's ``MonaiAlgo`` then reads; the site's classes."""
     out = os.path.join(site_dir, "out")
     images, models = os.path.join(site_dir, "images"), os.path.join(site_dir, "models")
     flow = workflow("train", "prepare", run_id="preparing", dataset_dir=images, output_dir=out, ckpt_dir=models,
-                    val_frac=val_frac, test_frac=test_frac, seed=seed, download=False)  # fmt: skip
+                    val_frac=val_frac, test_frac=test_frac, batch_size=batch_size, seed=seed, download=False)  # fmt: skip
     flow.run()
     flow.finalize()
     return flow.parser.get_parsed_content("classes")
@@ -145,7 +145,7 @@ def federated(
     report = {"sites": sites, "shards": shards, "rounds": rounds, "local_epochs": local_epochs}
     report["data"] = prepare(dataset_dir, work, sites, shards, images, seed)
     for site in report["data"]["sites"]:  # each site's split, which MonaiAlgo reads; every site has each class
-        site_classes = prepare_site(os.path.join(work, "sites", site), 0.1, test_frac, seed)
+        site_classes = prepare_site(os.path.join(work, "sites", site), 0.1, test_frac, batch_size, seed)
         if site_classes != report["data"]["classes"]:
             sys.exit(f"ERROR: {site} has the classes {site_classes}, not {report['data']['classes']}. "
                      "Fix: give every site images of every class (more --images).")  # fmt: skip
@@ -156,7 +156,7 @@ def federated(
     args += f" --network {configs[-1]}" if network else ""
     # the network as FLARE's server builds it: network_def as data (the bundle's description), for the data's
     # classes; each site's model folder holds it, so that the global model is evaluated before a site trains
-    flow = workflow(*configs, dataset_dir=os.path.join(work, "pool"), download=False)
+    flow = workflow(*configs, dataset_dir=os.path.join(work, "pool"), batch_size=batch_size, download=False)
     description = flow.parser.get_parsed_content("description")
     for site in report["data"]["sites"]:
         description.write(os.path.join(work, "sites", site, "models"))

@@ -29,10 +29,16 @@ def test_mlflow_records_training_and_evaluation(mednist, tmp_path):
     params = trained.data.params
     assert (params["epochs"], params["batch_size"], params["learning_rate"]) == ("2", "16", "0.001")
     assert params["dataset_dir"] == str(mednist) and params["zoom_range"] == "[0.9, 1.1]"
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr group_0"):
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
         assert [m.step for m in client.get_metric_history(trained.info.run_id, key)] == [1, 2], key
     with open(tmp_path / "out" / "history.csv") as f:
-        last = f.read().splitlines()[-1].split(",")
+        rows = f.read().splitlines()
+        last = rows[-1].split(",")
+    # each epoch's learning rate after its first iteration, with that iteration's loss: warm-up, then decay
+    lr = [m.value for m in client.get_metric_history(trained.info.run_id, "lr_group_0")]
+    history_lr = [float(r.split(",")[5]) for r in rows[1:]]  # at each epoch's start
+    assert len(lr) == 2 and lr[1] < lr[0] <= 0.001 and history_lr[1] >= lr[1] > 0
+    assert len(client.get_metric_history(trained.info.run_id, "train_loss_iteration")) == 2
     assert client.get_metric_history(trained.info.run_id, "val_acc")[-1].value == pytest.approx(float(last[4]))
     files = [a.path for a in client.list_artifacts(trained.info.run_id)]
     assert {"model.pt", "history.csv", "training_history.png"} <= set(files)
