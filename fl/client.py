@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--val_frac", type=float, default=0.1)
     parser.add_argument("--test_frac", type=float, default=0.01)
+    parser.add_argument("--in_channels", type=int, default=1, help="1 (gray) or 3 (colour)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of this site (0: torch's default)")
     parser.add_argument("--network", default="", help="a JSON holding another network_def")
     args = parser.parse_args()
@@ -64,7 +65,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     flare.init()
     site = flare.get_site_name()
-    overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "val_frac", "test_frac")}
+    overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "val_frac", "test_frac", "in_channels")}
     algo = site_algo(args.bundle_root, os.path.join(args.sites_dir, site), args.local_epochs, overrides, args.network)
     algo.initialize(extra={"CLIENT_NAME": site})
     writer = SummaryWriter()

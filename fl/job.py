@@ -1,10 +1,12 @@
 """Federated training of this bundle across simulated hospitals: NVIDIA FLARE's ``FedAvgRecipe`` in its simulator
-(``SimEnv``), each site running ``fl/client.py`` (MONAI FL's ``MonaiAlgo``) on its own shard of MedNIST.
+(``SimEnv``), each site running ``fl/client.py`` (MONAI FL's ``MonaiAlgo``) on its own shard of the images:
+MedNIST, or any data the bundle trains on (``--dataset_dir`` of class folders, or ``--datalist`` a CSV; colour with
+``--in_channels 3``).
 
     pip install -r requirements-fl.txt
     python fl/job.py --dataset_dir /path/holding/MedNIST --work_dir /tmp/fl [--sites 3] [--shards iid|skewed]
                      [--images 9600] [--rounds 3] [--local_epochs 1] [--test_frac 0.01] [--central true]
-                     [--network resnet18.json]
+                     [--network resnet18.json] [--datalist labels.csv] [--in_channels 3]
 
 From the repository root. The development images are split as the bundle splits them (seed 0): the test split
 is held aside, the rest (``--images`` of it, stratified) is sharded over the sites: ``iid`` (each class evenly)
@@ -21,6 +23,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -50,11 +53,11 @@ def shares(sites: int, shards: str, classes: int) -> dict[str, tuple]:
     return dict(zip(names, rotate))
 
 
-def link_folder(folder: str, items: list[dict], root: str) -> None:
-    """A folder of class folders of links to ``items`` (``{"image": "Class/file", ...}``) under ``root``; the
-    links are absolute, so that they resolve from anywhere."""
+def link_folder(folder: str, items: list[dict], root: str, classes: list[str]) -> None:
+    """A folder of class folders (``classes``) of links to ``items`` (``{"image": path under root, "label": i,
+    "name": unique}``); the links are absolute, so that they resolve from anywhere."""
     for item in items:
-        target = os.path.join(folder, item["image"])
+        target = os.path.join(folder, classes[item["label"]], item["name"])
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.symlink(os.path.abspath(os.path.join(root, item["image"])), target)
 
@@ -71,15 +74,22 @@ def prepare_site(site_dir: str, val_frac: float, test_frac: float, batch_size: i
     return flow.parser.get_parsed_content("classes")
 
 
-def prepare(dataset_dir: str, work: str, sites: int, shards: str, images: int, seed: int) -> dict:
+def prepare(dataset_dir: str, datalist: str, work: str, sites: int, shards: str, images: int, seed: int) -> dict:
     """The test split in ``work/test``, the pool of training images in ``work/pool``, the sites' shards in
-    ``work/sites/<site>/images`` (each a folder of class folders); returns their sizes and the classes."""
-    data = ImageData(os.path.abspath(dataset_dir), "", download=False)
-    if data.kind in ("csv", "download"):
-        sys.exit(f"ERROR: --dataset_dir {dataset_dir} holds no class folders. Fix: pass MedNIST or a folder of them.")
+    ``work/sites/<site>/images`` (each a folder of class folders) from ``dataset_dir``'s class folders or the CSV
+    ``datalist``; returns their sizes and the classes."""
+    data = ImageData(os.path.abspath(dataset_dir or "."), "", datalist=datalist or None, download=False)
+    if data.kind == "download":
+        sys.exit(f"ERROR: --dataset_dir {dataset_dir} holds no images. Fix: pass a folder of class folders "
+                 "(MedNIST's or your own), or --datalist a CSV.")  # fmt: skip
     classes, root = data.classes, data.root
-    found = images_by_class(root, classes, "dataset_dir")
-    items = [{"image": f, "label": i} for i, c in enumerate(classes) for f in found[c]]
+    if data.kind == "csv":
+        items = data.csv_items()[0]
+    else:
+        found = images_by_class(root, classes, "dataset_dir")
+        items = [{"image": f, "label": i} for i, c in enumerate(classes) for f in found[c]]
+    for i, item in enumerate(items):  # a name unique in its class folder, whatever folders the images came from
+        item["name"] = f"{i:06d}-{os.path.basename(item['image'])}"
     split = split_by_content(items, [file_hash(os.path.join(root, d["image"])) for d in items], 0.1, 0.1, seed)
     pool = split["training"] + split["validation"]
     generator = torch.Generator().manual_seed(seed)
@@ -87,8 +97,8 @@ def prepare(dataset_dir: str, work: str, sites: int, shards: str, images: int, s
     by_class = [[members[i] for i in torch.randperm(len(members), generator=generator)] for members in by_class]
     keep = min(1.0, images / len(pool))
     by_class = [members[: round(keep * len(members))] for members in by_class]
-    link_folder(os.path.join(work, "test"), split["test"], root)
-    link_folder(os.path.join(work, "pool"), [d for members in by_class for d in members], root)
+    link_folder(os.path.join(work, "test"), split["test"], root, classes)
+    link_folder(os.path.join(work, "pool"), [d for members in by_class for d in members], root, classes)
     sizes, start = {}, [0] * len(classes)
     for site, share in shares(sites, shards, len(classes)).items():
         taken = []
@@ -96,7 +106,9 @@ def prepare(dataset_dir: str, work: str, sites: int, shards: str, images: int, s
             count = round(share[c] * len(members))
             taken += members[start[c] : start[c] + count]
             start[c] += count
-        link_folder(os.path.join(work, "sites", site, "images"), taken, root)  # beside it: out/, models/, eval/
+        link_folder(
+            os.path.join(work, "sites", site, "images"), taken, root, classes
+        )  # beside it: out/, models/, eval/
         sizes[site] = {cls: sum(d["label"] == c for d in taken) for c, cls in enumerate(classes)}
     return {"test": len(split["test"]), "pool": sum(map(len, by_class)), "sites": sizes, "classes": classes}
 
@@ -118,8 +130,8 @@ def evaluate(work: str, models: str, name: str) -> float:
 
 
 def federated(
-    dataset_dir: str,
-    work_dir: str,
+    dataset_dir: str = "",
+    work_dir: str = "",
     sites: int = 3,
     shards: str = "iid",
     images: int = 9600,
@@ -130,6 +142,8 @@ def federated(
     central: bool = False,
     seed: int = 0,
     network: str = "",
+    datalist: str = "",
+    in_channels: int = 1,
 ) -> None:
     """Shard, train with FedAvg in FLARE's simulator, evaluate the global model (and a central one); ``network``: a
     JSON holding another ``network_def`` (README: Use another network) for every site and the central run."""
@@ -137,13 +151,24 @@ def federated(
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.recipe import SimEnv, add_experiment_tracking
 
+    if not work_dir or not (dataset_dir or datalist):
+        sys.exit(
+            "ERROR: no --work_dir, or no data. Fix: pass --work_dir DIR and --dataset_dir DIR (or --datalist CSV)."
+        )
     if shards not in ("iid", "skewed") or sites < 2:
         sys.exit("ERROR: --shards is iid or skewed, and --sites at least 2.")
     work = os.path.abspath(work_dir)
     if os.path.exists(work):
         sys.exit(f"ERROR: {work} exists. Fix: pass a new --work_dir.")
     report = {"sites": sites, "shards": shards, "rounds": rounds, "local_epochs": local_epochs}
-    report["data"] = prepare(dataset_dir, work, sites, shards, images, seed)
+    report["data"] = prepare(dataset_dir, datalist, work, sites, shards, images, seed)
+    for site, counts in report["data"]["sites"].items():  # a split needs each class in each of its three parts
+        short = [c for c, n in counts.items() if n < 3]
+        if short:
+            shutil.rmtree(work)  # only links to the images, in the folder this run made
+            sys.exit(f"ERROR: {site} would get {counts[short[0]]} image(s) of {short[0]}: a site's training, "
+                     "validation and test parts need one of every class each. Fix: fewer --sites, --shards iid, "
+                     "or more images.")  # fmt: skip
     for site in report["data"]["sites"]:  # each site's split, which MonaiAlgo reads; every site has each class
         site_classes = prepare_site(os.path.join(work, "sites", site), 0.1, test_frac, batch_size, seed)
         if site_classes != report["data"]["classes"]:
@@ -152,11 +177,12 @@ def federated(
     configs = ["train", os.path.abspath(network)] if network else ["train"]
     args = f"--bundle_root {BUNDLE_ROOT} --sites_dir {os.path.join(work, 'sites')} --local_epochs {local_epochs}"
     args += f" --epochs {rounds * local_epochs} --batch_size {batch_size} --test_frac {test_frac}"
-    args += f" --threads {max(1, (os.cpu_count() or 1) // sites)}"  # the sites share this machine's cores
+    args += f" --in_channels {in_channels} --threads {max(1, (os.cpu_count() or 1) // sites)}"  # sites share cores
     args += f" --network {configs[-1]}" if network else ""
     # the network as FLARE's server builds it: network_def as data (the bundle's description), for the data's
     # classes; each site's model folder holds it, so that the global model is evaluated before a site trains
-    flow = workflow(*configs, dataset_dir=os.path.join(work, "pool"), batch_size=batch_size, download=False)
+    flow = workflow(*configs, dataset_dir=os.path.join(work, "pool"), batch_size=batch_size, download=False,
+                    in_channels=in_channels)  # fmt: skip
     description = flow.parser.get_parsed_content("description")
     for site in report["data"]["sites"]:
         description.write(os.path.join(work, "sites", site, "models"))
@@ -188,7 +214,8 @@ def federated(
         out, models = os.path.join(work, "central", "out"), os.path.join(work, "central", "models")
         start = time.perf_counter()
         run(configs, "training", dataset_dir=os.path.join(work, "pool"), output_dir=out, ckpt_dir=models,
-            epochs=rounds * local_epochs, batch_size=batch_size, val_frac=0.1, test_frac=test_frac, seed=seed)  # fmt: skip
+            epochs=rounds * local_epochs, batch_size=batch_size, val_frac=0.1, test_frac=test_frac, seed=seed,
+            in_channels=in_channels)  # fmt: skip
         report["central_wall_s"] = round(time.perf_counter() - start, 1)
         report["central_test_accuracy"] = evaluate(work, models, "central")
     with open(os.path.join(work, "fl.json"), "w") as f:

@@ -21,8 +21,9 @@ from monai.utils import convert_to_numpy, optional_import
 
 from .checks import as_bool
 from .errors import BundleError, root_cause
+from .progress import tqdm_bar
 
-tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+has_tqdm = optional_import("tqdm")[1]
 logger = logging.getLogger(__name__)
 _worker_transform = None  # set in each worker process by _start_worker
 
@@ -100,7 +101,7 @@ class CachedDataset(torch.utils.data.Dataset):
         listed = list(self.data)
         workers = self.workers if self.workers > 1 and sys.platform.startswith("linux") else 1  # fork: Linux only
         chunks = [listed[i : i + self.chunk_size] for i in range(0, len(listed), self.chunk_size)]
-        bar = tqdm(total=len(listed), desc="Loading dataset") if has_tqdm else None
+        bar = tqdm_bar(len(listed), "Loading dataset") if has_tqdm else None
         items, pool, start = [], None, time.perf_counter()
         try:
             if workers > 1:

@@ -28,6 +28,7 @@ from .errors import BundleError
 from .files import atomic_write, is_main_process, read_json, read_limited
 from .model_file import load_model
 from .outputs import Outputs
+from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 UNFLAGGED = 0.97  # share of validation images below the out-of-distribution thresholds
@@ -333,7 +334,6 @@ class CalibrationFit:
         self.batch_size, self.device, self.path = int(batch_size), device, None
 
     def run(self) -> Calibration | None:
-        from ignite.handlers import ProgressBar
         from monai.data import DataLoader
         from monai.engines import SupervisedEvaluator
 
@@ -353,7 +353,7 @@ class CalibrationFit:
         for name, data in (("statistics", loader), ("validation", self.validation)):
             outputs = Outputs(network, description.feature_layer, keep=True)
             evaluator = SupervisedEvaluator(self.device, data, network, val_handlers=[outputs], decollate=False)
-            ProgressBar(desc=f"Calibration ({name})", persist=False).attach(evaluator)
+            progress_bar(f"Calibration ({name})").attach(evaluator)
             evaluator.run()
             outputs.hook.handle.remove()
             collected[name] = outputs.gathered()

@@ -65,14 +65,27 @@ class RunSettings:
         pass
 
 
+DERIVED = ("calibration.json", "calibration.npz", "model.ts", "model.pt2", "model.onnx")  # of model.pt's weights
+
+
+def file_identity(path: str) -> tuple | None:
+    """What changes when ``path`` is replaced (its inode and time), or None if there is no file."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_ino, found.st_mtime_ns, found.st_size
+
+
 class BestModel:
     """A validation handler: ``model_path``, ``network``'s weights at the evaluator's best ``score_name`` so far
     (ignite's ``Checkpoint`` with :class:`SafeDiskSaver`: MONAI's ``CheckpointSaver`` writes in place), and its
-    ``description`` beside it before the first. ``state_dict``: the best score, for a resumed run, kept only
+    ``description`` beside it before the first; the first it writes removes the exports and calibration beside it
+    (:data:`DERIVED`: made from the weights it replaced). ``state_dict``: the best score, for a resumed run, kept only
     while ``model_path`` exists."""
 
     def __init__(self, model_path: str, network, description, score_name: str = "val_acc"):
-        self.path, self.description, self.described = str(model_path), description, False
+        self.path, self.description, self.described, self.replaced = str(model_path), description, False, False
         folder, name = os.path.split(self.path)
         self.checkpoint = Checkpoint({"model": network}, SafeDiskSaver(folder), filename_pattern=name,
                                      score_name=score_name, n_saved=1)  # fmt: skip
@@ -81,10 +94,19 @@ class BestModel:
         evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def save(self, evaluator: Engine) -> None:
+        folder = os.path.dirname(os.path.abspath(self.path))
         if not self.described and is_main_process():
-            self.description.write(os.path.dirname(os.path.abspath(self.path)))
+            self.description.write(folder)
             self.described = True
+        before = file_identity(self.path)
         self.checkpoint(evaluator)
+        if not self.replaced and is_main_process() and file_identity(self.path) != before:
+            self.replaced = True  # what was made from the weights replaced must not be loaded beside the new ones
+            stale = [n for n in DERIVED if os.path.lexists(os.path.join(folder, n))]
+            for name in stale:
+                os.remove(os.path.join(folder, name))
+            if stale:
+                logger.info(f"{self.path} replaced: removed {', '.join(stale)}, made from the weights it held")
 
     def state_dict(self) -> dict:
         return self.checkpoint.state_dict()
@@ -205,18 +227,24 @@ def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path
     """With ``resume``, the newest ``checkpoint_epoch=N.pt`` of ``ckpt_dir`` (else ``""``), refused before any work
     if missing, not as the bundle writes it (:func:`~scripts.model_file.read_checkpoint`), without run settings,
     past ``epochs``, of another ``batch_size`` or number of processes (ignite would keep the old epoch length), or
-    trained for another ``description`` (classes, channels, size, network)."""
-    if not resume:
-        return ""
+    trained for another ``description`` (classes, channels, size, network). Without ``resume``, a model already in
+    ``ckpt_dir`` of another description is refused too: a run replaces only a model of its own kind."""
     beside = os.path.join(os.path.dirname(str(model_path)), FORMAT_FILE)
-    if os.path.isfile(beside):
-        trained = ModelDescription.beside(str(model_path))
-        differs = description.describes(trained)
-        if differs:
+    if os.path.lexists(str(model_path)) or (resume and os.path.isfile(beside)):  # a model there, or its run
+        differs = description.describes(ModelDescription.beside(str(model_path)))[:400]
+        if differs and resume:
             raise BundleError(
                 f"--resume true, but this run's data and {ckpt_dir}'s model differ ({differs}).",
                 "resume with the data and settings of that run, or train without --resume.",
             )
+        if differs:
+            raise BundleError(
+                f"--ckpt_dir {ckpt_dir} holds another model ({differs}): this training would replace it.",
+                "pass a new --ckpt_dir and --output_dir for this model (the README: Train on your own images), "
+                f"or move {model_path} and its files away to replace it.",
+            )
+    if not resume:
+        return ""
     found = checkpoints(ckpt_dir)
     if not found:
         raise BundleError(

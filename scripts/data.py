@@ -25,8 +25,9 @@ from .checks import as_bool, check_class_names
 from .errors import BundleError
 from .files import atomic_write, is_main_process, open_regular, read_json, read_text, remove_stale
 from .images import MAX_FILE_BYTES, image_suffix
+from .progress import tqdm_bar
 
-tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+has_tqdm = optional_import("tqdm")[1]
 logger = logging.getLogger(__name__)
 
 MEDNIST = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
@@ -230,7 +231,7 @@ class ImageData:
             items, given = [{"image": f, "label": i} for i, c in enumerate(classes) for f in found[c]], None
             check_files([os.path.join(self.root, d["image"]) for d in items], f"--dataset_dir {self.root}")
         hashes = [file_hash(os.path.join(self.root, d["image"])) for d in items]
-        saved = self.saved_split(classes)
+        saved = new = self.saved_split(classes)
         if saved is None:
             if given:
                 split = {name: [d for d, s in zip(items, given) if s == name] for name in SPLITS}
@@ -238,14 +239,15 @@ class ImageData:
                 split = split_by_content(items, hashes, **self.params)
             saved = {**self.params, "classes": classes, "source": self.kind, "given": bool(given), **split}
             self.check_parts(saved, classes)
+        if len(saved["training"]) < self.batch_size:  # each epoch leaves out the last partial batch
+            images = len(saved["training"])
+            raise BundleError(f"--batch_size {self.batch_size} is more than the {images} training images.",
+                              f"pass --batch_size {max(1, images)} or less, or train on more images.")  # fmt: skip
+        if new is None:  # written once every check passed
             atomic_write(self.split_file, lambda f: json.dump(saved, f, indent=1))
             logger.info(f"wrote the data split to {self.split_file}")
         self.prepared = {name: self.on_disk(saved[name]) for name in SPLITS}
         self.report = self.describe(items, hashes, classes)
-        if len(self.prepared["training"]) < self.batch_size:  # each epoch leaves out the last partial batch
-            images = len(self.prepared["training"])
-            raise BundleError(f"--batch_size {self.batch_size} is more than the {images} training images.",
-                              f"pass --batch_size {max(1, images)} or less, or train on more images.")  # fmt: skip
         return self.prepared
 
     def saved_split(self, classes) -> dict | None:
@@ -285,11 +287,13 @@ class ImageData:
             short = [c for i, c in enumerate(classes) if not counts[i]]
             if short:
                 total = sum(d["label"] == classes.index(short[0]) for p in SPLITS for d in split[p])
+                fix = f"add images of {short[0]} or raise --val_frac/--test_frac so that each part gets one of it"
+                if total < len(SPLITS):  # no fraction gives 1 or 2 images to 3 parts
+                    fix = f"add images of {short[0]} (training, validation and test need one each), or remove it"
                 raise BundleError(
                     f"class {short[0]} has {total} image(s): the {name} set would have none of it "
                     f"(val_frac {self.params['val_frac']}, test_frac {self.params['test_frac']}).",
-                    f"add images of {short[0]} or raise --val_frac/--test_frac so that each part gets one of each "
-                    "class (a CSV's split column must give each class a row in each split).",
+                    fix + " (a CSV's split column must give each class a row in each split).",
                 )
 
     def on_disk(self, items: list[dict]) -> list[dict]:
@@ -387,7 +391,7 @@ def fetch_tarball(url: str, md5: str, tarball: str, manual: str) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="Downloading MedNIST") if has_tqdm else None
+            bar = tqdm_bar(total, "Downloading MedNIST", unit="B", unit_scale=True) if has_tqdm else None
             for block in iter(lambda: response.read1(1 << 20), b""):  # what has arrived, not a whole block
                 out.write(block)
                 if bar is not None:

@@ -96,7 +96,8 @@ def read_input_list(path: str) -> list[str]:
 
 def find_inputs(input=None, input_list=None) -> list[dict]:
     """One item per input: a file, every file under a folder, every match of a glob, a list of those, or the
-    paths in ``input_list``. A folder holding no image of the accepted kinds gets a row saying so."""
+    paths in ``input_list``. A folder holding no image of the accepted kinds gets a row saying so; a given path
+    that does not exist is refused."""
     paths = read_input_list(str(input_list)) if input_list else []
     given = [] if input in (None, "", []) else input if isinstance(input, (list, tuple)) else [input]
     if not given and not paths:
@@ -104,6 +105,9 @@ def find_inputs(input=None, input_list=None) -> list[dict]:
             "no input given.",
             "pass --input PATH (an image, a folder or a glob such as 'imgs/*.png'), or --input_list FILE.",
         )
+    missing = [str(p) for p in given if not os.path.exists(str(p)) and not glob.has_magic(str(p))]
+    if missing:  # a value of the command: refused before the model is read (a listed file gets its row)
+        raise BundleError(f"--input {missing[0]} does not exist.", "pass an existing image, folder or glob.")
     items = []
     for path in [str(p) for p in given]:
         if os.path.isdir(path):
@@ -115,7 +119,7 @@ def find_inputs(input=None, input_list=None) -> list[dict]:
             matches = glob_files(path)
             items += [{"image": p, "path": p} for p in matches] or [{"image": path, "path": path}]
         else:
-            items.append({"image": path, "path": path})  # a file, or a path that does not exist (its row says so)
+            items.append({"image": path, "path": path})  # a file (a link that leads nowhere: its row says so)
     return items + [{"image": p, "path": p} for p in paths]
 
 

@@ -87,11 +87,12 @@ class ModelDescription:
         described.batch_limit("--image_size")  # a model inference could not hold is not trained
         return described
 
-    def batch_limit(self, source: str = "the model") -> int:
+    def batch_limit(self, source: str = "the model", network: torch.nn.Module | None = None) -> int:
         """How many images inference runs at once within :data:`INFERENCE_MEMORY` (every layer's output counted),
         or a ``BundleError`` naming ``source`` if one image takes more: the size a model declares is bounded by
-        what inference holds."""
-        per_image = networks.activation_bytes(self.network_def, self.in_channels, self.image_size, NETWORK_FILE)
+        what inference holds. ``network``: this description's network, if already built."""
+        described = (self.network_def, self.in_channels, self.image_size, NETWORK_FILE)
+        per_image = networks.activation_bytes(*described, built=network)
         if per_image > INFERENCE_MEMORY:
             network = self.network_def["_target_"].rpartition(".")[2]
             raise BundleError(

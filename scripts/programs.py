@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import warnings
 import zipfile
@@ -30,6 +31,9 @@ from zipfile import ZIP_DEFLATED, ZIP_STORED
 import torch
 
 from .errors import BundleError
+from .files import atomic_write
+
+logger = logging.getLogger(__name__)
 
 MAX_BATCH = 4096
 MAX_ARCHIVE_BYTES = 1 << 30  # far above any export of DenseNet121
@@ -44,8 +48,10 @@ DECLARATION = re.compile(rb"  \w+ : ")
 
 
 def reexport(path: str) -> str:
+    """The fix for an export that is not what the bundle writes for the model described beside it: made from
+    another model (stale) or by another torch, or altered."""
     return (
-        f"export it again from its model.pt with this bundle and torch {torch.__version__} "
+        f"re-export it: export it again from its model.pt with this bundle and torch {torch.__version__} "
         f"(python -m scripts.export {path.rsplit('.', 1)[-1]} --ckpt_path MODEL.pt), or {TRUSTED}"
     )
 
@@ -192,26 +198,69 @@ def write_onnx(network: torch.nn.Module, path, image_size, calibration: str | No
 
 
 FRESH: dict[tuple, object] = {}  # this process's fresh exports, by kind, architecture and image size
+CACHE_ENV = "MEDNIST_CLASSIFICATION_CACHE"  # the folder of fresh exports kept between runs ("" for none)
+
+
+def cache_folder() -> str:
+    """Where the fresh exports are kept between runs: ``$MEDNIST_CLASSIFICATION_CACHE``, else the user's cache
+    (``~/.cache/mednist_classification``), as trusted as the user's own files; "" keeps none."""
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mednist_classification")
+    return os.environ.get(CACHE_ENV, default)
 
 
 def fresh(kind: str, network: torch.nn.Module, image_size) -> object:
     """What the bundle writes for ``network`` (untrained: only the architecture matters) as ``kind``: the entries of
-    a ``.pt2`` or ``.ts`` archive, or an ONNX model; made once a process for each architecture."""
+    a ``.pt2`` or ``.ts`` archive, or an ONNX model; made once for each architecture, torch version and size, and
+    kept in :func:`cache_folder` (an unreadable kept one is made again)."""
     image_size = tuple(int(s) for s in image_size)
-    key = (kind, architecture_key(network, kind, image_size), image_size)
-    if key not in FRESH:
-        network = network.eval()
-        buffer = io.BytesIO()
-        if kind == "pt2":
-            torch.export.save(export_program(network, image_size), buffer)
-        elif kind == "ts":
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.jit.save(torch.jit.script(network), buffer)
-        FRESH[key] = (
-            onnx_model(network, image_size) if kind == "onnx" else zip_entries(buffer.getvalue(), "the fresh export")
-        )
-    return FRESH[key]
+    key = (kind, architecture_key(network, kind, image_size, torch.__version__), image_size)
+    if key in FRESH:
+        return FRESH[key]
+    folder = cache_folder()
+    kept = os.path.join(folder, f"{key[1]}.{kind}") if folder else ""
+    made = None
+    if kept and os.path.isfile(kept):
+        try:
+            with open(kept, "rb") as f:
+                made = parse_fresh(kind, f.read(MAX_ARCHIVE_BYTES + 1))
+        except Exception as e:  # made again below
+            logger.warning(f"the kept fresh export {kept} is unreadable ({type(e).__name__}): making it again")
+    if made is None:
+        content = make_fresh(kind, network.eval(), image_size)
+        made = parse_fresh(kind, content)
+        if kept:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                atomic_write(kept, lambda f: f.write(content), "wb")
+            except OSError as e:  # a read-only home: made again next run
+                logger.warning(f"cannot keep the fresh export in {folder} ({e.strerror or e})")
+    FRESH[key] = made
+    return made
+
+
+def make_fresh(kind: str, network: torch.nn.Module, image_size) -> bytes:
+    """The bytes of the bundle's export of ``network`` as ``kind`` (its weights the untrained ones)."""
+    if kind == "onnx":
+        return onnx_model(network, image_size).SerializeToString()
+    buffer = io.BytesIO()
+    if kind == "pt2":
+        torch.export.save(export_program(network, image_size), buffer)
+    else:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.script(network), buffer)
+    return buffer.getvalue()
+
+
+def parse_fresh(kind: str, content: bytes) -> object:
+    """A fresh export's bytes as :func:`fresh` gives them: an ONNX model, or an archive's entries."""
+    if len(content) > MAX_ARCHIVE_BYTES:
+        raise ValueError(f"over {MAX_ARCHIVE_BYTES:,} bytes")
+    if kind == "onnx":
+        import onnx
+
+        return onnx.load_model_from_string(content)
+    return zip_entries(content, "the fresh export")
 
 
 def extra_json(content: bytes, path: str, name: str) -> str:
@@ -275,7 +324,11 @@ def load_pt2(data: bytes, path: str, network: torch.nn.Module, image_size):
             version = theirs.get("torch_version") if isinstance(theirs, dict) else None
             written = f", written by torch {version}" if version and version != torch.__version__ else ""
             detail = f" (it differs at {where[:100]}{written})" if where else ""
-            raise refused(path, f"its {name} is not the bundle's program{detail}", reexport(path))
+            raise refused(
+                path,
+                f"its {name} is not the bundle's program for the network described beside it{detail}",
+                reexport(path),
+            )
         rebuilt[name] = content
     calibration = None
     if f"extra/{CALIBRATION_ENTRY}" in entries:
@@ -353,7 +406,11 @@ def load_ts(data: bytes, path: str, network: torch.nn.Module):
     if unknown:
         raise refused(path, f"it holds {unknown[0]!r}, which the bundle's TorchScript has not", reexport(path))
     if torchscript_classes({n: entries[n] for n in code}) != torchscript_classes(expected):
-        raise refused(path, "its code is not the TorchScript of the bundle's network", reexport(path))
+        raise refused(
+            path,
+            "its code is not the TorchScript of the network described beside it (another model's?)",
+            reexport(path),
+        )
     for name in ("data.pkl", "constants.pkl", "version", "byteorder"):
         if name in expected and MANGLE.sub(b"", entries.get(name, b"")) != MANGLE.sub(b"", expected[name]):
             raise refused(path, f"its {name} is not the bundle's", reexport(path))
@@ -453,7 +510,11 @@ def load_onnx(data: bytes, path: str, network: torch.nn.Module, image_size):
     if unknown:
         raise refused(path, f"it has the property {unknown[0][:60]!r}, which the bundle's export has not")
     if onnx_structure(found) != onnx_structure(expected):
-        raise refused(path, "its graph is not the bundle's program for its network", reexport(path))
+        raise refused(
+            path,
+            "its graph is not the bundle's program for the network described beside it (another model's?)",
+            reexport(path),
+        )
     rebuilt = onnx.ModelProto()
     rebuilt.CopyFrom(expected)
     values = {t.name: t for t in found.graph.initializer}

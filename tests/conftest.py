@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -27,6 +28,8 @@ FAST = {"batch_size": 16, "accumulation_steps": 1, "learning_rate": 0.001}
 from tools.dicom import write_dicom  # noqa: E402,F401  (the tests' DICOM files, as the tools write them)
 
 CALIBRATION = ("calibration.json", "calibration.npz")  # written to ckpt_dir at the end of training
+# the fresh exports that loading an export compares with, kept for this session only (not in the user's cache)
+os.environ["MEDNIST_CLASSIFICATION_CACHE"] = tempfile.mkdtemp(prefix="mednist-fresh-exports-")
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,9 @@ def test_cli_from_another_folder_without_pythonpath(elsewhere, mednist, trained)
     proc = run_bundle("run", "training", "--config_file", TRAIN, cwd=elsewhere, bundle_root=BUNDLE,
                       dataset_dir=mednist, **folders, **short)  # fmt: skip
     assert "val_acc" in proc.stdout and "device: cpu" in proc.stdout and "cached 96 images" in proc.stdout
+    logs = proc.stdout + proc.stderr
+    assert "\x1b[" not in logs and "\r" not in logs  # piped: progress as plain lines, no redraws
+    assert re.search(r"^Training.*\[2/2\] 100%", logs, re.M) and re.search(r"^Validating.*100%", logs, re.M)
     image = os.path.join(mednist, "MedNIST", "Hand", "000000.jpeg")
     run_bundle("run", "inference", "--config_file", INFERENCE, cwd=elsewhere, bundle_root=BUNDLE, input=image,
                output_dir=elsewhere / "inf", ckpt_dir=trained / "models")  # fmt: skip
@@ -260,3 +264,21 @@ def test_every_hyper_parameter_is_checked_and_tracked():
     checked = {key for key, value in config["check"].items() if value == f"@{key}"}
     assert declared - checked == set() and checked <= set(RULES)
     assert "$@check" in json.dumps(json.load(open(os.path.join(CONFIGS, "mlflow.json"))))
+
+
+def test_progress_bars_are_plain_lines_when_piped():
+    """tqdm's redraws (carriage returns, cursor codes) become a line each 10% of a bar, and one at 100%."""
+    import io
+
+    from scripts.progress import PlainLines
+
+    out = io.StringIO()
+    plain = PlainLines(out)
+    for epoch in (1, 2):
+        for n in range(0, 51):
+            plain.write(f"\r\x1b[ATraining [{epoch}/2]: [{n}/50] {2 * n:3d}% [00:00<00:00]")
+        plain.write(f"\rTraining [{epoch}/2]: [50/50] 100% [00:01<00:00]\n")
+    lines = out.getvalue().splitlines()
+    assert "\x1b" not in out.getvalue() and "\r" not in out.getvalue()
+    assert [int(re.search(r"(\d+)%", line).group(1)) for line in lines] == [*range(0, 101, 10)] * 2
+    assert lines[0].startswith("Training [1/2]: [0/50]") and lines[-1].startswith("Training [2/2]: [50/50] 100%")

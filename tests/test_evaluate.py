@@ -36,6 +36,8 @@ def test_metrics_agree_with_predictions(evaluated):
     rows = read_csv(out / "predictions.csv")
     split = json.loads((folder / "out" / "split.json").read_text())
     assert len(rows) == metrics["num_images"] == len(split["test"]) == 12
+    logs = proc.stdout + proc.stderr
+    assert "evaluation of 12 images" in logs and "validation" not in logs.lower()  # the test split, named so
     assert {os.path.relpath(r["path"], os.path.dirname(os.path.dirname(r["path"]))) for r in rows} == {
         d["image"] for d in split["test"]
     }

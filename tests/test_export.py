@@ -99,3 +99,26 @@ def test_export_to_a_name_of_another_format_is_refused_before_any_work(trained, 
     with bundle_error("'tflite' is not an export kind"):
         export("tflite", str(trained / "models" / "model.pt"))
     assert os.listdir(tmp_path) == []
+
+
+def test_the_fresh_export_is_kept_between_runs_and_made_again_when_unreadable(exported, tmp_path, monkeypatch):
+    """Loading an export compares it with the bundle's fresh export of the network: kept in the cache folder after
+    the first (so a second process skips torch.export), and made again, rewritten, if the kept file is damaged."""
+    from scripts import programs
+    from scripts.model_file import ModelDescription, load_model
+
+    monkeypatch.setenv(programs.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(programs, "FRESH", {})  # a new process
+    description = ModelDescription.beside(str(exported / "model.pt2"))
+    load_model(str(exported / "model.pt2"), description=description)
+    (kept,) = (tmp_path / "cache").iterdir()
+    assert kept.suffix == ".pt2" and zipfile.is_zipfile(kept)
+    made = []
+    monkeypatch.setattr(programs, "make_fresh", lambda *a, real=programs.make_fresh: made.append(1) or real(*a))
+    monkeypatch.setattr(programs, "FRESH", {})
+    load_model(str(exported / "model.pt2"), description=description)
+    assert made == []  # read from the cache
+    kept.write_bytes(b"PK\x03\x04 damaged")
+    monkeypatch.setattr(programs, "FRESH", {})
+    load_model(str(exported / "model.pt2"), description=description)
+    assert made == [1] and zipfile.is_zipfile(kept)  # made again and kept

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,3 +119,63 @@ def test_flare_simulator_job_with_two_sites(mednist, tmp_path):
     for site in ("site-1", "site-2"):  # one trainer per site through the rounds: its epochs and schedule go on
         with open(work / "sites" / site / "out" / "history.csv") as f:
             assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+
+
+def colour_csv(folder, per_class: int = 16) -> str:
+    """A 3-class colour task listed in a CSV (image,label), its images in one flat folder."""
+    from PIL import Image
+
+    from conftest import class_image
+
+    rng, rows = np.random.default_rng(0), ["image,label"]
+    os.makedirs(folder / "images")
+    for label, name in enumerate(("red", "green", "blue")):
+        for i in range(per_class):
+            gray = class_image(label * 2, rng)
+            rgb = np.stack([gray * (c == label) + gray // 4 for c in range(3)], axis=-1).astype(np.uint8)
+            Image.fromarray(rgb).save(folder / "images" / f"{name}{i:02d}.png")
+            rows.append(f"images/{name}{i:02d}.png,{name}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return str(folder / "labels.csv")
+
+
+def test_monai_algo_trains_a_three_class_colour_site(tmp_path):
+    """MonaiAlgo takes any data the bundle takes: a CSV of three colour classes, trained in RGB, the global model
+    evaluated with the description the federation gives the site."""
+    from monai.fl.utils.exchange_object import ExchangeObject
+
+    from scripts.model_file import ModelDescription
+
+    labels = colour_csv(tmp_path / "site")
+    # the federation's model, described in the site's model folder before its first round (as fl/job.py does)
+    ModelDescription(("blue", "green", "red"), 3).write(str(tmp_path / "site" / "models"))
+    client = algo(str(tmp_path / "site"), datalist=labels, in_channels=3, dataset_dir=None, test_frac=0.1)
+    client.initialize(extra={"CLIENT_NAME": "site-1"})
+    start = ModelDescription(("blue", "green", "red"), 3).network().state_dict()
+    metrics = client.evaluate(ExchangeObject(weights=start)).metrics
+    assert 0 <= metrics["accuracy"] <= 1 and (tmp_path / "site" / "eval" / "metrics.json").exists()
+    client.train(ExchangeObject(weights=start))
+    trained = client.trainer.network.state_dict()
+    assert trained["features.conv0.weight"].shape[1] == 3 and trained["class_layers.out.weight"].shape[0] == 3
+    assert not torch.equal(trained["class_layers.out.weight"].cpu(), start["class_layers.out.weight"])
+
+
+def test_flare_job_takes_a_three_class_colour_csv_and_refuses_a_site_short_of_a_class(tmp_path):
+    """fl/job.py with --datalist (3 colour classes) and --in_channels 3 runs FLARE to a global RGB model of those
+    classes; sites that cannot each have every class are refused before FLARE starts."""
+    pytest.importorskip("nvflare")
+    labels = colour_csv(tmp_path / "data", per_class=8)
+    job = [sys.executable, os.path.join(BUNDLE, "fl", "job.py"), "--datalist", labels, "--in_channels", "3"]
+    short = subprocess.run(job + ["--work_dir", str(tmp_path / "short"), "--sites", "4", "--shards", "skewed"],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert short.returncode != 0 and "image(s) of" in short.stderr and "Fix: fewer --sites" in short.stderr
+    assert not (tmp_path / "short").exists()  # refused before FLARE started, nothing left
+    labels = colour_csv(tmp_path / "more")
+    cmd = job[:3] + [labels, "--in_channels", "3", "--work_dir", str(tmp_path / "fl"), "--sites", "2", "--rounds", "1"]
+    proc = subprocess.run(cmd + ["--batch_size", "8", "--test_frac", "0.2"], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "fl" / "fl.json").read_text())
+    assert report["data"]["classes"] == ["blue", "green", "red"]
+    weights = torch.load(tmp_path / "fl" / "global" / "models" / "model.pt", weights_only=True)
+    assert weights["features.conv0.weight"].shape[1] == 3 and weights["class_layers.out.weight"].shape[0] == 3

@@ -51,15 +51,23 @@ def test_mixed_folder_one_row_per_file(trained, mixed_folder, tmp_path, capsys):
 
 
 def test_nothing_predictable_is_an_error(trained, mixed_folder, tmp_path):
-    bad = [str(mixed_folder["dir"] / n) for n in mixed_folder["bad"]] + [str(tmp_path / "missing.png")]
+    bad = [str(mixed_folder["dir"] / n) for n in mixed_folder["bad"]]
     with bundle_error("no image could be predicted") as found:
         infer(trained, tmp_path / "out", bad)
     assert f"(and {len(bad) - 1} more; see the error column)" in str(found[0])
     rows = read_rows(tmp_path / "out" / "predictions.csv")
     assert len(rows) == len(bad) and all(r["error"] for r in rows)
-    assert rows[-1]["error"] == "file does not exist"
-    with bundle_error(f"no image could be predicted: {bad[-1]}: file does not exist."):  # one input: its reason
+    assert mixed_folder["bad"][os.path.basename(bad[-1])] in rows[-1]["error"]
+    with bundle_error(f"no image could be predicted: {bad[-1]}: {rows[-1]['error']}"):  # one input: its reason
         infer(trained, tmp_path / "one", bad[-1:])
+
+
+def test_a_missing_input_is_refused_before_the_model_is_read(mixed_folder, tmp_path):
+    """A path of the command that does not exist stops the run before the model (here: none) is looked at."""
+    missing = str(tmp_path / "missing.png")
+    with bundle_error(f"--input {missing} does not exist."):
+        infer(tmp_path / "no_model_here", tmp_path / "out", [str(mixed_folder["dir"] / "rgb.png"), missing])
+    assert not (tmp_path / "out").exists()
 
 
 def heat_map_panel(picture) -> np.ndarray:

@@ -5,6 +5,7 @@ export and release; and each refusal of data that cannot work, before any file i
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, bundle_error, class_image, evaluate, infer, run_workflow, train
+from conftest import CLASSES, FAST, bundle_error, class_image, evaluate, infer, run_workflow, train
 
 OWN = {"CT": 18, "MRI": 12, "Radiograph": 6}  # imbalanced 3:2:1
 
@@ -170,7 +171,8 @@ def test_folders_that_cannot_train_are_refused_before_any_file(tmp_path):
     data = write_own(tmp_path / "small", {"CT": 20, "MRI": 2})
     with bundle_error("class MRI has 2 image(s): the test set would have none of it") as found:
         run_workflow(("train",), "training", dataset_dir=data, output_dir=tmp_path / "out", ckpt_dir=tmp_path / "m")
-    assert "raise --val_frac" in found[0].fix and os.listdir(tmp_path / "out") == [".mednist.lock"]
+    assert "add images of MRI (training, validation and test need one each)" in found[0].fix  # no fraction helps
+    assert "val_frac" not in found[0].fix and os.listdir(tmp_path / "out") == [".mednist.lock"]
 
 
 def test_colour_training_fine_tuned_from_a_model_of_other_classes_and_channels(own, tmp_path, capsys):
@@ -199,3 +201,48 @@ def test_balanced_class_weights_weigh_each_class_alike():
     weights = class_weights("balanced", [0] * 30 + [1] * 10, 2)
     assert weights.tolist() == pytest.approx([40 / (2 * 30), 40 / (2 * 10)])
     assert class_weights("none", [0, 1], 2) is None
+
+
+def digests(folder) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_the_readme_sequence_mednist_then_own_images_then_fine_tuning_loses_nothing(
+    mednist, trained, exported, tmp_path
+):
+    """The README's order: a MedNIST model (with its export) in models/; your own images trained with the same
+    folders are refused before any file is touched, naming both; in their own folders they train, and so does
+    fine-tuning from the MedNIST model; the MedNIST files never change. Training again on the same kind of data
+    replaces the model and removes the export made from the weights it replaced; a stale export is refused with
+    're-export'."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained / "models", bundle / "models")
+    shutil.copytree(trained / "out", bundle / "out", ignore=shutil.ignore_patterns("tensorboard"))
+    shutil.copy(exported / "model.ts", bundle / "models" / "model.ts")
+    mednist_files = digests(bundle / "models")
+    scans = write_own(tmp_path / "scans", {"CT": 10, "MRI": 10, "Radiograph": 10})
+    out_files = digests(bundle / "out")
+
+    with bundle_error("--ckpt_dir") as refused:  # the README's fix before: another --output_dir, models replaced
+        train(scans, bundle, output_dir=tmp_path / "new_out", epochs=1, **FAST)
+    assert "classes CT, MRI, Radiograph against AbdomenCT" in str(refused[0]) and "--output_dir" in str(refused[0])
+    assert digests(bundle / "models") == mednist_files and not (tmp_path / "new_out").exists()
+    assert digests(bundle / "out") == out_files
+
+    own_run, tuned = tmp_path / "scans_run", tmp_path / "tuned_run"
+    train(scans, own_run, epochs=1, **FAST)
+    train(scans, tuned, epochs=1, pretrained=bundle / "models" / "model.pt", pretrained_lr_factor=0.1, **FAST)
+    assert digests(bundle / "models") == mednist_files
+    hand = os.path.join(mednist, "MedNIST", "Hand", "000000.jpeg")
+    infer(bundle, tmp_path / "ts", hand, model_file=bundle / "models" / "model.ts")  # the MedNIST export still loads
+    with open(tmp_path / "ts" / "predictions.csv") as f:
+        assert next(csv.DictReader(f))["label"] in CLASSES
+
+    shutil.copy(exported / "model.ts", own_run / "models" / "model.ts")  # stale: the MedNIST model's export
+    with bundle_error("re-export"):
+        infer(own_run, tmp_path / "stale", scans, model_file=own_run / "models" / "model.ts")
+    before = (own_run / "models" / "calibration.json").read_text()
+    train(scans, own_run, epochs=1, **{**FAST, "learning_rate": 0.002})  # the same kind of model again: replaced
+    assert not (own_run / "models" / "model.ts").exists()
+    assert (own_run / "models" / "calibration.json").read_text() != before  # fitted again for the new weights
+    infer(own_run, tmp_path / "again", scans)

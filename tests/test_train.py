@@ -223,6 +223,7 @@ def test_batch_larger_than_the_training_set_is_refused(mednist, tmp_path):
     with bundle_error("--batch_size 100 is more than the 96 training images") as found:
         train(mednist, tmp_path, epochs=1, batch_size=100)
     assert "--batch_size 96 or less" in found[0].fix and not os.listdir(tmp_path / "models")[1:]
+    assert not (tmp_path / "out" / "split.json").exists()  # nothing written for a run refused
 
 
 def test_a_validation_reaching_the_target_mid_epoch_ends_the_run(mednist, tmp_path):
