@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
 
 import monai.networks.nets as nets
@@ -121,12 +122,20 @@ def shapes_of(definition: dict, source: str = "network_def") -> dict:
     return {k: tuple(t.shape) for k, t in meta_state(definition, source).items()}
 
 
+META_STATES: dict[str, dict] = {}  # this process's meta state dicts, by definition (JSON)
+
+
 def meta_state(definition: dict, source: str) -> dict:
-    """The state dict of the network of ``definition``, built on torch's meta device: shapes, no memory."""
+    """The state dict of the network of ``definition``, built on torch's meta device (once a process for each
+    definition): shapes, no memory."""
     target, args = checked(definition, source)
+    key = json.dumps([target.__module__, target.__qualname__, args], sort_keys=True)
+    if key in META_STATES:
+        return META_STATES[key]
     try:
         with torch.device("meta"):
-            return target(**args).state_dict()
+            META_STATES[key] = target(**args).state_dict()
+            return META_STATES[key]
     except Exception as e:  # the data drives a constructor: whatever it raises is the data's fault
         raise BundleError(f"{source}'s network_def does not build ({first_line(e)}).",
                           "give it arguments its _target_ takes (see MONAI's documentation).") from e  # fmt: skip

@@ -161,9 +161,18 @@ def export_program(network: torch.nn.Module, image_size) -> torch.export.Exporte
 
 
 def write_pt2(network: torch.nn.Module, path, image_size, calibration: str | None = None) -> None:
-    """A ``torch.export`` program of ``network`` carrying ``calibration`` (JSON) as an extra file."""
+    """A ``torch.export`` program of ``network`` carrying ``calibration`` (JSON) as an extra file; the program,
+    without it, is the fresh export loading compares with (:func:`fresh`), if none is known yet."""
     extra = {CALIBRATION_ENTRY: calibration} if calibration else None
-    torch.export.save(export_program(network, image_size), path, extra_files=extra)
+    program = export_program(network, image_size)
+    fresh("pt2", network, image_size, maker=lambda: saved_program(program))
+    torch.export.save(program, path, extra_files=extra)
+
+
+def saved_program(program: torch.export.ExportedProgram) -> bytes:
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
 
 
 def onnx_model(network: torch.nn.Module, image_size):
@@ -192,6 +201,7 @@ def write_onnx(network: torch.nn.Module, path, image_size, calibration: str | No
     import onnx
 
     model = onnx_model(network, image_size)
+    fresh("onnx", network, image_size, maker=model.SerializeToString)  # before the calibration property
     if calibration:
         onnx.helper.set_model_props(model, {CALIBRATION_ENTRY: calibration})
     onnx.save(model, str(path))
@@ -208,10 +218,11 @@ def cache_folder() -> str:
     return os.environ.get(CACHE_ENV, default)
 
 
-def fresh(kind: str, network: torch.nn.Module, image_size) -> object:
-    """What the bundle writes for ``network`` (untrained: only the architecture matters) as ``kind``: the entries of
-    a ``.pt2`` or ``.ts`` archive, or an ONNX model; made once for each architecture, torch version and size, and
-    kept in :func:`cache_folder` (an unreadable kept one is made again)."""
+def fresh(kind: str, network: torch.nn.Module, image_size, maker=None) -> object:
+    """What the bundle writes for ``network`` (only the architecture matters) as ``kind``: the entries of a ``.pt2``
+    or ``.ts`` archive, or an ONNX model; made once for each architecture, torch version and size (by ``maker``, the
+    bytes of an export this process has just made, else :func:`make_fresh`), and kept in :func:`cache_folder` (an
+    unreadable kept one is made again)."""
     image_size = tuple(int(s) for s in image_size)
     key = (kind, architecture_key(network, kind, image_size, torch.__version__), image_size)
     if key in FRESH:
@@ -226,7 +237,7 @@ def fresh(kind: str, network: torch.nn.Module, image_size) -> object:
         except Exception as e:  # made again below
             logger.warning(f"the kept fresh export {kept} is unreadable ({type(e).__name__}): making it again")
     if made is None:
-        content = make_fresh(kind, network.eval(), image_size)
+        content = maker() if maker is not None else make_fresh(kind, network.eval(), image_size)
         made = parse_fresh(kind, content)
         if kept:
             try:
@@ -239,16 +250,15 @@ def fresh(kind: str, network: torch.nn.Module, image_size) -> object:
 
 
 def make_fresh(kind: str, network: torch.nn.Module, image_size) -> bytes:
-    """The bytes of the bundle's export of ``network`` as ``kind`` (its weights the untrained ones)."""
+    """The bytes of the bundle's export of ``network`` as ``kind``."""
     if kind == "onnx":
         return onnx_model(network, image_size).SerializeToString()
-    buffer = io.BytesIO()
     if kind == "pt2":
-        torch.export.save(export_program(network, image_size), buffer)
-    else:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.save(torch.jit.script(network), buffer)
+        return saved_program(export_program(network, image_size))
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(network), buffer)
     return buffer.getvalue()
 
 

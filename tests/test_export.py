@@ -101,24 +101,28 @@ def test_export_to_a_name_of_another_format_is_refused_before_any_work(trained, 
     assert os.listdir(tmp_path) == []
 
 
-def test_the_fresh_export_is_kept_between_runs_and_made_again_when_unreadable(exported, tmp_path, monkeypatch):
+def test_the_fresh_export_is_kept_between_runs_and_made_again_when_unreadable(tmp_path, monkeypatch):
     """Loading an export compares it with the bundle's fresh export of the network: kept in the cache folder after
     the first (so a second process skips torch.export), and made again, rewritten, if the kept file is damaged."""
-    from scripts import programs
-    from scripts.model_file import ModelDescription, load_model
+    import torch
 
+    from scripts import programs
+
+    network = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 2))
     monkeypatch.setenv(programs.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setattr(programs, "FRESH", {})  # a new process
-    description = ModelDescription.beside(str(exported / "model.pt2"))
-    load_model(str(exported / "model.pt2"), description=description)
+    made, real = [], programs.make_fresh
+    monkeypatch.setattr(programs, "make_fresh", lambda *args: made.append(1) or real(*args))
+    for _ in range(2):  # two processes: the in-process memo empty each time
+        monkeypatch.setattr(programs, "FRESH", {})
+        entries = programs.fresh("pt2", network, (8, 8))
     (kept,) = (tmp_path / "cache").iterdir()
-    assert kept.suffix == ".pt2" and zipfile.is_zipfile(kept)
-    made = []
-    monkeypatch.setattr(programs, "make_fresh", lambda *a, real=programs.make_fresh: made.append(1) or real(*a))
-    monkeypatch.setattr(programs, "FRESH", {})
-    load_model(str(exported / "model.pt2"), description=description)
-    assert made == []  # read from the cache
+    assert made == [1] and kept.suffix == ".pt2" and zipfile.is_zipfile(kept)  # made once, then read back
+    assert entries == programs.zip_entries(kept.read_bytes(), "kept")
     kept.write_bytes(b"PK\x03\x04 damaged")
     monkeypatch.setattr(programs, "FRESH", {})
-    load_model(str(exported / "model.pt2"), description=description)
-    assert made == [1] and zipfile.is_zipfile(kept)  # made again and kept
+    assert programs.fresh("pt2", network, (8, 8)).keys() == entries.keys()
+    assert made == [1, 1] and zipfile.is_zipfile(kept)  # made again and kept
+    monkeypatch.setenv(programs.CACHE_ENV, "")  # none kept
+    monkeypatch.setattr(programs, "FRESH", {})
+    programs.fresh("pt2", network, (8, 8))
+    assert made == [1, 1, 1] and len(list((tmp_path / "cache").iterdir())) == 1

@@ -152,8 +152,8 @@ def test_release_refuses_truncated_or_tampered_models(trained, exported, tmp_pat
     with bundle_error(f"checkpoint {models / 'model.pt'} cannot be read"):
         release(str(models), str(tmp_path / "dist"))
     shutil.copy(trained / "models" / "model.pt", models / "model.pt")
-    attacked = dict(pt2_cases(entries_of((exported / "model.pt2").read_bytes()), tmp_path / "payload-ran"))
-    (models / "model.pt2").write_bytes(attacked["from_file node"])
+    cases = pt2_cases(entries_of((exported / "model.pt2").read_bytes()), tmp_path / "payload-ran")
+    (models / "model.pt2").write_bytes(next(data for label, data in cases if label == "from_file node"))
     with bundle_error(f"refused to load {models / 'model.pt2'}"):
         release(str(models), str(tmp_path / "dist"))
     os.remove(models / "model.pt2")
