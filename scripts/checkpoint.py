@@ -235,7 +235,8 @@ def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path
         if differs and resume:
             raise BundleError(
                 f"--resume true, but this run's data and {ckpt_dir}'s model differ ({differs}).",
-                "resume with the data and settings of that run, or train without --resume.",
+                "resume with the data and settings of that run, or train without --resume into a new --ckpt_dir "
+                "and --output_dir.",
             )
         if differs:
             raise BundleError(
