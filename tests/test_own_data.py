@@ -43,7 +43,7 @@ def own(tmp_path_factory):
     Image.new("RGB", (80, 48), (90, 90, 90)).save(os.path.join(data, "MRI", "blank.png"))
     with open(os.path.join(data, "Radiograph", "broken.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    train(data, folder, epochs=2, skip_unreadable="true", test_frac=0.2, **FAST)
+    train(data, folder, epochs=1, skip_unreadable="true", test_frac=0.2, **FAST)
     return folder, data
 
 
