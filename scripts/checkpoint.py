@@ -13,9 +13,10 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 
+from .calibration import arrays_path, calibration_path
 from .errors import BundleError
 from .files import atomic_write, fsync_folder, is_main_process
-from .model_file import FORMAT_FILE, ModelDescription, read_checkpoint
+from .model_file import FORMAT_FILE, SUFFIXES, ModelDescription, read_checkpoint
 from .networks import shapes_of, size_of
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,12 @@ class RunSettings:
         pass
 
 
-DERIVED = ("calibration.json", "calibration.npz", "model.ts", "model.pt2", "model.onnx")  # of model.pt's weights
+def derived_files(model_path: str) -> list[str]:
+    """What is made from ``model_path``'s weights beside it: its calibration (and arrays) and the exports
+    ``scripts.export`` writes there by default (``model.ts``, ``.pt2``, ``.onnx``)."""
+    calibration = calibration_path(model_path)
+    exports = [os.path.join(os.path.dirname(calibration), f"model{s}") for s in SUFFIXES if s != ".pt"]
+    return [calibration, arrays_path(calibration), *exports]
 
 
 def file_identity(path: str) -> tuple | None:
@@ -81,7 +87,7 @@ class BestModel:
     """A validation handler: ``model_path``, ``network``'s weights at the evaluator's best ``score_name`` so far
     (ignite's ``Checkpoint`` with :class:`SafeDiskSaver`: MONAI's ``CheckpointSaver`` writes in place), and its
     ``description`` beside it before the first; the first it writes removes the exports and calibration beside it
-    (:data:`DERIVED`: made from the weights it replaced). ``state_dict``: the best score, for a resumed run, kept only
+    (:func:`derived_files`: made from the weights it replaced). ``state_dict``: the best score, for a resumed run, kept only
     while ``model_path`` exists."""
 
     def __init__(self, model_path: str, network, description, score_name: str = "val_acc"):
@@ -94,19 +100,19 @@ class BestModel:
         evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def save(self, evaluator: Engine) -> None:
-        folder = os.path.dirname(os.path.abspath(self.path))
         if not self.described and is_main_process():
-            self.description.write(folder)
+            self.description.write(os.path.dirname(os.path.abspath(self.path)))
             self.described = True
         before = file_identity(self.path)
         self.checkpoint(evaluator)
         if not self.replaced and is_main_process() and file_identity(self.path) != before:
             self.replaced = True  # what was made from the weights replaced must not be loaded beside the new ones
-            stale = [n for n in DERIVED if os.path.lexists(os.path.join(folder, n))]
-            for name in stale:
-                os.remove(os.path.join(folder, name))
+            stale = [path for path in derived_files(self.path) if os.path.lexists(path)]
+            for path in stale:
+                os.remove(path)
             if stale:
-                logger.info(f"{self.path} replaced: removed {', '.join(stale)}, made from the weights it held")
+                names = ", ".join(os.path.basename(p) for p in stale)
+                logger.info(f"{self.path} replaced: removed {names}, made from the weights it held")
 
     def state_dict(self) -> dict:
         return self.checkpoint.state_dict()

@@ -23,7 +23,16 @@ from monai.utils import optional_import
 
 from .checks import as_bool, check_class_names
 from .errors import BundleError
-from .files import atomic_write, is_main_process, open_regular, read_json, read_text, remove_stale
+from .files import (
+    MAX_CELL,
+    MAX_LIST_BYTES,
+    atomic_write,
+    is_main_process,
+    open_regular,
+    read_json,
+    read_text,
+    remove_stale,
+)
 from .images import MAX_FILE_BYTES, image_suffix
 from .progress import tqdm_bar
 
@@ -33,7 +42,6 @@ logger = logging.getLogger(__name__)
 MEDNIST = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
 SPLITS = ("training", "validation", "test")
 DOWNLOAD_PREFIX, EXTRACT_PREFIX = ".MedNIST-download-", ".MedNIST-extract-"
-MAX_LIST_BYTES, MAX_CELL = 64 << 20, 4096  # a CSV of a million rows; a path
 LAYOUT = "a folder with one subfolder of images per class (or MedNIST/ inside it), or --datalist FILE.csv"
 
 
@@ -231,7 +239,7 @@ class ImageData:
             items, given = [{"image": f, "label": i} for i, c in enumerate(classes) for f in found[c]], None
             check_files([os.path.join(self.root, d["image"]) for d in items], f"--dataset_dir {self.root}")
         hashes = [file_hash(os.path.join(self.root, d["image"])) for d in items]
-        saved = new = self.saved_split(classes)
+        reused = saved = self.saved_split(classes)
         if saved is None:
             if given:
                 split = {name: [d for d, s in zip(items, given) if s == name] for name in SPLITS}
@@ -243,7 +251,7 @@ class ImageData:
             images = len(saved["training"])
             raise BundleError(f"--batch_size {self.batch_size} is more than the {images} training images.",
                               f"pass --batch_size {max(1, images)} or less, or train on more images.")  # fmt: skip
-        if new is None:  # written once every check passed
+        if reused is None:  # a new split, written once every check passed
             atomic_write(self.split_file, lambda f: json.dump(saved, f, indent=1))
             logger.info(f"wrote the data split to {self.split_file}")
         self.prepared = {name: self.on_disk(saved[name]) for name in SPLITS}

@@ -21,6 +21,7 @@ from .errors import BundleError
 logger = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"  # + "<pid>-": a temporary file of the process <pid>
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet evaluate a cell
+MAX_LIST_BYTES, MAX_CELL = 64 << 20, 4096  # a list or CSV (a million rows); a path or a cell of one
 
 
 def open_regular(path: str):

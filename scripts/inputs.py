@@ -13,10 +13,9 @@ import torch
 from monai.data import get_track_meta, set_track_meta
 
 from .errors import BundleError, root_cause
-from .files import read_text
+from .files import MAX_CELL, MAX_LIST_BYTES, read_text
 from .images import IMAGE_SUFFIXES, dicom_uid, image_suffix
 
-MAX_LIST_BYTES, MAX_CELL = 64 << 20, 4096  # a list of a million paths; a path
 ACCEPTED = "images of the accepted kinds (.png, .jpeg, .jpg, .nii, .nii.gz, .dcm, or DICOM files without a suffix)"
 
 

@@ -84,7 +84,7 @@ class ModelDescription:
         rebuilt = networks.build(definition, "network_def")
         found = networks.layers(rebuilt, int(in_channels), size, len(classes), gradcam_layer)
         described = cls(tuple(classes), int(in_channels), tuple(size), definition, **found)
-        described.batch_limit("--image_size")  # a model inference could not hold is not trained
+        described.batch_limit("--image_size", rebuilt)  # a model inference could not hold is not trained
         return described
 
     def batch_limit(self, source: str = "the model", network: torch.nn.Module | None = None) -> int:

@@ -2,10 +2,10 @@
 
     python -m monai.bundle run serving --config_file "['configs/inference.json','configs/serve.json']" --port 8080
 
-Two Ray Serve deployments: :class:`Predictor` (``--replicas`` copies of the model, each loaded by the bundle's
-allow-listed loaders, batching the images that arrive together with ``@serve.batch``) and :class:`Ingress` (a
-FastAPI app: the protocol's routes, the page, a bearer token, the body and queue limits). :func:`application`
-builds them from plain settings, so that ``serve run`` and a Serve config file run the same application on a Ray
+One Ray Serve deployment, ``--replicas`` copies of a :class:`Predictor` (the model loaded by the bundle's
+allow-listed loaders, batching the images that arrive together with ``@serve.batch``) that is also the FastAPI
+app: the protocol's routes, the page, a bearer token, the body and queue limits. :func:`application` builds it
+from plain settings, so that ``serve run`` and a Serve config file run the same application on a Ray
 cluster. Every image is read from the bytes a client sends (its kind told by its content), by the bundle's reader
 and preprocessing, and answered with the fields of a row of ``predictions.csv``; a bad image costs its own element.
 """
@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 MODEL = "mednist_classification"
 OUTPUTS = {"label": "BYTES", "confidence": "FP32", "probabilities": "FP32", "ood_score": "FP32", "flag": "BYTES"}
 OUTPUTS.update(error="BYTES", gradcam="BYTES")  # gradcam: a PNG of the image and its heat map, when asked for
-PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
+BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGE = os.path.join(BUNDLE, "scripts", "page.html")
 
 
 class ProtocolError(ValueError):
@@ -268,10 +269,9 @@ def build(args: dict):
     makes it, and its :func:`application`."""
     from monai.bundle import ConfigWorkflow
 
-    bundle = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    configs = [os.path.join(bundle, "configs", name) for name in ("inference.json", "serve.json")]
+    configs = [os.path.join(BUNDLE, "configs", name) for name in ("inference.json", "serve.json")]
     args = {"host": "0.0.0.0", **args}  # a cluster's proxies listen beyond loopback: a token, or insecure: true
-    flow = ConfigWorkflow(config_file=configs, run_id="serving", bundle_root=bundle, **args)
+    flow = ConfigWorkflow(config_file=configs, run_id="serving", bundle_root=BUNDLE, **args)
     flow.initialize()
     flow.parser.get_parsed_content("check")
     return application(flow.parser.get_parsed_content("server").settings)
@@ -316,8 +316,7 @@ class Server:
         import ray
         from ray import serve
 
-        bundle = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        ray.init(runtime_env={"py_modules": [os.path.join(bundle, "scripts")]}, include_dashboard=False,
+        ray.init(runtime_env={"py_modules": [os.path.join(BUNDLE, "scripts")]}, include_dashboard=False,
                  logging_level=logging.WARNING, configure_logging=False)  # fmt: skip
         serve.start(http_options={"host": self.host, "port": self.port})
         stop = threading.Event()

@@ -22,12 +22,13 @@ class TrainedModel:
     def __init__(self, path, device="cpu"):
         self.path, self.device = str(path), device
         self.description = ModelDescription.beside(self.path)
-        self.classes, self.batch_limit = list(self.description.classes), self.description.batch_limit(self.path)
+        self.classes = list(self.description.classes)
         self.exported = os.path.splitext(self.path)[1].lower() != ".pt"
         if self.exported:
             self.network = ExportedModel()
         else:
             self.network = self.description.network()  # on its device, channels-last, once loaded
+        self.batch_limit = self.description.batch_limit(self.path, None if self.exported else self.network)
         self.calibration, self.loaded = Calibration(), False
 
     @property
