@@ -4,7 +4,8 @@
 
 One Ray Serve deployment, ``--replicas`` copies of a :class:`Predictor` (the model loaded by the bundle's
 allow-listed loaders, batching the images that arrive together with ``@serve.batch``) that is also the FastAPI
-app: the protocol's routes, the page, a bearer token, the body and queue limits. :func:`application` builds it
+app: the protocol's routes, the page, a bearer token, the body and queue limits. One replica listens on the port
+itself (direct ingress); several sit behind Ray's proxy there. :func:`application` builds it
 from plain settings, so that ``serve run`` and a Serve config file run the same application on a Ray
 cluster. Every image is read from the bytes a client sends (its kind told by its content), by the bundle's reader
 and preprocessing, and answered with the fields of a row of ``predictions.csv``; a bad image costs its own element.
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 
 import numpy as np
@@ -303,6 +305,19 @@ def check_address(host: str, token_file, insecure) -> str | None:
     return token
 
 
+# Ray Serve's direct ingress (pinned Ray): the ingress replica serves HTTP itself, its port reused at once when the
+# engine replaces it, and a stop drains the requests in flight without waiting for a load balancer
+DIRECT_INGRESS = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_PORT_QUARANTINE_S": "0",
+                  "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}  # fmt: skip
+
+
+def free_port(host: str) -> int:
+    """A port of ``host`` no one listens on now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 class Server:
     """The workflow step :meth:`run`: Ray Serve on this machine (``host``:``port``) running :func:`application`
     of ``settings``, until SIGINT or SIGTERM, which finish the requests in flight."""
@@ -310,15 +325,25 @@ class Server:
     def __init__(self, settings: dict, host: str = "127.0.0.1", port: int = 8080, token_file=None, insecure=False):
         self.settings, self.host, self.port = dict(settings), str(host), int(port)
         self.settings["token"] = check_address(self.host, token_file, insecure)
+        try:
+            socket.create_server((self.host, self.port)).close()
+        except OSError as e:
+            raise BundleError(f"--port {self.port} of {self.host} cannot be listened on ({e.strerror}).",
+                              "pass another --port, or stop what listens there.") from e  # fmt: skip
         self.settings["replica_cpus"] = min(1.0, (os.cpu_count() or 1) / int(self.settings["replicas"]))
 
     def run(self) -> None:
+        proxy_port = self.port
+        if int(self.settings["replicas"]) == 1:  # the replica answers --port itself: Ray's proxy hop halved the rate
+            proxy_port = free_port(self.host)  # the proxy, still started, on a port of its own
+            os.environ.update(DIRECT_INGRESS, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(self.port),
+                              RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(self.port + 1))  # fmt: skip
         import ray
         from ray import serve
 
         ray.init(runtime_env={"py_modules": [os.path.join(BUNDLE, "scripts")]}, include_dashboard=False,
                  logging_level=logging.WARNING, configure_logging=False)  # fmt: skip
-        serve.start(http_options={"host": self.host, "port": self.port})
+        serve.start(http_options={"host": self.host, "port": proxy_port})
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())

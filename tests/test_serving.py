@@ -68,54 +68,63 @@ class Client:
         return status, headers, ({o["name"]: o["data"] for o in body["outputs"]} if status == 200 else body)
 
 
-@pytest.fixture(scope="module")
-def server(trained, tmp_path_factory):
-    """``run serving`` of the trained model as a user starts it: 2 replicas, a token file, small limits."""
-    folder = tmp_path_factory.mktemp("serving")
-    (folder / "token").write_text(TOKEN + "\n")
+def listener(port: int) -> int | None:
+    """The process listening on loopback ``port`` (from /proc: Linux), or None."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+        inodes |= {row[9] for row in rows if row[1].endswith(f":{port:04X}") and row[3] == "0A"}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                return int(pid)
+        except OSError:
+            pass
+    return None
+
+
+def start_server(folder, model, count: int, **settings) -> dict:
+    """``run serving`` of ``model`` as a user starts it (``count`` replicas, ``settings`` as --key value), ready."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "serving",
-        "--config_file",
-        SERVE,
-        "--port",
-        str(port),
-        "--ckpt_path",
-        str(trained / "models" / "model.pt"),
-        "--replicas",
-        "2",
-        "--token_file",
-        str(folder / "token"),
-    ]
-    for key, value in LIMITS.items():
-        cmd += [f"--{key}", str(value)]  # fmt: skip
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "serving", "--config_file", SERVE, "--port", str(port),
+           "--ckpt_path", str(model), "--replicas", str(count)]  # fmt: skip
+    for key, value in settings.items():
+        cmd += [f"--{key}", str(value)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     log = open(folder / "server.log", "w+")
     process = subprocess.Popen(cmd, cwd=BUNDLE, env=env, stdout=log, stderr=subprocess.STDOUT)
     client = Client(port)
     for _ in range(240):
         try:
-            if client.call("GET", "/v2/health/ready", timeout=5, token=None)[0] == 200 and len(replicas()) == 2:
-                break
+            if client.call("GET", "/v2/health/ready", timeout=5, token=None)[0] == 200 and len(replicas()) == count:
+                return {"process": process, "client": client, "port": port, "log": log}
         except OSError:
             pass
         assert process.poll() is None, (folder / "server.log").read_text()[-4000:]
         time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("the server was not ready in 120 s:\n" + (folder / "server.log").read_text()[-4000:])
-    yield {"process": process, "client": client, "port": port, "log": folder / "server.log"}
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+    process.kill()
+    pytest.fail("the server was not ready in 120 s:\n" + (folder / "server.log").read_text()[-4000:])
+
+
+def stop_server(server: dict) -> None:
+    if server["process"].poll() is None:
+        server["process"].send_signal(signal.SIGINT)
         try:
-            process.wait(60)
+            server["process"].wait(60)
         except subprocess.TimeoutExpired:
-            process.kill()
-    log.close()
+            server["process"].kill()
+    server["log"].close()
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    """``run serving`` of the trained model: 2 replicas behind Ray's proxy, a token file, small limits."""
+    folder = tmp_path_factory.mktemp("serving")
+    (folder / "token").write_text(TOKEN + "\n")
+    server = start_server(folder, trained / "models" / "model.pt", 2, token_file=folder / "token", **LIMITS)
+    yield server
+    stop_server(server)
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +318,10 @@ def test_a_killed_replica_loses_no_request(server, mixed_folder, expected):
 
 
 def test_sigterm_finishes_the_requests_in_flight(server, mixed_folder):
-    data = (mixed_folder["dir"] / "hand.jpeg").read_bytes()
+    sigterm_finishes_the_requests_in_flight(server, (mixed_folder["dir"] / "hand.jpeg").read_bytes())
+
+
+def sigterm_finishes_the_requests_in_flight(server: dict, data: bytes) -> None:
     request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                            "data": [base64.b64encode(data).decode()]}],
                "outputs": [{"name": "label"}, {"name": "gradcam"}]}  # fmt: skip
@@ -327,6 +339,34 @@ def test_sigterm_finishes_the_requests_in_flight(server, mixed_folder):
     assert not replicas()
 
 
+def test_one_replica_answers_on_its_port_comes_back_and_stops_cleanly(
+    server, trained, mixed_folder, expected, tmp_path
+):
+    """The default, one replica: it listens on --port itself (no proxy hop); SIGKILLed, the engine starts another
+    on the same port; SIGTERM finishes the requests in flight."""
+    stop_server(server)  # its replicas would share the 2 cores and the count of replica processes
+    (tmp_path / "token").write_text(TOKEN)
+    one = start_server(tmp_path, trained / "models" / "model.pt", 1, token_file=tmp_path / "token")
+    data = (mixed_folder["dir"] / "hand.jpeg").read_bytes()
+    try:
+        (first,) = replicas()
+        assert listener(one["port"]) == first
+        status, _, out = one["client"].infer([data])
+        assert status == 200 and out["label"] == [expected["hand.jpeg"]["label"]]
+        os.kill(first, signal.SIGKILL)
+        for _ in range(120):  # the engine replaces it, on the same port
+            now = replicas()
+            if len(now) == 1 and first not in now and listener(one["port"]) == now[0]:
+                break
+            time.sleep(0.5)
+        assert len(now) == 1 and first not in now and listener(one["port"]) == now[0], now
+        answers = [one["client"].infer([data], timeout=60)[0] for _ in range(2)]
+        assert answers == [200, 200]
+        sigterm_finishes_the_requests_in_flight(one, data)
+    finally:
+        stop_server(one)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -336,14 +376,16 @@ def test_sigterm_finishes_the_requests_in_flight(server, mixed_folder):
         ({"replicas": 0}, "--replicas"),
         ({"token_file": "SHORT"}, "holds no token of at least 16 characters"),
         ({"token_file": "MISSING"}, "--token_file"),
+        ({"port": "BUSY"}, "cannot be listened on (Address already in use"),
     ],
 )
 def test_unsafe_or_wrong_settings_are_refused_before_starting(trained, tmp_path, overrides, message):
     (tmp_path / "short").write_text("abc\n")
-    paths = {"SHORT": str(tmp_path / "short"), "MISSING": str(tmp_path / "none")}
+    busy = socket.create_server(("127.0.0.1", 0))  # a port something else listens on
+    paths = {"SHORT": str(tmp_path / "short"), "MISSING": str(tmp_path / "none"), "BUSY": busy.getsockname()[1]}
     overrides = {k: paths.get(v, v) for k, v in overrides.items()}
     config = parser(["inference", "serve"], ckpt_path=str(trained / "models" / "model.pt"), **overrides)
-    with bundle_error(message):
+    with busy, bundle_error(message):
         config.get_parsed_content("check")
         config.get_parsed_content("server")
 
