@@ -17,13 +17,12 @@ from functools import partial
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.utils import convert_to_numpy, optional_import
+from monai.utils import convert_to_numpy
 
 from .checks import as_bool
 from .errors import BundleError, root_cause
 from .progress import tqdm_bar
 
-has_tqdm = optional_import("tqdm")[1]
 logger = logging.getLogger(__name__)
 _worker_transform = None  # set in each worker process by _start_worker
 
@@ -101,7 +100,7 @@ class CachedDataset(torch.utils.data.Dataset):
         listed = list(self.data)
         workers = self.workers if self.workers > 1 and sys.platform.startswith("linux") else 1  # fork: Linux only
         chunks = [listed[i : i + self.chunk_size] for i in range(0, len(listed), self.chunk_size)]
-        bar = tqdm_bar(len(listed), "Loading dataset") if has_tqdm else None
+        bar = tqdm_bar(len(listed), "Loading dataset")
         items, pool, start = [], None, time.perf_counter()
         try:
             if workers > 1:
@@ -121,8 +120,7 @@ class CachedDataset(torch.utils.data.Dataset):
                     self.seen["sizes"][size] += 1
                     if constant:
                         self.seen["constant"].append(other["path"])
-                if bar is not None:
-                    bar.update(len(rest) + len(bad))
+                bar.update(len(rest) + len(bad))
         except BrokenProcessPool as e:  # a worker was killed, e.g. by the out-of-memory killer
             raise BundleError(
                 f"a process preprocessing the images died ({e}).",
@@ -131,8 +129,7 @@ class CachedDataset(torch.utils.data.Dataset):
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-            if bar is not None:
-                bar.close()
+            bar.close()
         logger.info(f"cached {len(items)} images in {time.perf_counter() - start:.1f} s ({workers} process(es))")
         if self.failed:
             listed = "\n".join(f"    {path}: {reason}" for path, reason in self.failed)

@@ -79,11 +79,6 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     return float(torch.nansum(counts * (mean_p - mean_correct).abs()) / counts.sum())
 
 
-def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean ``-log p(label)``."""
-    return float(torch.nn.functional.nll_loss(probs.double().clamp_min(1e-12).log(), labels.long()))
-
-
 def calibration_figures(logits: torch.Tensor, labels: torch.Tensor, calibration: Calibration) -> dict:
     """The temperature, and the expected calibration error and negative log-likelihood of ``labels`` before and
     after calibration."""
@@ -91,7 +86,10 @@ def calibration_figures(logits: torch.Tensor, labels: torch.Tensor, calibration:
     return {
         "temperature": calibration.temperature,
         "ece": {name: expected_calibration_error(p, labels) for name, p in probs.items()},
-        "nll": {name: negative_log_likelihood(p, labels) for name, p in probs.items()},
+        "nll": {
+            name: float(torch.nn.functional.nll_loss(p.double().clamp_min(1e-12).log(), labels.long()))
+            for name, p in probs.items()
+        },
     }
 
 
@@ -281,12 +279,6 @@ def arrays_path(path: str) -> str:
     return os.path.splitext(path)[0] + ".npz"
 
 
-def feature_size(network: torch.nn.Module, feature_layer: str) -> int | None:
-    """How many features ``network`` gives its classifier layer ``feature_layer`` (None for an export)."""
-    layer = dict(network.named_modules()).get(feature_layer) if isinstance(network, torch.nn.Module) else None
-    return layer.in_features if isinstance(layer, torch.nn.Linear) else None
-
-
 def calibration_for(model_path: str | None, network: torch.nn.Module, description) -> Calibration:
     """The calibration of the loaded model file ``model_path`` (its ``network``, its ``description``): the one an
     export carries, else ``calibration.json`` beside it, refused if fitted for other weights; unfitted, with a
@@ -300,7 +292,8 @@ def calibration_for(model_path: str | None, network: torch.nn.Module, descriptio
     if not os.path.lexists(path):
         logger.warning(f"no calibration beside {model_path}: probabilities are not calibrated, rows flagged")
         return Calibration()
-    features = feature_size(network, description.feature_layer)
+    layer = dict(network.named_modules()).get(description.feature_layer)  # its input: the features (none: an export)
+    features = layer.in_features if isinstance(layer, torch.nn.Linear) else None
     calibration = Calibration.load(path, len(description.classes), features)
     found = weights_sha256(network) if any(True for _ in network.state_dict()) else ""
     if calibration.weights != found:

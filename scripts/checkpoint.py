@@ -17,7 +17,7 @@ from .calibration import arrays_path, calibration_path
 from .errors import BundleError
 from .files import atomic_write, fsync_folder, is_main_process
 from .model_file import FORMAT_FILE, SUFFIXES, ModelDescription, read_checkpoint
-from .networks import shapes_of, size_of
+from .networks import meta_state, size_of
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,7 @@ class SafeDiskSaver(BaseSaveHandler):
     the main process writes."""
 
     def __init__(self, dirname: str):
-        self.dirname = dirname
-        self._replaced: list[str] = []
+        self.dirname, self._replaced = dirname, []
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
         if not is_main_process():
@@ -273,7 +272,7 @@ def check_resume(ckpt_dir: str, resume, epochs: int, batch_size: int, model_path
             f"the checkpoint {path} holds a trainer state the bundle does not write ({str(e)[:80]}).", fix
         ) from e
     found_shapes = {k: tuple(v.shape) for k, v in ckpt["model"].items() if torch.is_tensor(v)}
-    shapes = shapes_of(description.network_def)
+    shapes = {k: tuple(t.shape) for k, t in meta_state(description.network_def, "network_def").items()}
     if found_shapes != shapes:
         raise BundleError(f"the checkpoint {path} does not hold the weights of {ckpt_dir}'s network.", fix)
     moments = ckpt.get("optimizer", {}).get("state", {}) if isinstance(ckpt.get("optimizer"), dict) else None

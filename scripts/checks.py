@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import operator
 import os
 import re
 
@@ -51,11 +52,8 @@ def number(low: float, high: float | None = None, closed: bool = False):
 
     def rule(key, value):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = (
-            ok
-            and (low <= value if closed else low < value)
-            and (high is None or (value <= high if closed else value < high))
-        )
+        below = operator.le if closed else operator.lt
+        ok = ok and below(low, value) and (high is None or below(value, high))
         if not ok:
             bounds = f"in [{low}, {high}]" if closed else f"in ({low}, {high})" if high is not None else f"> {low}"
             raise BundleError(f"--{key} {value!r} is not a number {bounds}.", f"pass a value {bounds}.")
@@ -147,10 +145,6 @@ def path(key, value):
     return None if value in (None, "") else os.fspath(value)
 
 
-PATHS = (
-    "bundle_root output_dir ckpt_dir ckpt_path split_file tensorboard_dir download_url input_list model_file eval_dir"
-)
-PATHS = PATHS.split()
 RULES = {  # every key a workflow's check gives, with its rule
     "epochs": integer(1),
     "epoch_length": optional(integer(1)),
@@ -206,9 +200,9 @@ RULES = {  # every key a workflow's check gives, with its rule
     "batch_wait_s": number(0, 1, closed=True),
     "max_queued": integer(1),
     "network": lambda key, value: networks.classifier(value) and value,
-    **dict.fromkeys(PATHS, path),
+    **dict.fromkeys("bundle_root output_dir ckpt_dir ckpt_path split_file tensorboard_dir".split(), path),
+    **dict.fromkeys("download_url input_list model_file eval_dir".split(), path),
 }
-PER_SAMPLE = {"augment": True}  # what configs/per_sample.json's pipeline always does
 
 
 def check_command_line(argv: list[str], known: set[str]) -> None:
@@ -275,12 +269,11 @@ def check_training(**keys) -> dict:
             "leaving no training data.",
             "make their sum less than 1 (the defaults are 0.1 and 0.1).",
         )
-    for key, value in PER_SAMPLE.items() if values.get("pipeline") == "per_sample" else ():
-        if key in values and values[key] != value:
-            raise BundleError(
-                f"--{key} {keys[key]!r}: configs/per_sample.json's per-sample pipeline always runs with {value}.",
-                f"drop --{key}, or train with the default pipeline (configs/train.json alone).",
-            )
+    if values.get("pipeline") == "per_sample" and values.get("augment", True) is not True:  # it always augments
+        raise BundleError(
+            f"--augment {keys['augment']!r}: configs/per_sample.json's per-sample pipeline always runs with True.",
+            "drop --augment, or train with the default pipeline (configs/train.json alone).",
+        )
     return values
 
 

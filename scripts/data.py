@@ -19,7 +19,6 @@ from collections import Counter, defaultdict
 
 from monai.apps.utils import check_hash, extractall
 from monai.data import partition_dataset_classes
-from monai.utils import optional_import
 
 from .checks import as_bool, check_class_names
 from .errors import BundleError
@@ -36,7 +35,6 @@ from .files import (
 from .images import MAX_FILE_BYTES, image_suffix
 from .progress import tqdm_bar
 
-has_tqdm = optional_import("tqdm")[1]
 logger = logging.getLogger(__name__)
 
 MEDNIST = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
@@ -316,18 +314,9 @@ class ImageData:
             )
         return data
 
-    @property
-    def lists(self) -> dict[str, list[dict]]:
-        """The data lists of :meth:`prepare`, the workflow's step; a client that builds the trainer before running
-        the steps (MONAI's ``check_properties``, MONAI FL's ``MonaiAlgo``) gets them prepared at first use."""
-        return self.prepare()
-
     def describe(self, items, hashes, classes) -> dict:
         """Per class and split, the number of images; groups of identical images (within and across parts)."""
-        part = {}
-        for name, listed in self.prepared.items():
-            for d in listed:
-                part[d["image"]] = name
+        part = {d["image"]: name for name, listed in self.prepared.items() for d in listed}
         counts = {c: dict.fromkeys(SPLITS, 0) for c in classes}
         for name, listed in self.prepared.items():
             for d in listed:
@@ -399,13 +388,10 @@ def fetch_tarball(url: str, md5: str, tarball: str, manual: str) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            bar = tqdm_bar(total, "Downloading MedNIST", unit="B", unit_scale=True) if has_tqdm else None
-            for block in iter(lambda: response.read1(1 << 20), b""):  # what has arrived, not a whole block
-                out.write(block)
-                if bar is not None:
+            with tqdm_bar(total, "Downloading MedNIST", unit="B", unit_scale=True) as bar:
+                for block in iter(lambda: response.read1(1 << 20), b""):  # what has arrived, not a whole block
+                    out.write(block)
                     bar.update(len(block))
-            if bar is not None:
-                bar.close()
         if not check_hash(partial, md5, "md5"):
             raise ValueError(f"the downloaded file does not match MD5 {md5}")
         os.replace(partial, tarball)

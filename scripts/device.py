@@ -84,9 +84,7 @@ class Device:
     def phase(self, iteration: int) -> int | None:
         """The thread count ``iteration`` is timed at in a trial, or None outside one."""
         at = iteration - self.trial_at
-        return (
-            None if at < 0 else self.threads[0] if at < self.trial else self.threads[1] if at < 2 * self.trial else None
-        )
+        return self.threads[at // self.trial] if 0 <= at < 2 * self.trial else None
 
     def started(self, engine: Engine) -> None:
         torch.set_num_threads(self.phase(engine.state.iteration) or self.chosen)

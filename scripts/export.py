@@ -93,10 +93,8 @@ def export(kind: str, ckpt_path: str = "models/model.pt", out: str | None = None
             gap = check_parity(str(ckpt_path), tmp, description)
             source = os.path.dirname(os.path.abspath(str(ckpt_path)))
             if source != folder:  # what travels beside the model: its description, a .ts's calibration
-                travelling = [*DESCRIPTION_FILES] + (
-                    ["calibration.json"] if kind == "ts" and calibration.fitted else []
-                )
-                for name in travelling:
+                extra = ["calibration.json"] if kind == "ts" and calibration.fitted else []
+                for name in [*DESCRIPTION_FILES, *extra]:
                     if os.path.isfile(os.path.join(source, name)):
                         shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
             with open(tmp, "rb") as f:

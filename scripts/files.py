@@ -4,6 +4,7 @@ their writer is gone."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
@@ -75,16 +76,12 @@ def is_main_process() -> bool:
 
 def fsync_folder(folder: str) -> None:
     """Make a rename or removal in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def temporary_path(folder: str, suffix: str = "") -> str:

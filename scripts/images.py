@@ -64,8 +64,6 @@ def read_bytes(path: str) -> bytes:
         data = read_limited(path, MAX_FILE_BYTES)
     except OSError as e:  # a /proc file that fails to read
         raise ValueError(f"cannot read the file ({e.strerror or e})") from e
-    if not data:
-        raise ValueError("file is empty")
     return data
 
 
@@ -418,16 +416,12 @@ def dicom_uid(source) -> str:
     import pydicom
 
     try:
-        if isinstance(source, bytes):
-            data = source[:132] if source[128:132] == b"DICM" else b""
-        elif is_dicom(source):
-            data = read_limited(source, MAX_FILE_BYTES)
-        else:
-            data = b""
-        if not data:
+        data = (
+            source if isinstance(source, bytes) else read_limited(source, MAX_FILE_BYTES) if is_dicom(source) else b""
+        )
+        if data[128:132] != b"DICM":
             return ""
-        ds = pydicom.dcmread(io.BytesIO(source if isinstance(source, bytes) else data), stop_before_pixels=True,
-                             specific_tags=["SOPInstanceUID"])  # fmt: skip
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
         return str(ds.get("SOPInstanceUID", ""))
     except Exception:
         return ""

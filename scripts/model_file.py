@@ -24,7 +24,7 @@ import torch
 from . import networks, programs
 from .checks import check_class_names
 from .data import MEDNIST
-from .errors import BundleError
+from .errors import BundleError, first_line
 from .files import atomic_write, read_json, read_limited
 from .networks import NETWORK_FILE
 
@@ -50,12 +50,6 @@ def network_data_format(classes, in_channels: int, image_size) -> dict:
     return {"inputs": {"image": {**tensor, **image}}, "outputs": {"pred": {**tensor, **pred, "format": "classes"}}}
 
 
-def densenet121(classes: int, in_channels: int) -> dict:
-    """The bundle's default network_def as data (the network of a model folder without ``network.json``)."""
-    return {"_target_": "monai.networks.nets.DenseNet121", "spatial_dims": 2, "in_channels": in_channels,
-            "out_channels": classes}  # fmt: skip
-
-
 @dataclass(frozen=True)
 class ModelDescription:
     """What a model is: its class names (in label order), input channels, image size, network (``network_def`` as
@@ -73,7 +67,8 @@ class ModelDescription:
         object.__setattr__(self, "classes", tuple(self.classes))
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
         if self.network_def is None:
-            object.__setattr__(self, "network_def", densenet121(len(self.classes), self.in_channels))
+            default = dict(_target_="monai.networks.nets.DenseNet121", spatial_dims=2, in_channels=self.in_channels)
+            object.__setattr__(self, "network_def", {**default, "out_channels": len(self.classes)})
 
     @classmethod
     def trained(cls, classes, in_channels, image_size, network, recipe, gradcam_layer=None) -> ModelDescription:
@@ -270,8 +265,7 @@ def unpickled(data: bytes, path: str, budget: int):
             warnings.simplefilter("ignore")
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise BundleError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first}).", TRAIN_FIRST) from e
+        raise BundleError(f"checkpoint {path} cannot be read ({first_line(e, 10**6)}).", TRAIN_FIRST) from e
 
 
 def read_checkpoint(path: str, weights: int) -> dict:

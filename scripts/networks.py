@@ -117,11 +117,6 @@ def size_of(definition: dict, source: str = "network_def") -> int:
     return sum(t.numel() * t.element_size() for t in meta_state(definition, source).values())
 
 
-def shapes_of(definition: dict, source: str = "network_def") -> dict:
-    """The shape of each weight of the network of ``definition`` (on torch's meta device)."""
-    return {k: tuple(t.shape) for k, t in meta_state(definition, source).items()}
-
-
 META_STATES: dict[str, dict] = {}  # this process's meta state dicts, by definition (JSON)
 
 

@@ -170,11 +170,8 @@ class CpuPrecision:
             self.bf16, self.evidence = False, "not on the CPU"
             return False
         if self.setting != "auto":
-            self.bf16 = bool(self.setting)
-            self.evidence = f"--cpu_bf16 {str(self.setting).lower()}"
-            logger.info(
-                f"CPU precision: {'bf16 autocast' if self.bf16 else 'fp32'} (--cpu_bf16 {str(self.setting).lower()})"
-            )
+            self.bf16, self.evidence = bool(self.setting), f"--cpu_bf16 {str(self.setting).lower()}"
+            logger.info(f"CPU precision: {'bf16 autocast' if self.bf16 else 'fp32'} ({self.evidence})")
             return self.bf16
         chosen, evidence = decide(Processor.here(), timed_ratios)
         if torch.distributed.is_initialized():

@@ -70,11 +70,6 @@ def prediction_rows(outputs: dict, calibration, classes, low_confidence: float) 
     return rows
 
 
-def unescaped(cell: str) -> str:
-    """A text cell as it was before :func:`~scripts.files.csv_cell` escaped it."""
-    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_START) else cell
-
-
 def read_predictions(path: str, classes) -> list[dict]:
     """The complete rows of a ``predictions.csv`` of a model of ``classes`` (a last line cut short by a kill is
     left out), or a ``BundleError`` if it is not one."""
@@ -99,7 +94,8 @@ def skip_done(data: list[dict], output_dir: str, classes, resume=False) -> list[
     rows for."""
     if not as_bool(resume, "resume"):
         return data
-    done = {unescaped(r["path"]) for r in read_predictions(os.path.join(output_dir, "predictions.csv"), classes)}
+    paths = [r["path"] for r in read_predictions(os.path.join(output_dir, "predictions.csv"), classes)]
+    done = {p[1:] if p.startswith("'") and p[1:].startswith(FORMULA_START) else p for p in paths}  # csv_cell undone
     todo = [d for d in data if d["path"] not in done]
     logger.info(f"resuming: {len(data) - len(todo)} of {len(data)} input(s) already predicted")
     return todo

@@ -45,6 +45,7 @@ ZIP_NAME = re.compile(r"[\w.-]{1,200}(/[\w.-]{1,200}){1,8}")  # top folder, then
 MANGLE = re.compile(rb"(/|\.)___torch_mangle_\d+")
 NUMBERED = re.compile(rb"\b([A-Za-z_][A-Za-z_]*?)(\d+)\b")
 DECLARATION = re.compile(rb"  \w+ : ")
+VALUE_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")  # an initializer's values
 
 
 def reexport(path: str) -> str:
@@ -142,13 +143,6 @@ def without_metadata(node):
     return node
 
 
-def architecture_key(network: torch.nn.Module, *more) -> str:
-    """A key of ``network``'s architecture (its module tree, layers and shapes) for the per-process cache of fresh
-    exports."""
-    shapes = [(k, tuple(v.shape), str(v.dtype)) for k, v in network.state_dict().items()]
-    return hashlib.sha256(repr((type(network).__qualname__, repr(network), shapes, more)).encode()).hexdigest()
-
-
 def export_program(network: torch.nn.Module, image_size) -> torch.export.ExportedProgram:
     """``torch.export`` of ``network`` (eval mode) for N x C x H x W input, the batch dynamic: what every export
     of the bundle is made from."""
@@ -178,7 +172,6 @@ def saved_program(program: torch.export.ExportedProgram) -> bytes:
 def onnx_model(network: torch.nn.Module, image_size):
     """The ONNX model (``onnx.ModelProto``) of ``network``, made from its ``torch.export`` program (as the ``.pt2``
     is): input ``image``, output ``logits``, the batch dynamic."""
-    channels = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
     program = export_program(network, image_size)
     quiet = logging.getLogger("torch.onnx")  # its notes on operators of packages the network does not use
     level = quiet.level
@@ -187,7 +180,7 @@ def onnx_model(network: torch.nn.Module, image_size):
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             exported = torch.onnx.export(
-                program, (torch.rand(2, channels, *image_size),), input_names=["image"], output_names=["logits"],
+                program, program.example_inputs[0], input_names=["image"], output_names=["logits"],
                 opset_version=18, dynamo=True, external_data=False, optimize=False, verbose=False,
             )  # fmt: skip
     finally:
@@ -224,7 +217,9 @@ def fresh(kind: str, network: torch.nn.Module, image_size, maker=None) -> object
     bytes of an export this process has just made, else :func:`make_fresh`), and kept in :func:`cache_folder` (an
     unreadable kept one is made again)."""
     image_size = tuple(int(s) for s in image_size)
-    key = (kind, architecture_key(network, kind, image_size, torch.__version__), image_size)
+    shapes = [(k, tuple(v.shape), str(v.dtype)) for k, v in network.state_dict().items()]  # the architecture
+    architecture = (type(network).__qualname__, repr(network), shapes, (kind, image_size, torch.__version__))
+    key = (kind, hashlib.sha256(repr(architecture).encode()).hexdigest(), image_size)
     if key in FRESH:
         return FRESH[key]
     folder = cache_folder()
@@ -381,6 +376,7 @@ def torchscript_classes(entries: dict[str, bytes]) -> Counter:
 
 
 DEBUG_GLOBALS = {"torch.jit._pickle build_intlist"}  # all TorchScript's source-range pickles call
+DEBUG_BANNED = {"INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD", "STACK_GLOBAL", "PERSID", "BINPERSID"}
 
 
 def source_ranges_ok(data: bytes) -> bool:
@@ -389,16 +385,10 @@ def source_ranges_ok(data: bytes) -> bool:
     import pickletools
 
     try:
-        for op, arg, _ in pickletools.genops(data):
-            if op.name == "GLOBAL" and arg not in DEBUG_GLOBALS:
-                return False
-            if op.name in ("INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD", "STACK_GLOBAL", "PERSID", "BINPERSID"):
-                return False
-            if op.name.startswith("EXT"):
-                return False
+        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(data)]
     except Exception:
         return False
-    return True
+    return not any(n in DEBUG_BANNED or n.startswith("EXT") or n == "GLOBAL" and a not in DEBUG_GLOBALS for n, a in ops)
 
 
 def load_ts(data: bytes, path: str, network: torch.nn.Module):
@@ -465,22 +455,13 @@ def onnx_structure(model):
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    copy.ClearField("metadata_props")
-    copy.doc_string = ""
     graph = copy.graph
-    graph.doc_string = ""
-    graph.ClearField("metadata_props")
+    for proto in (copy, graph, *graph.initializer, *graph.node, *graph.input, *graph.output, *graph.value_info):
+        proto.doc_string = ""
+        proto.ClearField("metadata_props")
     for tensor in graph.initializer:
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        for field in ("raw_data", *VALUE_FIELDS):
             tensor.ClearField(field)
-        tensor.ClearField("metadata_props")
-        tensor.doc_string = ""
-    for node in graph.node:
-        node.doc_string = ""
-        node.ClearField("metadata_props")
-    for value in (*graph.input, *graph.output, *graph.value_info):
-        value.doc_string = ""
-        value.ClearField("metadata_props")
     return copy
 
 
@@ -530,7 +511,7 @@ def load_onnx(data: bytes, path: str, network: torch.nn.Module, image_size):
     values = {t.name: t for t in found.graph.initializer}
     for tensor in rebuilt.graph.initializer:
         raw = onnx_initializer_bytes(values[tensor.name], path)
-        for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        for field in VALUE_FIELDS:
             tensor.ClearField(field)
         tensor.raw_data = raw
     calibration = None

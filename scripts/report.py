@@ -72,11 +72,8 @@ def scalars(report: dict) -> dict[str, float]:
 
 def number(value) -> bool:
     """Whether a metric's value is one number (a Python number or a one-element tensor)."""
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        or (isinstance(value, torch.Tensor) and value.numel() == 1)
-    )
+    plain = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return plain or isinstance(value, torch.Tensor) and value.numel() == 1
 
 
 def report_table(metrics: dict) -> str:
@@ -107,22 +104,9 @@ def plot_confusion(cm: np.ndarray, classes, path: str) -> None:
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("Confusion matrix")
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def _json_safe(obj):
-    """``obj`` with NaN as None (null in JSON)."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 class ClassificationReport:
@@ -142,12 +126,8 @@ class ClassificationReport:
         gathered = self.outputs.gathered()
         if gathered["logits"] is None:
             raise BundleError("no images were evaluated.", "check --eval_dir or the test split.")
-        logits, labels, classes, calibration = (
-            gathered["logits"],
-            gathered["labels"],
-            self.model.classes,
-            self.model.calibration,
-        )
+        logits, labels = gathered["logits"], gathered["labels"]
+        classes, calibration = self.model.classes, self.model.calibration
         metrics = classification_metrics(engine.state.metrics, calibration.probabilities(logits), labels, classes)
         metrics["calibration"] = calibration_figures(logits, labels, calibration)
         scores, threshold, kind = calibration.ood_score(logits, gathered["features"])
@@ -155,9 +135,8 @@ class ClassificationReport:
         metrics.update(out_of_distribution_flagged=flagged, ood_score_kind=kind)
         metrics["metrics"] = {k: float(v) for k, v in engine.state.metrics.items() if number(v)}
         os.makedirs(self.output_dir, exist_ok=True)
-        atomic_write(
-            os.path.join(self.output_dir, "metrics.json"), lambda f: json.dump(_json_safe(metrics), f, indent=2)
-        )
+        safe = json.loads(json.dumps(metrics), parse_constant=lambda _: None)  # NaN as null
+        atomic_write(os.path.join(self.output_dir, "metrics.json"), lambda f: json.dump(safe, f, indent=2))
         cm = np.array(metrics["confusion_matrix"])
         rows = [{"true/predicted": c, **dict(zip(classes, row))} for c, row in zip(classes, cm.tolist())]
         write_csv(os.path.join(self.output_dir, "confusion_matrix.csv"), ["true/predicted", *classes], rows)

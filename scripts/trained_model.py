@@ -24,10 +24,7 @@ class TrainedModel:
         self.description = ModelDescription.beside(self.path)
         self.classes = list(self.description.classes)
         self.exported = os.path.splitext(self.path)[1].lower() != ".pt"
-        if self.exported:
-            self.network = ExportedModel()
-        else:
-            self.network = self.description.network()  # on its device, channels-last, once loaded
+        self.network = ExportedModel() if self.exported else self.description.network()  # moved by load()
         self.batch_limit = self.description.batch_limit(self.path, None if self.exported else self.network)
         self.calibration, self.loaded = Calibration(), False
 

@@ -9,9 +9,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
 from monai.engines.utils import default_prepare_batch
 from monai.networks.utils import copy_model_state
+from monai.utils import convert_to_tensor
 
 from .checks import as_bool
 from .errors import BundleError
@@ -106,8 +106,6 @@ class AugmentBatch:
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
-        images, labels = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-        images = images.as_tensor() if isinstance(images, MetaTensor) else images
-        if isinstance(labels, MetaTensor):
-            labels = labels.as_tensor()
+        batch = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+        images, labels = (convert_to_tensor(x, track_meta=False) for x in batch)
         return (self.augment(images) if self.enabled else images), labels
