@@ -311,11 +311,9 @@ DIRECT_INGRESS = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_PORT_QUARAN
                   "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}  # fmt: skip
 
 
-def free_port(host: str) -> int:
-    """A port of ``host`` no one listens on now."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def listening(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host``:``port`` (0: a free port), IPv4 or IPv6 as ``host`` is written."""
+    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
 
 
 class Server:
@@ -326,7 +324,7 @@ class Server:
         self.settings, self.host, self.port = dict(settings), str(host), int(port)
         self.settings["token"] = check_address(self.host, token_file, insecure)
         try:
-            socket.create_server((self.host, self.port)).close()
+            listening(self.host, self.port).close()
         except OSError as e:
             raise BundleError(f"--port {self.port} of {self.host} cannot be listened on ({e.strerror}).",
                               "pass another --port, or stop what listens there.") from e  # fmt: skip
@@ -335,7 +333,8 @@ class Server:
     def run(self) -> None:
         proxy_port = self.port
         if int(self.settings["replicas"]) == 1:  # the replica answers --port itself: Ray's proxy hop halved the rate
-            proxy_port = free_port(self.host)  # the proxy, still started, on a port of its own
+            with listening(self.host, 0) as free:  # the proxy, still started, on a port of its own
+                proxy_port = free.getsockname()[1]
             os.environ.update(DIRECT_INGRESS, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(self.port),
                               RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(self.port + 1))  # fmt: skip
         import ray

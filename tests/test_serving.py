@@ -398,6 +398,17 @@ def test_beyond_loopback_with_a_token_or_insecure(trained, tmp_path):
         assert server.settings["token"] == (TOKEN if "token_file" in extra else None)
 
 
+def test_an_ipv6_loopback_host_is_checked_as_ipv6(trained):
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    server = parser(
+        ["inference", "serve"], ckpt_path=str(trained / "models" / "model.pt"), host="::1"
+    ).get_parsed_content("server")
+    assert server.host == "::1" and server.settings["token"] is None  # loopback: no token needed, its port free
+
+
 def test_the_cluster_and_kubernetes_files_run_this_application(trained, tmp_path):
     """deploy/serve_config.yaml is a valid Serve config whose builder makes the application (and, with no token,
     refuses its network-wide proxies); deploy/kserve.yaml's container passes keys the serving workflow checks."""
