@@ -184,7 +184,7 @@ def application(settings: dict):
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from ray import serve
 
-    app = FastAPI(title="MedNIST classification", docs_url=None, redoc_url=None)
+    app = FastAPI(title="MedNIST classification", docs_url=None, redoc_url=None, openapi_url=None)
     batch, queued = int(settings["max_batch_size"]), int(settings["max_queued"])
     limit, file_limit, token = int(settings["max_request_bytes"]), int(settings["max_file_bytes"]), settings["token"]
 
@@ -202,7 +202,10 @@ def application(settings: dict):
             super().__init__(settings["model_path"], settings["device"], settings["image_reader"],
                              settings["preprocessing"], settings["low_confidence"], settings.get("gradcam_layer"),
                              settings["replicas"])  # fmt: skip
-            self.waiting = 0  # images in this replica, not yet answered
+            self.waiting, self.stopping = 0, False  # images in this replica, not yet answered; refusing new ones
+
+        def stop_taking(self) -> None:  # called before a stop: Ray drains a replica that serves its port itself
+            self.stopping = True  # only once no request is in flight, which new ones would put off forever
 
         @serve.batch(max_batch_size=batch, batch_wait_timeout_s=float(settings["batch_wait_s"]))
         async def predict(self, requests: list[tuple[bytes, bool]]) -> list[dict]:
@@ -234,6 +237,8 @@ def application(settings: dict):
             refused = self.refused(request)
             if refused:
                 return refused
+            if self.stopping:
+                return error(503, "the server is stopping", {"retry-after": "1", "connection": "close"})
             declared = request.headers.get("content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
                 return error(413, f"the request is over {limit:,} bytes")
@@ -311,9 +316,18 @@ DIRECT_INGRESS = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_PORT_QUARAN
                   "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}  # fmt: skip
 
 
-def listening(host: str, port: int) -> socket.socket:
-    """A socket listening on ``host``:``port`` (0: a free port), IPv4 or IPv6 as ``host`` is written."""
-    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+def listening(host: str, port: int, reuse: bool = True) -> socket.socket:
+    """A socket listening on ``host``:``port`` (0: a free port), IPv4 or IPv6 as ``host`` is written; without
+    ``reuse`` it binds as Ray's direct ingress does (a port that closed connections still hold is refused)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(reuse))
+        sock.bind((host, port))
+        sock.listen()
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class Server:
@@ -324,15 +338,16 @@ class Server:
         self.settings, self.host, self.port = dict(settings), str(host), int(port)
         self.settings["token"] = check_address(self.host, token_file, insecure)
         try:
-            listening(self.host, self.port).close()
+            listening(self.host, self.port, reuse=int(self.settings["replicas"]) > 1).close()
         except OSError as e:
             raise BundleError(f"--port {self.port} of {self.host} cannot be listened on ({e.strerror}).",
-                              "pass another --port, or stop what listens there.") from e  # fmt: skip
+                              "pass another --port, or stop what listens there (or wait a minute for the "
+                              "connections of a server stopped there to close).") from e  # fmt: skip
         self.settings["replica_cpus"] = min(1.0, (os.cpu_count() or 1) / int(self.settings["replicas"]))
 
     def run(self) -> None:
-        proxy_port = self.port
-        if int(self.settings["replicas"]) == 1:  # the replica answers --port itself: Ray's proxy hop halved the rate
+        proxy_port, direct = self.port, int(self.settings["replicas"]) == 1
+        if direct:  # the replica answers --port itself: Ray's proxy hop halved the rate
             with listening(self.host, 0) as free:  # the proxy, still started, on a port of its own
                 proxy_port = free.getsockname()[1]
             os.environ.update(DIRECT_INGRESS, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(self.port),
@@ -340,8 +355,8 @@ class Server:
         import ray
         from ray import serve
 
-        ray.init(runtime_env={"py_modules": [os.path.join(BUNDLE, "scripts")]}, include_dashboard=False,
-                 logging_level=logging.WARNING, configure_logging=False)  # fmt: skip
+        ray.init(address="local", runtime_env={"py_modules": [os.path.join(BUNDLE, "scripts")]},  # a Ray of its own
+                 include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)  # fmt: skip
         serve.start(http_options={"host": self.host, "port": proxy_port})
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -353,6 +368,8 @@ class Server:
             print(f"SERVING http://{self.host}:{self.port}/", flush=True)
             stop.wait()
             logger.info("stopping: finishing the requests in flight")
+            if direct:
+                serve.get_deployment_handle("Service", MODEL).stop_taking.remote().result()
             serve.delete(MODEL)  # each replica finishes its requests in flight, then stops
         finally:
             serve.shutdown()

@@ -69,9 +69,9 @@ class Client:
 
 
 def listener(port: int) -> int | None:
-    """The process listening on loopback ``port`` (from /proc: Linux), or None."""
+    """The process listening on ``port`` (from /proc: Linux), or None."""
     inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in filter(os.path.exists, ("/proc/net/tcp", "/proc/net/tcp6")):
         with open(table) as f:
             rows = [line.split() for line in f.readlines()[1:]]
         inodes |= {row[9] for row in rows if row[1].endswith(f":{port:04X}") and row[3] == "0A"}
@@ -321,7 +321,22 @@ def test_sigterm_finishes_the_requests_in_flight(server, mixed_folder):
     sigterm_finishes_the_requests_in_flight(server, (mixed_folder["dir"] / "hand.jpeg").read_bytes())
 
 
-def sigterm_finishes_the_requests_in_flight(server: dict, data: bytes) -> None:
+def sigterm_finishes_the_requests_in_flight(server: dict, data: bytes, clients: int = 0) -> list:
+    """SIGTERM with 3 requests in flight (and ``clients`` threads sending more until the server is gone): the 3
+    answered, the server gone; the statuses the clients got."""
+    statuses = []
+
+    def client():
+        while server["process"].poll() is None:
+            try:
+                statuses.append(server["client"].infer([data], timeout=60)[0])
+            except OSError:  # refused: the replica's listener is closed
+                time.sleep(0.05)
+
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, clients))
+    running = [pool.submit(client) for _ in range(clients)]
+    while clients and len(statuses) < 2 * clients:
+        time.sleep(0.05)
     request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                            "data": [base64.b64encode(data).decode()]}],
                "outputs": [{"name": "label"}, {"name": "gradcam"}]}  # fmt: skip
@@ -337,13 +352,16 @@ def sigterm_finishes_the_requests_in_flight(server: dict, data: bytes) -> None:
     assert [s for s, _ in bodies] == [200] * 3, bodies
     assert server["process"].wait(60) == 0
     assert not replicas()
+    [r.result() for r in running]
+    pool.shutdown()
+    return statuses
 
 
 def test_one_replica_answers_on_its_port_comes_back_and_stops_cleanly(
     server, trained, mixed_folder, expected, tmp_path
 ):
     """The default, one replica: it listens on --port itself (no proxy hop); SIGKILLed, the engine starts another
-    on the same port; SIGTERM finishes the requests in flight."""
+    on the same port; SIGTERM under load finishes the requests in flight."""
     stop_server(server)  # its replicas would share the 2 cores and the count of replica processes
     (tmp_path / "token").write_text(TOKEN)
     one = start_server(tmp_path, trained / "models" / "model.pt", 1, token_file=tmp_path / "token")
@@ -362,7 +380,11 @@ def test_one_replica_answers_on_its_port_comes_back_and_stops_cleanly(
         assert len(now) == 1 and first not in now and listener(one["port"]) == now[0], now
         answers = [one["client"].infer([data], timeout=60)[0] for _ in range(2)]
         assert answers == [200, 200]
-        sigterm_finishes_the_requests_in_flight(one, data)
+        statuses = sigterm_finishes_the_requests_in_flight(one, data, clients=4)
+        # under load: new requests told to come back while those in flight finish, none cut by Ray's force-kill
+        assert set(statuses) == {200, 503}, statuses
+        one["log"].flush()
+        assert "force-killing" not in (tmp_path / "server.log").read_text()
     finally:
         stop_server(one)
 
