@@ -25,7 +25,7 @@ import threading
 import numpy as np
 import torch
 
-from .errors import BundleError
+from .errors import BundleError, first_line
 
 logger = logging.getLogger(__name__)
 MODEL = "mednist_classification"
@@ -195,6 +195,7 @@ def application(settings: dict):
         max_ongoing_requests=queued + batch,  # the replica counts images itself: 503 past max_queued
         ray_actor_options={"num_cpus": float(settings.get("replica_cpus", 1))},  # reserved on its node
         logging_config={"enable_access_log": False},  # a log line a request costs more than batching saves
+        graceful_shutdown_wait_loop_s=0.2,  # a stop checks often for a moment with no request in flight
     )
     @serve.ingress(app)
     class Service(Predictor):
@@ -218,10 +219,13 @@ def application(settings: dict):
             return None
 
         @app.get("/v2/health/live")
+        async def live(self):  # a replica answers once its model is loaded; Ray Serve replaces one that dies
+            return {"live": True}
+
         @app.get("/v2/health/ready")
         @app.get("/v2/models/" + MODEL + "/ready")
-        async def ready(self):  # a replica answers once its model is loaded; Ray Serve replaces one that dies
-            return {"ready": True}
+        async def ready(self):  # not while stopping: a load balancer sends no more
+            return error(503, "the server is stopping") if self.stopping else {"ready": True}
 
         @app.get("/v2/models/" + MODEL)
         async def model_metadata(self, request: Request):
@@ -369,7 +373,10 @@ class Server:
             stop.wait()
             logger.info("stopping: finishing the requests in flight")
             if direct:
-                serve.get_deployment_handle("Service", MODEL).stop_taking.remote().result()
+                try:
+                    serve.get_deployment_handle("Service", MODEL).stop_taking.remote().result(timeout_s=10)
+                except Exception as e:  # e.g. no replica now: stop anyway
+                    logger.warning(f"the replica was not told to refuse new requests ({first_line(e)}): stopping")
             serve.delete(MODEL)  # each replica finishes its requests in flight, then stops
         finally:
             serve.shutdown()
