@@ -106,9 +106,8 @@ def prepare(dataset_dir: str, datalist: str, work: str, sites: int, shards: str,
             count = round(share[c] * len(members))
             taken += members[start[c] : start[c] + count]
             start[c] += count
-        link_folder(
-            os.path.join(work, "sites", site, "images"), taken, root, classes
-        )  # beside it: out/, models/, eval/
+        # beside each site's images: out/, models/, eval/
+        link_folder(os.path.join(work, "sites", site, "images"), taken, root, classes)
         sizes[site] = {cls: sum(d["label"] == c for d in taken) for c, cls in enumerate(classes)}
     return {"test": len(split["test"]), "pool": sum(map(len, by_class)), "sites": sizes, "classes": classes}
 

@@ -200,8 +200,11 @@ RULES = {  # every key a workflow's check gives, with its rule
     "batch_wait_s": number(0, 1, closed=True),
     "max_queued": integer(1),
     "network": lambda key, value: networks.classifier(value) and value,
-    **dict.fromkeys("bundle_root output_dir ckpt_dir ckpt_path split_file tensorboard_dir".split(), path),
-    **dict.fromkeys("download_url input_list model_file eval_dir".split(), path),
+    **dict.fromkeys(
+        ("bundle_root", "output_dir", "ckpt_dir", "ckpt_path", "split_file", "tensorboard_dir", "download_url",
+         "input_list", "model_file", "eval_dir"),
+        path,
+    ),  # fmt: skip
 }
 
 

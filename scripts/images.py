@@ -416,9 +416,12 @@ def dicom_uid(source) -> str:
     import pydicom
 
     try:
-        data = (
-            source if isinstance(source, bytes) else read_limited(source, MAX_FILE_BYTES) if is_dicom(source) else b""
-        )
+        if isinstance(source, bytes):
+            data = source
+        elif is_dicom(source):
+            data = read_limited(source, MAX_FILE_BYTES)
+        else:
+            return ""
         if data[128:132] != b"DICM":
             return ""
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])

@@ -340,9 +340,10 @@ class Server:
 
     def __init__(self, settings: dict, host: str = "127.0.0.1", port: int = 8080, token_file=None, insecure=False):
         self.settings, self.host, self.port = dict(settings), str(host), int(port)
+        self.direct = int(self.settings["replicas"]) == 1  # the replica answers --port itself: see run()
         self.settings["token"] = check_address(self.host, token_file, insecure)
         try:
-            listening(self.host, self.port, reuse=int(self.settings["replicas"]) > 1).close()
+            listening(self.host, self.port, reuse=not self.direct).close()
         except OSError as e:
             raise BundleError(f"--port {self.port} of {self.host} cannot be listened on ({e.strerror}).",
                               "pass another --port, or stop what listens there (or wait a minute for the "
@@ -350,8 +351,8 @@ class Server:
         self.settings["replica_cpus"] = min(1.0, (os.cpu_count() or 1) / int(self.settings["replicas"]))
 
     def run(self) -> None:
-        proxy_port, direct = self.port, int(self.settings["replicas"]) == 1
-        if direct:  # the replica answers --port itself: Ray's proxy hop halved the rate
+        proxy_port = self.port
+        if self.direct:  # the replica answers --port itself: Ray's proxy hop halved the rate
             with listening(self.host, 0) as free:  # the proxy, still started, on a port of its own
                 proxy_port = free.getsockname()[1]
             os.environ.update(DIRECT_INGRESS, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(self.port),
@@ -372,7 +373,7 @@ class Server:
             print(f"SERVING http://{self.host}:{self.port}/", flush=True)
             stop.wait()
             logger.info("stopping: finishing the requests in flight")
-            if direct:
+            if self.direct:
                 try:
                     serve.get_deployment_handle("Service", MODEL).stop_taking.remote().result(timeout_s=10)
                 except Exception as e:  # e.g. no replica now: stop anyway
